@@ -1,0 +1,110 @@
+"""`mttl` command line: one sub-command per capability, each defined in its own module.
+
+A command module exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported lazily so `mttl --help` stays fast and a broken optional dependency only
+affects its own command. User errors (`MttlError`) print as one line and exit 2; `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from mttl.errors import MttlError
+
+# verb -> module implementing it
+COMMANDS = {
+    "prepare": "mttl.data.cli",
+    "pretrain": "mttl.train.cli",
+    "finetune": "mttl.finetune.cli",
+    "evaluate": "mttl.evaluation.cli",
+    "sweep": "mttl.sweep_cli",
+    "report": "mttl.report",
+    "export": "mttl.export",
+    "quickstart": "mttl.quickstart",
+    "configs": "mttl.config_cli",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `-c a.json+b.json -k key=value …` pair shared by every training command."""
+    parser.add_argument("-c", "--config", dest="config_files", default=None, metavar="A.json+B.json",
+                        help="config files merged left to right; a name is looked up in jobs/configs/. "
+                             "Example: -c ni/pretrain.json+ni/mhr.json")
+    parser.add_argument("-k", "--kwargs", dest="kwargs", nargs="+", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="overrides, parsed as Python literals; may repeat. Example: -k learning_rate=1e-3 n_splits=16")
+
+
+def flat_kwargs(args: argparse.Namespace) -> list[str]:
+    return [pair for group in (args.kwargs or []) for pair in group]
+
+
+def _available_commands() -> dict[str, str]:
+    out = {}
+    for verb, module in COMMANDS.items():
+        spec = importlib.util.find_spec(module)
+        if spec is not None:
+            out[verb] = module
+    return out
+
+
+def build_parser(load_all: bool = True, only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mttl",
+        description="Multi-task transfer learning with routed adapters (LoRA, (IA)3, Poly, MHR) on Ray.",
+        epilog="Run `mttl COMMAND --help` for the options of a command.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for verb, module_name in _available_commands().items():
+        if only is not None and verb != only:
+            # Cheap placeholder: still listed in --help, options loaded only when used.
+            sub.add_parser(verb, help=_module_help(module_name), add_help=False)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(verb, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _module_help(module_name: str) -> str:
+    import ast as _ast
+    spec = importlib.util.find_spec(module_name)
+    try:
+        tree = _ast.parse(open(spec.origin).read())
+        for node in tree.body:
+            if isinstance(node, _ast.Assign) and any(getattr(t, "id", None) == "HELP" for t in node.targets):
+                return _ast.literal_eval(node.value)
+    except Exception:  # help text only; never fail the listing
+        pass
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    debug = "--debug" in argv or os.environ.get("MTTL_DEBUG") == "1"
+    try:
+        parser = build_parser(only=verb if verb in COMMANDS else "__none__")
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 0
+        return int(args._run(args) or 0)
+    except MttlError as err:
+        if debug:
+            raise
+        print(f"mttl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mttl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Typed run configuration: defaults, `-c a.json+b.json -k key=value` merging, aliases, dumps.
+
+One `Config` dataclass holds every key any command reads; each field carries its help text in
+`metadata["help"]` (the configuration reference in docs/ is generated from it). Merge order:
+defaults < config files (left to right) < `-k` overrides. Keys set by a file or `-k` are
+remembered so fine-tuning can tell them from defaults (`was_overridden`).
+
+The reference system's key names and old aliases are accepted (see `ALIASES`), and its keys that
+never had an effect are accepted with a warning (see `NO_EFFECT_KEYS`) so its configs keep working.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import os
+import string
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from mttl.errors import ConfigError
+
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str | None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _f(default: Any, help: str, *, env: str | None = None, path: bool = False, choices=None):
+    """A config field with help text; `env` names the environment variable its default honours."""
+    meta = {"help": help, "env": env, "path": path, "choices": choices}
+    if env is not None:
+        return field(default_factory=lambda: _env(env, default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # ----------------------------------------------------------------- paths and run identity
+    output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`. Example: -k output_dir=/mnt/shared/runs", env="OUTPUT_DIR", path=True)
+    run_name: str | None = _f(None, "Name of the run folder; the same name resumes the same run. Default: derived from the command and model modifier. Example: -k run_name=mhr_ni_s8")
+    cache_dir: str = _f("./cache", "Cache for downloaded models and tokenized data. Example: -k cache_dir=/mnt/cache", env="CACHE_DIR", path=True)
+    checkpoint_dir: str = _f("./checkpoints", "Where `checkpoint=NAME` is looked up when NAME is not a path. Example: -k checkpoint_dir=/mnt/ckpts", env="CHECKPOINT_DIR", path=True)
+    data_dir: str | None = _f(None, "Folder of prepared shards (`mttl prepare … --out DIR`). Default: the dataset's *_DATA_DIR, else a fresh synthetic suite. Example: -k data_dir=data/shards/ni", path=True)
+    t0_data_dir: str | None = _f(None, "Prepared T0 shards (default for dataset=t0). Example: -k t0_data_dir=data/shards/t0", env="T0_DATA_DIR", path=True)
+    ni_data_dir: str | None = _f(None, "Prepared Super-NaturalInstructions shards (default for dataset=ni). Example: -k ni_data_dir=data/shards/ni", env="NI_DATA_DIR", path=True)
+    xfit_data_dir: str | None = _f(None, "Prepared CrossFit shards (default for dataset=xfit). Example: -k xfit_data_dir=data/shards/xfit", env="XFIT_DATA_DIR", path=True)
+    storycloze_dir: str | None = _f(None, "Folder with the official StoryCloze CSV files (not redistributable). Example: -k storycloze_dir=~/storycloze", env="STORYCLOZE_DIR", path=True)
+    checkpoint: str | None = _f(None, "A run folder (or its `final/` folder) to start from: fine-tuning, evaluation, or phase two of pre-training. Example: -k checkpoint=output/mhr_synthetic", path=True)
+    ray_address: str | None = _f(None, "Existing Ray cluster to connect to (also read from RAY_ADDRESS). Default: start a local cluster on 127.0.0.1. Example: -k ray_address=auto")
+
+    # ----------------------------------------------------------------------------------- data
+    dataset: str = _f("synthetic", "Task collection: synthetic, ni, t0 or xfit. Example: -k dataset=ni", choices=["synthetic", "ni", "t0", "xfit"])
+    tasks: list | None = _f(None, "Task names to use (pre-training: training tasks; sweeps/evaluate: held-out tasks). Default: all tasks of the right role. Example: -k tasks=['cb','rte']")
+    custom_tasks_splits: str | None = _f(None, "Reference key: a file listing the task names to train on, one per line. Example: -k custom_tasks_splits=splits/my_tasks.txt", path=True)
+    finetune_task_name: str | None = _f(None, "Held-out task to adapt to. Example: -k finetune_task_name=cb")
+    tokenizer: str | None = _f(None, "Tokenizer: a local folder, a hub name, or `byte` (ByT5 bytes, needs no files). Default: the model's own, else `byte`. Example: -k tokenizer=../shared/tokenizers/t5", path=True)
+    task_mixing: str = _f("proportional", "How training tasks are mixed: proportional (examples-proportional with `mixing_cap`), uniform, temperature. Example: -k task_mixing=temperature", choices=["proportional", "uniform", "temperature"])
+    mixing_cap: int = _f(500_000, "Examples-proportional mixing: at most this many examples per task per epoch. Example: -k mixing_cap=1000")
+    mixing_temperature: float = _f(2.0, "Temperature mixing: task rate ∝ size^(1/T). Example: -k mixing_temperature=3")
+    use_task_descriptions: bool = _f(False, "NI/XFIT: put the task definition into the prompt. Example: -k use_task_descriptions=True")
+    num_pos_examples: int = _f(0, "NI: positive examples in the prompt. Example: -k num_pos_examples=2")
+    max_instances_per_task: int = _f(100, "NI: instances per training task (and k-shot size for held-out NI tasks). Example: -k max_instances_per_task=32")
+    max_input_length: int = _f(512, "Input tokens kept per example. Example: -k max_input_length=256")
+    max_output_length: int = _f(64, "Target tokens kept per example; also the generation limit. Example: -k max_output_length=128")
+    num_beams: int = _f(4, "Beam width for generation tasks. Example: -k num_beams=1")
+    use_t0_templates_as_tasks: bool = _f(False, "T0: one task per (dataset, template) instead of per dataset. Example: -k use_t0_templates_as_tasks=True")
+    use_t0_few_shot_training_set: bool = _f(False, "T0: keep at most 1,000 training examples per task. Example: -k use_t0_few_shot_training_set=True")
+
+    # ---------------------------------------------------------------------------------- model
+    model: str | None = _f(None, "Backbone: a Hugging Face seq2seq hub name, a local folder, a run folder (its trained backbone), or `tiny-t5` (a small T5 built from a config). Example: -k model=google/t5-xl-lm-adapt", path=True)
+    trust_remote_code: bool = _f(False, "Allow code from the hub when loading `model`. Off by default. Example: -k trust_remote_code=True")
+    model_modifier: str | None = _f(None, "Adapter type: lora, ia3, poly (Poly/MHR routed LoRA; `poly_lora` accepted), poly_ia3, skilled (one private adapter per task), or none. Example: -k model_modifier=poly", choices=[None, "lora", "ia3", "poly", "poly_ia3", "skilled"])
+    tiny_d_model: int = _f(128, "tiny-t5 backbone: hidden size. Example: -k tiny_d_model=64")
+    tiny_num_layers: int = _f(2, "tiny-t5 backbone: encoder (and decoder) blocks. Example: -k tiny_num_layers=4")
+    freeze_embeds: bool = _f(False, "Keep the embeddings frozen even when `trainable_param_names` matches them. Example: -k freeze_embeds=True")
+
+    # ------------------------------------------------------------------------------- adapters
+    lora_rank: int = _f(16, "Rank r of each LoRA skill. Example: -k lora_rank=1")
+    lora_alpha: float = _f(1.0, "LoRA scaling numerator: the update is (alpha / r)·B A x. Example: -k lora_alpha=16")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input. Example: -k lora_dropout=0.1")
+    lora_randb_init: bool = _f(False, "Initialise B like A instead of zeros (adapter is not a no-op at start). Example: -k lora_randb_init=True")
+    lora_kaiming_init: bool = _f(False, "Kaiming-uniform init per head and skill block of A. Example: -k lora_kaiming_init=True")
+    lora_warmup: bool = _f(False, "Scale the adapter output by min(step/10000, 1) during training. Example: -k lora_warmup=True")
+    modify_modules: str = _f(".*SelfAttention|.*EncDecAttention|.*DenseReluDense", "Regex the full dotted name of a parent module must fully match for its children to be adapted (`lora_modules` accepted). Example: -k modify_modules='.*SelfAttention'")
+    modify_layers: str = _f("q|k|v|o|wi|wi_0|wi_1|wo", "Regex a child's local name must fully match to be adapted (`lora_layers` accepted). Example: -k modify_layers='q|v'")
+    n_skills: int = _f(8, "K: skills in each layer's inventory. Example: -k n_skills=4")
+    n_splits: int = _f(1, "S: routing heads per layer (1 = Poly, >1 = MHR). Must divide the adapted layers' in and out dims. Example: -k n_splits=16")
+    n_tasks: int | None = _f(None, "Routing rows; set from the data. Example: -k n_tasks=313")
+    router_selector: str = _f("poly", "Router: poly (learned per-task logits), average (uniform 1/K), private (one skill per task) (`poly_selector` accepted). Example: -k router_selector=average", choices=["poly", "average", "private"])
+    router_granularity: str = _f("finegrained", "Routers shared by: finegrained (each layer), coarsegrained (whole model), coderwise, blockwise, layerwise (`poly_granularity`, `finegrained=True|False` accepted). Example: -k router_granularity=blockwise", choices=["finegrained", "coarsegrained", "coderwise", "blockwise", "layerwise"])
+    module_logits_relaxed_bernoulli: bool = _f(True, "Training samples routing from a relaxed Bernoulli (τ=1). Example: -k module_logits_relaxed_bernoulli=False")
+    module_logits_straight_through: bool = _f(False, "Routing forward = round(σ(z)) with σ(z)'s gradient. Example: -k module_logits_straight_through=True")
+    module_logits_learning_rate: float = _f(0.1, "Learning rate of the routing logits. Example: -k module_logits_learning_rate=0.5")
+    module_logits_dropout: float = _f(0.0, "Dropout on routing probabilities during training (off at eval). Example: -k module_logits_dropout=0.1")
+    module_logits_l2_norm: bool = _f(False, "Routing weights = z/‖z‖₂ over skills instead of normalised sigmoids. Example: -k module_logits_l2_norm=True")
+    poly_use_shared_skill: bool = _f(False, "Last skill always active for every task. Example: -k poly_use_shared_skill=True")
+    poly_average_correction: bool = _f(False, "Weights = p·√S/√K instead of normalising over skills. Example: -k poly_average_correction=True")
+    adapters_learning_rate: float | None = _f(None, "Learning rate of adapter weights (default: learning_rate). Example: -k adapters_learning_rate=1e-3")
+    adapters_weight_decay: float | None = _f(None, "Weight decay of adapter weights (default: weight_decay). Example: -k adapters_weight_decay=0")
+    trainable_param_names: str = _f(".*", "Regex: parameters whose full name matches are trained, the rest frozen. Example: -k trainable_param_names='.*lora_[ab].*|.*module_logits.*'")
+    non_trainable_param_names: str | None = _f(None, "Regex: parameters matching it stay frozen even if trainable_param_names matches. Example: -k non_trainable_param_names='.*layer_norm.*'")
+
+    # ------------------------------------------------------------------------------- training
+    optimizer: str = _f("adamw", "adamw or adafactor (adam and sgd also accepted). Example: -k optimizer=adafactor", choices=["adamw", "adam", "sgd", "adafactor"])
+    learning_rate: float = _f(1e-3, "Learning rate of everything that is not routing logits or adapters. Example: -k learning_rate=3e-4")
+    weight_decay: float = _f(0.01, "Weight decay (routing logits get none). Example: -k weight_decay=0")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon. Example: -k adam_epsilon=1e-6")
+    adafactor_scale_parameter: bool = _f(True, "Adafactor: scale the step by the parameter's RMS. Example: -k adafactor_scale_parameter=False")
+    adafactor_relative_step: bool = _f(False, "Adafactor: time-dependent relative step (ignores learning rates). Example: -k adafactor_relative_step=True")
+    adafactor_warmup_init: bool = _f(False, "Adafactor: warm-up initialisation of the relative step. Example: -k adafactor_warmup_init=True")
+    scheduler: str = _f("linear_decay_with_warmup", "Learning-rate schedule: linear_decay_with_warmup or constant. Example: -k scheduler=constant", choices=["linear_decay_with_warmup", "constant"])
+    warmup_proportion: float = _f(0.06, "Warm-up steps as a fraction of total_steps (used when warmup_steps < 0). Example: -k warmup_proportion=0.1")
+    warmup_steps: int = _f(-1, "Warm-up steps; -1 = warmup_proportion × total_steps. Example: -k warmup_steps=1500")
+    total_steps: int = _f(-1, "Optimizer steps; -1 = from num_train_epochs and the data size. Example: -k total_steps=20_000")
+    num_train_epochs: int = _f(-1, "Epochs when total_steps < 0. Example: -k num_train_epochs=3")
+    train_batch_size: int = _f(8, "Global batch = micro batch × gradient_accumulation_steps × num_workers. Example: -k train_batch_size=32")
+    predict_batch_size: int = _f(32, "Batch size for evaluation and generation. Example: -k predict_batch_size=8")
+    gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step. Example: -k gradient_accumulation_steps=2")
+    max_grad_norm: float = _f(0.1, "Gradient clipping norm (0 = off). Example: -k max_grad_norm=1.0")
+    precision: str = _f("32", "32, bf16 or 16. Example: -k precision=bf16", choices=["32", "bf16", "16"])
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0–3. Example: -k zero_stage=3", choices=[0, 1, 2, 3])
+    num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each). Example: -k num_workers=8")
+    use_gpu: bool = _f(False, "One GPU per worker, NCCL. Example: -k use_gpu=True")
+    resources_per_worker: dict | None = _f(None, "Ray resources per train worker. Default: {'CPU': 1} on GPU, a fraction of the free CPUs on CPU. Example: -k resources_per_worker=\"{'CPU': 4}\"")
+    eval_every: int | None = _f(None, "Validate every N optimizer steps (pre-training). Example: -k eval_every=500")
+    save_every: int | None = _f(None, "Checkpoint every N optimizer steps (also at the end). Example: -k save_every=1000")
+    log_every: int = _f(10, "Log a metrics row every N optimizer steps. Example: -k log_every=50")
+    num_to_keep: int = _f(2, "Checkpoints kept by Ray Train. Example: -k num_to_keep=3")
+    max_failures: int = _f(0, "Worker/node failures the run survives by restarting from its last checkpoint. Example: -k max_failures=3")
+    seed: int = _f(42, "Random seed (data order, init, sampling). Example: -k seed=13")
+    uniform_interp_steps: int = _f(0, "Anneal routing to uniform over the last N pre-training steps (α = cos(π/2·n/N)). Example: -k uniform_interp_steps=1000")
+    switch_to_avg_modules: bool = _f(False, "Continue pre-training from `checkpoint` with average routing. Example: -k switch_to_avg_modules=True")
+    compute_strategy: str | None = _f(None, "Reference key mapped onto zero_stage: ddp → 0, deepspeed_stage_N → N. Example: -k compute_strategy=deepspeed_stage_2")
+
+    # ----------------------------------------------------------------------------- fine-tuning
+    finetune_type: str | None = _f(None, "F (all), A (adapters), Z (routing only), MuZ (average routing, adapters trained), PolyRand (no pre-trained adapters), None/Poly (adapters + a fresh routing row). Example: -k finetune_type=Z", choices=[None, "F", "A", "Z", "MuZ", "PolyRand", "Poly"])
+    seeds: list | None = _f(None, "Fine-tuning seeds. Default: T0 [42, 1024, 0]; NI and others [13, 42, 58]. Example: -k seeds=[13]")
+    num_shots: int | None = _f(None, "k training examples per held-out task. Default: the dataset's (T0: per task; NI: 32; synthetic: 32). Example: -k num_shots=16")
+    eval_every_epochs: int | None = _f(None, "Validate every N epochs during fine-tuning. Default: T0 50, others 10. Example: -k eval_every_epochs=5")
+    finetune_skip_es: bool = _f(False, "Test the last weights instead of the best validation checkpoint. Example: -k finetune_skip_es=True")
+    do_zs: bool = _f(True, "Score the task zero-shot before fine-tuning. Example: -k do_zs=False")
+    mc_loss: float = _f(0.0, "Weight of the multiple-choice cross-entropy (T-Few). Example: -k mc_loss=1")
+    unlikely_loss: float = _f(0.0, "Weight of the unlikelihood loss on wrong choices (T-Few). Example: -k unlikely_loss=1")
+    length_norm: float = _f(0.0, "Choice score = NLL / length^length_norm. Example: -k length_norm=1")
+
+    # ----------------------------------------------------------------------------------- sweeps
+    tune_space: str | None = _f(None, "Search space: a module name in tune_spaces/ or a path to a .py file. Default: from finetune_type and model_modifier. Example: -k tune_space=mhr_z")
+    search: str = _f("optuna", "optuna (TPE + ASHA) or grid (the reference preset). Example: -k search=grid", choices=["optuna", "grid"])
+    num_samples: int = _f(8, "Trials per study (optuna search). Example: -k num_samples=16")
+    max_concurrent_trials: int | None = _f(None, "Trials running at once. Example: -k max_concurrent_trials=2")
+    trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")
+    study_per_task: bool = _f(True, "One study per task (False: one study across all tasks). Example: -k study_per_task=False")
+    asha_grace_period: int = _f(1, "ASHA: validations before a trial can be stopped. Example: -k asha_grace_period=2")
+    asha_reduction_factor: int = _f(2, "ASHA: reduction factor. Example: -k asha_reduction_factor=3")
+
+    # ---------------------------------------------------------------------------------- tracking
+    tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
+    mlflow_tracking_uri: str | None = _f(None, "Log runs to MLflow at this URI. Example: -k mlflow_tracking_uri=file:./mlruns")
+    wandb_project: str | None = _f(None, "Log runs to Weights & Biases (needs WANDB_API_KEY and the wandb package). Example: -k wandb_project=mttl")
+
+    # ---------------------------------------------------------------------- bookkeeping (private)
+    _overridden: set = field(default_factory=set, repr=False, compare=False, metadata={"help": "internal"})
+
+    # ------------------------------------------------------------------------------------ API
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if not f.name.startswith("_")]
+
+    @classmethod
+    def help_for(cls, key: str) -> str:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}[key]
+
+    def was_overridden(self, key: str) -> bool:
+        """True when `key` was set by a config file or `-k`, not left at its default."""
+        return canonical_key(key) in self._overridden
+
+    def was_default(self, key: str) -> bool:
+        return not self.was_overridden(key)
+
+    def update(self, values: dict, source: str = "-k") -> "Config":
+        """Apply `values` (aliases resolved, paths expanded); unknown keys raise naming the closest."""
+        known = {f.name: f for f in fields(self) if not f.name.startswith("_")}
+        for raw_key, value in values.items():
+            key, value = _resolve_alias(raw_key, value)
+            if key is None:
+                warnings.warn(f"config key '{raw_key}' (from {source}) has no effect in mttl, as in the reference; ignored")
+                continue
+            if key not in known:
+                raise ConfigError(_unknown_key_message(raw_key, source, known))
+            if known[key].metadata.get("path") and isinstance(value, str):
+                value = _expand(value, raw_key, source)
+            value = _coerce(key, value, known[key], source)
+            setattr(self, key, value)
+            self._overridden.add(key)
+        self._derive()
+        return self
+
+    def _derive(self) -> None:
+        if self.model_modifier == "skilled":
+            self.router_selector = "private"
+        if self.compute_strategy:
+            strategy = str(self.compute_strategy)
+            if strategy.startswith("deepspeed_stage_"):
+                self.zero_stage = int(strategy.split("_")[2])
+            elif strategy not in ("ddp", "ddp_find_unused_parameters_false", "auto"):
+                raise ConfigError(f"compute_strategy={strategy!r} is not understood; use zero_stage=0..3 instead")
+
+    def resolved_data_dir(self) -> str | None:
+        """data_dir, else the dataset's own *_DATA_DIR default."""
+        if self.data_dir:
+            return self.data_dir
+        return {"t0": self.t0_data_dir, "ni": self.ni_data_dir, "xfit": self.xfit_data_dir}.get(self.dataset)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.field_names()}
+
+    def overridden_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.field_names() if k in self._overridden}
+
+    def save(self, folder: str | os.PathLike, name: str = "config.json") -> Path:
+        """Write the merged config as JSON, atomically (temp file, then rename)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = self.to_dict()
+        payload["_overridden"] = sorted(self._overridden)
+        return atomic_write_text(folder / name, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Config":
+        """Read a `config.json` written by `save` (overridden-key bookkeeping included)."""
+        data = _read_json(Path(path))
+        overridden = set(data.pop("_overridden", []))
+        cfg = cls()
+        cfg.update(data, source=str(path))
+        cfg._overridden = overridden
+        return cfg
+
+    def copy(self, **changes) -> "Config":
+        new = dataclasses.replace(self)
+        new._overridden = set(self._overridden)
+        if changes:
+            new.update(changes, source="code")
+        return new
+
+    def diff(self, other: "Config", ignore: Iterable[str] = ()) -> dict:
+        """Keys whose values differ: {key: (self value, other value)}."""
+        skip = set(ignore)
+        return {k: (getattr(self, k), getattr(other, k)) for k in self.field_names()
+                if k not in skip and getattr(self, k) != getattr(other, k)}
+
+
+# Old names → current names. A value of None marks a key handled specially in _resolve_alias.
+ALIASES = {
+    "lora_modules": "modify_modules",
+    "lora_layers": "modify_layers",
+    "patch_modules": "modify_modules",
+    "patch_layers": "modify_layers",
+    "poly_selector": "router_selector",
+    "poly_granularity": "router_granularity",
+    "exp_name": "run_name",
+    "train_dir": "data_dir",
+    "finegrained": None,
+}
+
+MODIFIER_ALIASES = {"poly_lora": "poly", "none": None, "None": None}
+
+# Keys the reference's configs carry that never did anything there either.
+NO_EFFECT_KEYS = {
+    "lora_init_scale", "lora_scaling_rank", "append_another_bos", "do_lowercase", "num_tasks_per_batch",
+    "monitor_grad_alignment_on", "checkpoint_step", "backbone_checkpoint", "poly_selector_cluster_temp",
+    "ortho_loss", "task_loss", "l1_loss", "mi_loss", "poly_unlikely_loss", "free_up_space",
+    "example_to_ids_path", "embeddings_path", "use_precomputed_task_embeddings", "ni_online_eval",
+    "t0_online_eval", "early_stop_on_zero_shot", "finetune_use_last_checkpoint", "task_prefix",
+}
+
+
+def canonical_key(key: str) -> str:
+    if key == "finegrained":
+        return "router_granularity"
+    return ALIASES.get(key) or key
+
+
+def _resolve_alias(key: str, value: Any) -> tuple[str | None, Any]:
+    if key == "finegrained":
+        return "router_granularity", ("finegrained" if _truthy(value) else "coarsegrained")
+    if key in NO_EFFECT_KEYS:
+        return None, value
+    key = ALIASES.get(key, key)
+    if key == "model_modifier" and isinstance(value, str) and value in MODIFIER_ALIASES:
+        value = MODIFIER_ALIASES[value]
+    return key, value
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _unknown_key_message(key: str, source: str, known: dict) -> str:
+    candidates = list(known) + list(ALIASES)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `mttl <command> --help` or docs/configuration.md"
+    return f"unknown config key '{key}' (from {source}){hint}"
+
+
+def _expand(value: str, key: str, source: str) -> str:
+    try:
+        return os.path.expanduser(string.Template(value).substitute(os.environ))
+    except KeyError as err:
+        raise ConfigError(f"config key '{key}' (from {source}) uses ${err.args[0]}, which is not set in the environment; export it or write the path out") from None
+    except ValueError as err:
+        raise ConfigError(f"config key '{key}' (from {source}) has a bad $-expression in {value!r}: {err}") from None
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    """Light type checks so a wrong value fails at parse time with the key named."""
+    if key == "precision":
+        value = {"bf16-mixed": "bf16", "16-mixed": "16", "32-true": "32"}.get(str(value), str(value))
+    type_name = str(f.type)
+    if value is None:
+        return value
+    try:
+        if type_name.startswith("int") and not isinstance(value, bool):
+            if isinstance(value, float) and value != int(value):
+                raise ValueError
+            value = int(value)
+        elif type_name.startswith("float") and not isinstance(value, bool):
+            value = float(value)
+        elif type_name.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            else:
+                value = bool(value)
+        elif type_name.startswith("list") and isinstance(value, (str, tuple)):
+            value = [value] if isinstance(value, str) else list(value)
+        elif type_name.startswith("dict") and not isinstance(value, dict):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' (from {source}) must be {type_name.split(' ')[0]}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' (from {source}) must be one of {[c for c in choices if c is not None]}, got {value!r}")
+    return value
+
+
+def parse_literal(text: str) -> Any:
+    """`-k` values: Python literals (1e-3, True, 20_000, [1,2]); anything unparsable stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def parse_kwargs(pairs: Iterable[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"-k expects key=value, got {pair!r}; example: -k learning_rate=1e-3")
+        key, text = pair.split("=", 1)
+        out[key.strip()] = parse_literal(text)
+    return out
+
+
+def config_search_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("CONFIG_PATH"):
+        dirs.append(Path(os.environ["CONFIG_PATH"]))
+    dirs += [Path.cwd() / "configs", REPO_ROOT / "jobs" / "configs", PACKAGE_CONFIG_DIR]
+    return dirs
+
+
+def find_config_file(name: str) -> Path:
+    """A config name is used as given when it exists, else looked up in the config folders."""
+    candidate = Path(os.path.expanduser(name))
+    if candidate.is_file():
+        return candidate
+    names = [name] if name.endswith(".json") else [name, name + ".json"]
+    for folder in config_search_dirs():
+        for n in names:
+            if (folder / n).is_file():
+                return folder / n
+    searched = ", ".join(str(d) for d in config_search_dirs())
+    raise ConfigError(f"config file '{name}' not found (looked in the current folder and {searched}); give a path or a name from `mttl configs`")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a JSON object of key: value pairs")
+    return data
+
+
+def load_config(config_files: str | None = None, kwargs: Iterable[str] | dict | None = None,
+                base: dict | None = None) -> Config:
+    """defaults < `base` < files in `a.json+b.json` order < `kwargs` (`-k` pairs or a dict)."""
+    cfg = Config()
+    if base:
+        cfg.update(base, source="defaults of this command")
+        cfg._overridden.clear()
+    if config_files:
+        for name in [n for n in config_files.split("+") if n]:
+            path = find_config_file(name)
+            cfg.update(_read_json(path), source=str(path))
+    if kwargs:
+        cfg.update(kwargs if isinstance(kwargs, dict) else parse_kwargs(kwargs), source="-k")
+    return cfg
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write next to the target, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

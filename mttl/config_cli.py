@@ -1,0 +1,27 @@
+"""`mttl configs`: list the ready-made config files and show a merged configuration."""
+
+from __future__ import annotations
+
+import json
+
+from mttl.cli import add_config_arguments, flat_kwargs
+from mttl.config import config_search_dirs, load_config
+
+HELP = "list ready-made configs, or print the merged config for -c/-k"
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--show", action="store_true", help="print the merged config as JSON. Example: mttl configs -c ni/mhr.json --show")
+
+
+def run(args) -> int:
+    if args.show or args.config_files or flat_kwargs(args):
+        cfg = load_config(args.config_files, flat_kwargs(args))
+        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        return 0
+    for folder in config_search_dirs():
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*.json")):
+                print(path.relative_to(folder))
+    return 0

@@ -1,0 +1,51 @@
+"""Shared test fixtures: the shared data folder, one Ray cluster per test session, tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("MTTL_SHARED_DIR", REPO.parent / "shared")).resolve()
+
+
+def shared_path(*parts: str) -> Path:
+    """A path inside ../shared; skips the test when absent, fails under CI=true."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        reason = f"shared data not found at {path} (set MTTL_SHARED_DIR)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return shared_path()
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer_path() -> Path:
+    return shared_path("tokenizers", "t5")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+    yield ray
+    # left running until the interpreter exits; other session fixtures may still need it
