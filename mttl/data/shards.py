@@ -1,0 +1,306 @@
+"""Prepared-data folders: the Parquet row schema, the manifest, atomic writing, checking, reading.
+
+A prepared folder is `DIR/manifest.json` plus Parquet shards `DIR/<split>/part-NNNNN.parquet`.
+Every data source (NI, T0, CrossFit, synthetic) writes through `write_prepared`, which builds the
+whole folder beside `DIR` and renames it into place only once it is complete, so a failed prepare
+never leaves a manifest or partial shards behind and never damages an earlier good output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mttl.errors import DataError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema([
+    pa.field("task_name", pa.string(), nullable=False),
+    pa.field("task_id", pa.int32(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("target", pa.string(), nullable=False),
+    pa.field("references", pa.list_(pa.string()), nullable=False),
+    pa.field("answer_choices", pa.list_(pa.string()), nullable=True),
+    pa.field("label", pa.int32(), nullable=False),
+    pa.field("instance_id", pa.string(), nullable=False),
+])
+
+# Columns a source may leave out of a row, and how they are filled in.
+_OPTIONAL_DEFAULTS = {"answer_choices": None, "label": -1}
+_REQUIRED = ("task_name", "split", "source", "target")
+
+
+def fingerprint_sources(paths: Iterable[str | os.PathLike], args: dict) -> str:
+    """A hash of the source files and the prepare arguments.
+
+    Files are hashed by path, size and modification time (not contents): re-hashing gigabytes of
+    JSON on every no-op run would cost more than the prepare itself. Folders are walked.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(args, sort_keys=True, default=str).encode())
+    for root in sorted(str(p) for p in paths):
+        root_path = Path(root)
+        files = sorted(p for p in root_path.rglob("*") if p.is_file()) if root_path.is_dir() else [root_path]
+        for path in files:
+            try:
+                stat = path.stat()
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except FileNotFoundError:
+                digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _assign_task_ids(tasks: dict[str, dict]) -> dict[str, int]:
+    """Task ids from the meta when given, else sorted task names → 0..n-1 (skipping taken ids)."""
+    given = {name: int(meta["task_id"]) for name, meta in tasks.items() if meta.get("task_id") is not None}
+    if len(set(given.values())) != len(given):
+        raise DataError(f"duplicate task_id in task meta: {sorted(given.items(), key=lambda kv: kv[1])}")
+    taken = set(given.values())
+    ids = dict(given)
+    next_id = 0
+    for name in sorted(tasks):
+        if name in ids:
+            continue
+        while next_id in taken:
+            next_id += 1
+        ids[name] = next_id
+        taken.add(next_id)
+    return ids
+
+
+def _complete_row(row: dict, task_ids: dict[str, int]) -> dict:
+    missing = [key for key in _REQUIRED if row.get(key) is None]
+    if missing:
+        raise DataError(f"row {row.get('instance_id', '?')} of task {row.get('task_name', '?')} lacks {missing}; "
+                        "the source module must fill these columns")
+    name = row["task_name"]
+    if name not in task_ids:
+        raise DataError(f"row of task {name!r} has no entry in the task meta passed to write_prepared")
+    out = {key: row.get(key, default) for key, default in _OPTIONAL_DEFAULTS.items()}
+    out.update({key: row[key] for key in _REQUIRED})
+    out["task_id"] = task_ids[name]
+    out["references"] = list(row.get("references") or [row["target"]])
+    out["instance_id"] = str(row.get("instance_id") or "")
+    if out["label"] is None:
+        out["label"] = -1
+    return out
+
+
+class _ShardWriter:
+    """Streams rows into `<split>/part-NNNNN.parquet` files of at most `rows_per_file` rows."""
+
+    def __init__(self, root: Path, rows_per_file: int):
+        self.root = root
+        self.rows_per_file = rows_per_file
+        self.pending: dict[str, list[dict]] = defaultdict(list)
+        self.file_index: Counter = Counter()
+        self.files: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        bucket = self.pending[row["split"]]
+        bucket.append(row)
+        if len(bucket) >= self.rows_per_file:
+            self._flush(row["split"])
+
+    def close(self) -> list[dict]:
+        for split in sorted(self.pending):
+            if self.pending[split]:
+                self._flush(split)
+        return sorted(self.files, key=lambda f: f["path"])
+
+    def _flush(self, split: str) -> None:
+        rows = self.pending.pop(split)
+        rel = f"{split}/part-{self.file_index[split]:05d}.parquet"
+        self.file_index[split] += 1
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+        self.files.append({"path": rel, "rows": len(rows), "sha256": _file_sha256(path)})
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict[str, dict], *,
+                   source: str, args: dict, skipped: dict | None = None, fingerprint: str | None = None,
+                   rows_per_file: int = 50_000) -> dict:
+    """Write rows as Parquet shards + manifest into `out_dir`, atomically; return the manifest.
+
+    `tasks` maps task name → meta (`role`, `metric`, optional `task_id`, any extra keys such as
+    `category`); the manifest's `rows` per split are counted here. When `out_dir/manifest.json`
+    already carries the same `fingerprint`, nothing is written and the existing manifest is
+    returned with `"unchanged": True`.
+    """
+    out = Path(out_dir)
+    if fingerprint is not None and (out / MANIFEST).is_file():
+        try:
+            existing = read_manifest(out)
+        except DataError:
+            existing = None
+        if existing is not None and existing.get("fingerprint") == fingerprint and not check(out):
+            return {**existing, "unchanged": True}
+
+    task_ids = _assign_task_ids(tasks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writer = _ShardWriter(staging, rows_per_file)
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for row in rows:
+            full = _complete_row(row, task_ids)
+            counts[full["task_name"]][full["split"]] += 1
+            writer.add(full)
+        files = writer.close()
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "source": source,
+            "args": args,
+            "fingerprint": fingerprint,
+            "tasks": {
+                name: {"task_id": task_ids[name], "role": meta.get("role", "train"),
+                       "rows": dict(sorted(counts[name].items())), "metric": meta.get("metric", "rouge"),
+                       **{k: v for k, v in meta.items() if k not in ("task_id", "role", "metric", "rows")}}
+                for name, meta in sorted(tasks.items(), key=lambda kv: task_ids[kv[0]])
+            },
+            "files": files,
+            "skipped": skipped or {},
+        }
+        _write_json_atomic(staging / MANIFEST, manifest)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging folder to `out`; an old `out` is moved aside first, then removed."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise DataError(f"{out} exists and is not a prepared folder (no {MANIFEST}); choose an empty or new --out")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "previous")
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old / "previous", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The manifest of a prepared folder; DataError saying how to make one when missing or invalid."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: prepare the data first, e.g. `mttl prepare ni --source DIR --out {data_dir}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); delete the folder and run `mttl prepare` again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict) \
+            or not isinstance(manifest.get("files"), list):
+        raise DataError(f"{path} lacks 'tasks' or 'files'; delete the folder and run `mttl prepare` again")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path} has schema_version {manifest.get('schema_version')!r}, this mttl reads "
+                        f"{SCHEMA_VERSION}; run `mttl prepare` again")
+    return manifest
+
+
+def check(data_dir: str | os.PathLike) -> list[str]:
+    """Problems of a prepared folder against its manifest (empty list when all is well).
+
+    Checks every listed file exists, has the recorded sha256, reads as Parquet with the row
+    schema and holds the recorded number of rows, and that per-task row counts add up.
+    """
+    root = Path(data_dir)
+    try:
+        manifest = read_manifest(root)
+    except DataError as err:
+        return [str(err)]
+    problems = []
+    listed_rows = 0
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        if not path.is_file():
+            problems.append(f"{path}: missing (listed in {MANIFEST})")
+            continue
+        if _file_sha256(path) != entry.get("sha256"):
+            problems.append(f"{path}: sha256 differs from {MANIFEST} (file changed or corrupt)")
+        try:
+            metadata = pq.read_metadata(path)
+            pq.read_table(path, schema=SCHEMA)
+        except (pa.ArrowException, OSError) as err:
+            problems.append(f"{path}: unreadable Parquet ({_one_line(err)})")
+            continue
+        if metadata.num_rows != entry.get("rows"):
+            problems.append(f"{path}: {metadata.num_rows} rows, {MANIFEST} says {entry.get('rows')}")
+        listed_rows += entry.get("rows") or 0
+    task_rows = sum(sum(meta.get("rows", {}).values()) for meta in manifest["tasks"].values())
+    if not problems and task_rows != listed_rows:
+        problems.append(f"{root / MANIFEST}: tasks count {task_rows} rows but files hold {listed_rows}")
+    return problems
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def read_rows(data_dir: str | os.PathLike, *, tasks: Iterable[str] | None = None,
+              splits: Iterable[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Rows of a prepared folder as one pyarrow Table, filtered by task names and splits.
+
+    Raises DataError naming the file when a shard is missing, truncated or not Parquet.
+    """
+    root = Path(data_dir)
+    manifest = read_manifest(root)
+    wanted_splits = None if splits is None else set(splits)
+    wanted_tasks = None if tasks is None else set(tasks)
+    if wanted_tasks is not None:
+        unknown = sorted(wanted_tasks - set(manifest["tasks"]))
+        if unknown:
+            raise DataError(f"{root / MANIFEST} has no task(s) {unknown[:5]}{' …' if len(unknown) > 5 else ''}; "
+                            "see the manifest's 'tasks' for the names")
+    read_columns = None if columns is None else list(dict.fromkeys([*columns, "task_name", "split"]))
+    tables = []
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        try:
+            table = pq.read_table(path, schema=SCHEMA, columns=read_columns)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: cannot read Parquet ({_one_line(err)}); run `mttl prepare check {root}` "
+                            "and prepare the data again") from None
+        if wanted_splits is not None:
+            table = table.filter(pc.is_in(table["split"], pa.array(sorted(wanted_splits), pa.string())))
+        if wanted_tasks is not None:
+            table = table.filter(pc.is_in(table["task_name"], pa.array(sorted(wanted_tasks), pa.string())))
+        tables.append(table)
+    schema = SCHEMA if read_columns is None else pa.schema([SCHEMA.field(c) for c in read_columns])
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    return table.select(columns) if columns is not None else table
