@@ -1,0 +1,1 @@
+"""Scoring: rank classification, generation metrics (Rouge-L, exact match), aggregation, `mttl evaluate`."""
