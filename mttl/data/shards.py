@@ -71,6 +71,24 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unchanged_manifest(out_dir: str | os.PathLike, fingerprint: str | None) -> dict | None:
+    """The manifest of `out_dir` marked `"unchanged": True` when it was prepared from the same
+    fingerprint and still passes `check`; None when it must be (re)built.
+
+    Sources call this before reading their raw files so that a no-op run stays cheap.
+    """
+    out = Path(out_dir)
+    if fingerprint is None or not (out / MANIFEST).is_file():
+        return None
+    try:
+        existing = read_manifest(out)
+    except DataError:
+        return None
+    if existing.get("fingerprint") != fingerprint or check(out):
+        return None
+    return {**existing, "unchanged": True}
+
+
 def _assign_task_ids(tasks: dict[str, dict]) -> dict[str, int]:
     """Task ids from the meta when given, else sorted task names → 0..n-1 (skipping taken ids)."""
     given = {name: int(meta["task_id"]) for name, meta in tasks.items() if meta.get("task_id") is not None}
@@ -156,17 +174,14 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
     returned with `"unchanged": True`.
     """
     out = Path(out_dir)
-    if fingerprint is not None and (out / MANIFEST).is_file():
-        try:
-            existing = read_manifest(out)
-        except DataError:
-            existing = None
-        if existing is not None and existing.get("fingerprint") == fingerprint and not check(out):
-            return {**existing, "unchanged": True}
+    existing = unchanged_manifest(out, fingerprint)
+    if existing is not None:
+        return existing
 
     task_ids = _assign_task_ids(tasks)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary shared folder
     try:
         writer = _ShardWriter(staging, rows_per_file)
         counts: dict[str, Counter] = defaultdict(Counter)
