@@ -1,0 +1,68 @@
+"""Search spaces: discovered by file name, define-by-run with Optuna, reference grids."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from mttl.errors import ConfigError
+from mttl.sweep import available_spaces, default_space_name, load_space
+
+REFERENCE_LRS = {1e-3, 1e-4}
+REFERENCE_ROUTING_LRS = {0.5, 0.1}
+
+
+def test_every_finetune_type_has_a_space():
+    assert {"lora", "ia3", "poly", "poly_z", "mhr", "mhr_z", "mhr_mu", "full"} <= set(available_spaces())
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3", "poly", "poly_z", "mhr", "mhr_z", "mhr_mu", "full"])
+def test_space_is_define_by_run_and_inside_its_grid_keys(name):
+    module = load_space(name)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(3):
+        trial = study.ask()
+        values = module.space(trial)
+        assert set(trial.params) <= set(values)
+        assert set(values) == set(module.GRID[0])
+        assert all(v > 0 for v in values.values())
+        study.tell(trial, 0.0)
+
+
+def test_reference_grids():
+    assert {(g["learning_rate"], g["module_logits_learning_rate"]) for g in load_space("mhr").GRID} == {
+        (lr, mlr) for lr in REFERENCE_LRS for mlr in REFERENCE_ROUTING_LRS}
+    assert [set(g) for g in load_space("mhr_z").GRID] == [{"module_logits_learning_rate"}] * 2
+    assert {g["module_logits_learning_rate"] for g in load_space("poly_z").GRID} == REFERENCE_ROUTING_LRS
+    for name in ("lora", "ia3", "full", "mhr_mu"):
+        assert {g["learning_rate"] for g in load_space(name).GRID} == REFERENCE_LRS
+    assert load_space("mhr_z").FINETUNE_TYPE == "Z"
+    assert load_space("mhr_mu").FINETUNE_TYPE == "MuZ"
+
+
+def test_a_new_file_is_a_new_space(tmp_path):
+    path = tmp_path / "my_space.py"
+    path.write_text("GRID = [{'learning_rate': 0.3}]\n"
+                    "def space(trial):\n    return {'learning_rate': trial.suggest_float('learning_rate', 0.1, 0.5)}\n")
+    module = load_space(str(path))
+    assert module.GRID == [{"learning_rate": 0.3}]
+
+
+def test_unknown_or_broken_space_is_a_user_error(tmp_path):
+    with pytest.raises(ConfigError, match="tune_space 'nope'"):
+        load_space("nope")
+    bad = tmp_path / "bad.py"
+    bad.write_text("GRID = []\n")
+    with pytest.raises(ConfigError, match="space"):
+        load_space(str(bad))
+
+
+@pytest.mark.parametrize("finetune_type,modifier,n_splits,want", [
+    ("Z", "poly", 1, "poly_z"), ("Z", "poly", 4, "mhr_z"), ("MuZ", "poly", 4, "mhr_mu"), (None, "poly", 4, "mhr"),
+    (None, "poly", 1, "poly"), ("F", None, 1, "full"), ("A", "ia3", 1, "ia3"), (None, "lora", 1, "lora"),
+])
+def test_default_space_from_finetune_type_and_modifier(finetune_type, modifier, n_splits, want):
+    from mttl.config import Config
+
+    cfg = Config().update({"finetune_type": finetune_type, "model_modifier": modifier, "n_splits": n_splits})
+    assert default_space_name(cfg) == want

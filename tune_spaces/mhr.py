@@ -1,0 +1,3 @@
+"""MHR (multi-head routing): the same two-speed search as Poly; the heads come from the checkpoint."""
+
+from tune_spaces.poly import FINETUNE_TYPE, GRID, space  # noqa: F401  (same space, own name)
