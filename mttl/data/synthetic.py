@@ -223,6 +223,10 @@ def prepare_synthetic(out: str | Path, *, seed: int = 0, n_heldout: int = 6, row
         raise DataError(f"synthetic suite: {', '.join(negative)} must be >= 0")
     args = {"seed": seed, "n_heldout": n_heldout, "max_heldout_agreement": max_heldout_agreement,
             "generator_version": GENERATOR_VERSION, **sizes}
+    fingerprint = shards.fingerprint_sources([], args)
+    unchanged = shards.unchanged_manifest(out, fingerprint)
+    if unchanged is not None:
+        return unchanged
     probes = probe_inputs()
     train, heldout = split_compositions(n_heldout, seed, max_heldout_agreement, probes)
 
@@ -250,7 +254,7 @@ def prepare_synthetic(out: str | Path, *, seed: int = 0, n_heldout: int = 6, row
             yield from _task_rows(name, fn, splits, random.Random(f"{seed}/{name}"), tag)
 
     return shards.write_prepared(out, rows(), tasks, source="synthetic", args=args,
-                                 fingerprint=shards.fingerprint_sources([], args))
+                                 fingerprint=fingerprint)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
