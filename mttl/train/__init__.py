@@ -1,0 +1,1 @@
+"""Multi-task pre-training on Ray Train workers, one DeepSpeed engine each (`mttl pretrain`)."""

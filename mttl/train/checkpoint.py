@@ -1,0 +1,128 @@
+"""Training checkpoints and the resume rules of a run folder.
+
+A checkpoint directory (reported through `ray.train.report`, kept by Ray Train under the run
+folder) holds:
+- `adapters.safetensors` + `adapters.json`: the trained adapter and routing tensors (full tensors,
+  gathered under ZeRO-3), readable without DeepSpeed;
+- `deepspeed/`: DeepSpeed's engine, optimizer and scheduler state of every rank, saved without
+  frozen parameters, so the frozen backbone is never copied into a checkpoint;
+- `trainer_state.json`: optimizer step, data position (epoch, micro batches consumed in it) and
+  the warm-up length fixed at the start of the run.
+
+DeepSpeed's own state files are read with `torch.load(weights_only=True)`; nothing else in a run
+folder is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mttl.config import Config, atomic_write_text
+from mttl.errors import CheckpointError
+
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+TRAINER_STATE = "trainer_state.json"
+
+# Keys that say where or how verbosely a run executes, not what it computes: a resumed run may
+# change them. `total_steps` may grow; every other difference is refused.
+RESUMABLE_KEYS = ("ray_address", "resources_per_worker", "max_failures", "log_every", "tensorboard",
+                  "mlflow_tracking_uri", "wandb_project", "num_to_keep")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    warmup_steps: int = 0
+
+
+def check_resume(saved: Config, cfg: Config, saved_path: Path) -> None:
+    """Refuse to continue a run under a config that differs in anything but growing total_steps."""
+    differing = saved.diff(cfg, ignore=RESUMABLE_KEYS + ("total_steps",))
+    if differing:
+        keys = ", ".join(f"{k} ({a!r} → {b!r})" for k, (a, b) in sorted(differing.items()))
+        raise CheckpointError(f"run folder {saved_path.parent} was started with a different config: {keys}; "
+                              "use the same values or a new run_name")
+    if cfg.total_steps < saved.total_steps:
+        raise CheckpointError(f"run folder {saved_path.parent} has total_steps={saved.total_steps}; it can only be "
+                              f"continued to a larger total, not {cfg.total_steps} (use a new run_name)")
+
+
+def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter], zero_stage: int):
+    """Full tensors of ZeRO-3 partitioned parameters inside the block (a collective: every rank enters)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def save_checkpoint(engine, model: torch.nn.Module, folder: str | os.PathLike, state: TrainerState,
+                    cfg: Config, meta: dict, rank: int) -> None:
+    """Every rank calls this (DeepSpeed's save and ZeRO-3 gathering are collectives)."""
+    folder = Path(folder)
+    engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    if cfg.model_modifier:
+        save_adapter_tensors(model, folder, meta, cfg.zero_stage, rank)
+    if rank == 0:
+        atomic_write_text(folder / TRAINER_STATE, json.dumps(asdict(state), indent=2) + "\n")
+
+
+def save_adapter_tensors(model: torch.nn.Module, folder: Path, meta: dict, zero_stage: int, rank: int) -> None:
+    from mttl.adapters import save_adapters
+
+    params = [p for _, p in trainable_named_parameters(model)]
+    with gathered(params, zero_stage):
+        if rank == 0:
+            save_adapters(model, folder, meta)
+
+
+def load_checkpoint(engine, folder: str | os.PathLike) -> TrainerState:
+    folder = Path(folder)
+    state_file = folder / TRAINER_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {TRAINER_STATE}; it was not written by mttl pretrain")
+    with weights_only_loading(engine):
+        path, _ = engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False)
+    if path is None:
+        raise CheckpointError(f"checkpoint {folder} holds no DeepSpeed state under {DEEPSPEED_DIR}/")
+    return TrainerState(**json.loads(state_file.read_text()))
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine):
+    """Make DeepSpeed read its state files with `torch.load(weights_only=True)`.
+
+    DeepSpeed's checkpoint engine unpickles arbitrary objects; its files only need tensors,
+    containers and a few DeepSpeed enums, which are allow-listed here.
+    """
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    original = checkpoint_engine.load
+    checkpoint_engine.load = load
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        checkpoint_engine.load = original

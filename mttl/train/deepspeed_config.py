@@ -1,0 +1,47 @@
+"""The DeepSpeed config of a run: explicit batch arithmetic, ZeRO stage, precision, clipping.
+
+`train_batch_size` is the global batch: micro batch × gradient_accumulation_steps × workers. It
+must divide exactly; DeepSpeed checks the same identity and would otherwise fail inside a worker.
+"""
+
+from __future__ import annotations
+
+from mttl.config import Config
+from mttl.errors import ConfigError
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    per_step = cfg.gradient_accumulation_steps * world_size
+    if cfg.gradient_accumulation_steps < 1 or cfg.train_batch_size % per_step:
+        raise ConfigError(
+            f"train_batch_size={cfg.train_batch_size} is not divisible by gradient_accumulation_steps="
+            f"{cfg.gradient_accumulation_steps} × num_workers={world_size}; set train_batch_size to a "
+            f"multiple of {per_step}")
+    return cfg.train_batch_size // per_step
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """A DeepSpeed config dict for `deepspeed.initialize` with a client optimizer and scheduler."""
+    if cfg.precision == "16" and not cfg.use_gpu:
+        raise ConfigError("precision=16 needs GPUs (use_gpu=True); on CPU use precision=bf16 or 32")
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # adapters are gathered explicitly when saved; never gather the whole model implicitly
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    config = {
+        "train_batch_size": cfg.train_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        # the client optimizer (AdamW, Adafactor …) is not one of DeepSpeed's own
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        config["gradient_clipping"] = cfg.max_grad_norm
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif cfg.precision == "16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
