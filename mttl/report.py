@@ -1,0 +1,641 @@
+"""`mttl report RUN_DIR… --out DIR`: tables and pictures from pre-training, fine-tuning and sweep runs.
+
+Owns reading finished run folders (never a model): `metrics.jsonl` (learning curves),
+`final/adapters.safetensors` + `adapters.json` + `tasks.json` (routing heatmaps, read straight
+from the routing logits), `results.jsonl` (fine-tuning: median over seeds per task, then mean over
+tasks) and a sweep's `results.csv` (best trial per task). Writes `report.md`, CSV tables and PNG
+figures (matplotlib, headless) into a temporary folder that is renamed onto `--out` at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mttl.errors import DataError, MttlError
+
+HELP = "write Markdown/CSV tables and PNG figures (routing heatmaps, learning curves) for runs"
+DESCRIPTION = """\
+Summarise finished runs into one folder: report.md, CSV tables and PNG figures.
+
+A RUN_DIR is recognised by what it holds:
+  pre-training  metrics.jsonl and/or final/adapters.safetensors (+ tasks.json, config.json)
+  fine-tuning   results.jsonl (rows: task, seed, finetune_type, evaluation, metric, value)
+  sweep         results.csv with a trial_id column (one row per trial)
+A folder holding none of these but whose sub-folders are runs stands for those runs.
+
+Fine-tuning scores: median over seeds per task, then mean (and std) over tasks, per method
+(a method is a run and its finetune_type). Routing heatmaps show eval-mode weights
+(sigmoid of the logits, normalised over skills) averaged within each layer group
+(encoder/decoder x self-attention/cross-attention/FFN), one panel per head when S > 1.
+
+Example:
+  mttl report output/mhr_synthetic output/mhr_synthetic_ft output/sweep_z --out report
+"""
+
+EVALUATION_ORDER = ["zero_shot", "best_val", "test"]
+SUBLAYER_ORDER = ["self-attention", "cross-attention", "FFN"]
+CODER_ORDER = ["encoder", "decoder", "shared"]
+MARKDOWN_ROW_CAP = 50
+
+
+# ---------------------------------------------------------------------------------- run reading
+@dataclass
+class Run:
+    """What one run folder holds, read once."""
+
+    path: Path
+    name: str
+    config: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)
+    adapters_file: Path | None = None
+
+    @property
+    def holds(self) -> list[str]:
+        found = [(self.metrics, "training curves"), (self.adapters_file, "routing"),
+                 (self.results, "fine-tuning results"), (self.trials, "sweep trials")]
+        return [label for present, label in found if present]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from None
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); fix or remove the file") from None
+
+
+def _is_run_folder(path: Path) -> bool:
+    markers = ["metrics.jsonl", "results.jsonl", "final/adapters.safetensors"]
+    return any((path / m).is_file() for m in markers) or _is_sweep_csv(path / "results.csv")
+
+
+def _is_sweep_csv(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return "trial_id" in header
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """Read one run folder; raises DataError when it is not a pre-training, fine-tuning or sweep run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"run folder '{path}' does not exist; give the folder of a run (e.g. output/<run_name>)")
+    if not _is_run_folder(path):
+        raise DataError(
+            f"'{path}' is not a run folder: expected metrics.jsonl or final/adapters.safetensors (pre-training), "
+            f"results.jsonl (fine-tuning) or results.csv with a trial_id column (sweep); pass the run's own folder")
+    run = Run(path=path, name=path.resolve().name)
+    if (path / "config.json").is_file():
+        run.config = _read_json(path / "config.json")
+    if (path / "metrics.jsonl").is_file():
+        run.metrics = _read_jsonl(path / "metrics.jsonl")
+    if (path / "final" / "adapters.safetensors").is_file():
+        run.adapters_file = path / "final" / "adapters.safetensors"
+    if (path / "results.jsonl").is_file():
+        run.results = _read_jsonl(path / "results.jsonl")
+        missing = {"task", "seed", "evaluation", "metric", "value"} - set().union(*(r.keys() for r in run.results or [{}]))
+        if run.results and missing:
+            raise DataError(f"{path / 'results.jsonl'} lacks the fields {sorted(missing)}; it must come from `mttl finetune`")
+    if _is_sweep_csv(path / "results.csv"):
+        with (path / "results.csv").open(newline="") as handle:
+            run.trials = list(csv.DictReader(handle))
+    return run
+
+
+def expand_run_dirs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Each path is a run, or a folder whose immediate sub-folders are runs (e.g. an output_dir)."""
+    out = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir() and not _is_run_folder(path):
+            children = sorted(p for p in path.iterdir() if p.is_dir() and _is_run_folder(p))
+            if children:
+                out.extend(children)
+                continue
+        out.append(path)
+    return out
+
+
+# ------------------------------------------------------------------------------------- routing
+def routing_weights_from_logits(logits: np.ndarray, n_splits: int, n_skills: int) -> np.ndarray:
+    """Eval-mode Poly/MHR weights from logits [T, S*K]: sigmoid, then normalised over K (+1e-12)."""
+    probs = 1.0 / (1.0 + np.exp(-logits.reshape(logits.shape[0], n_splits, n_skills)))
+    return probs / (probs.sum(axis=-1, keepdims=True) + 1e-12)
+
+
+def layer_group(tensor_name: str) -> str:
+    """'encoder self-attention', 'decoder FFN', … from an adapted layer's dotted name."""
+    parts = tensor_name.split(".")
+    coder = next((c for c in ("encoder", "decoder") if c in parts), "shared")
+    lowered = tensor_name.lower()
+    if "encdecattention" in lowered or "crossattention" in lowered:
+        sublayer = "cross-attention"
+    elif "attention" in lowered or "attn" in lowered:
+        sublayer = "self-attention"
+    elif "densereludense" in lowered or "mlp" in lowered or "ffn" in lowered:
+        sublayer = "FFN"
+    else:
+        return coder
+    return f"{coder} {sublayer}"
+
+
+def _group_sort_key(group: str) -> tuple:
+    coder, _, sublayer = group.partition(" ")
+    return (CODER_ORDER.index(coder) if coder in CODER_ORDER else len(CODER_ORDER),
+            SUBLAYER_ORDER.index(sublayer) if sublayer in SUBLAYER_ORDER else -1, group)
+
+
+def _find_key(obj, key: str):
+    """A key's value anywhere in nested dicts (adapters.json may nest the adapter config)."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for value in obj.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass
+class Routing:
+    """Eval-mode routing weights of one run, averaged within each layer group."""
+
+    task_names: list[str]
+    groups: dict[str, np.ndarray]  # group -> [T, S, K]
+
+    def per_task(self) -> np.ndarray:
+        """[T, K]: the average over every group and head."""
+        return np.mean([w.mean(axis=1) for w in self.groups.values()], axis=0)
+
+
+def read_routing(run: Run) -> Routing | None:
+    """Routing weights from final/adapters.safetensors; None when the run has no routing logits."""
+    if run.adapters_file is None:
+        return None
+    from safetensors import safe_open
+
+    meta_path = run.adapters_file.with_name("adapters.json")
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    n_splits = _find_key(meta, "n_splits") or run.config.get("n_splits") or 1
+    n_skills = _find_key(meta, "n_skills") or run.config.get("n_skills")
+    per_group: dict[str, list[np.ndarray]] = defaultdict(list)
+    with safe_open(str(run.adapters_file), framework="pt") as handle:
+        for name in handle.keys():
+            if "module_logits" not in name:
+                continue
+            logits = handle.get_tensor(name).float().numpy()
+            if logits.ndim != 2:
+                raise DataError(f"{run.adapters_file}: tensor '{name}' has shape {list(logits.shape)}, expected [tasks, n_splits*n_skills]")
+            if not n_skills or logits.shape[1] != int(n_splits) * int(n_skills):
+                raise DataError(f"{run.adapters_file}: tensor '{name}' has {logits.shape[1]} columns but adapters.json says "
+                                f"n_splits={n_splits}, n_skills={n_skills}; the two files come from different runs")
+            per_group[layer_group(name)].append(routing_weights_from_logits(logits, int(n_splits), int(n_skills)))
+    if not per_group:
+        return None
+    groups = {g: np.mean(per_group[g], axis=0) for g in sorted(per_group, key=_group_sort_key)}
+    n_tasks = next(iter(groups.values())).shape[0]
+    names = [f"task {i}" for i in range(n_tasks)]
+    if (run.path / "tasks.json").is_file():
+        for task, row in _read_json(run.path / "tasks.json").items():
+            if 0 <= int(row) < n_tasks:
+                names[int(row)] = task
+    return Routing(task_names=names, groups=groups)
+
+
+def _synthetic_manifest(run: Run) -> dict | None:
+    data_dir = run.config.get("data_dir")
+    if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
+        return None
+    manifest = _read_json(Path(data_dir) / "manifest.json")
+    tasks = manifest.get("tasks", {})
+    return tasks if any("skills" in meta for meta in tasks.values()) else None
+
+
+SKILL_ALIGNMENT_MEASURE = """\
+v_t is task t's routing averaged over heads and over the layer groups, each group weighted equally
+(a distribution over the K skills).
+Per task: its len(primitives) highest-weight skills. Per primitive: the skill with the highest mean
+weight over the tasks built from it, and how many of those tasks have that skill among their top
+skills. Pairs: cosine similarity of (v_t - 1/K) between tasks that share a primitive and between
+tasks that share none (a task routed exactly uniformly has no direction and is left out). Shared-
+primitive pairs clearly above the others mean the routing groups tasks by what they are built from;
+similar values mean it does not.
+"""
+
+
+def skill_alignment(routing: Routing, task_meta: dict) -> dict | None:
+    """Does routing follow the primitives each synthetic task is built from? (SKILL_ALIGNMENT_MEASURE)"""
+    rows = {name: i for i, name in enumerate(routing.task_names)}
+    built = {t: list(meta["skills"]) for t, meta in task_meta.items() if meta.get("skills") and t in rows}
+    if not built:
+        return None
+    vectors = routing.per_task()
+    n_skills = vectors.shape[1]
+    per_task = []
+    for task, prims in sorted(built.items()):
+        v = vectors[rows[task]]
+        top = [int(k) for k in np.argsort(-v, kind="stable")[:len(prims)]]
+        per_task.append({"task": task, "built_from": "+".join(prims),
+                         "top_skills": " ".join(f"{k} ({v[k]:.3f})" for k in top), "_top": top})
+    by_primitive: dict[str, list[str]] = defaultdict(list)
+    for task, prims in built.items():
+        for prim in prims:
+            by_primitive[prim].append(task)
+    per_primitive = []
+    for prim, tasks in sorted(by_primitive.items()):
+        mean = np.mean([vectors[rows[t]] for t in tasks], axis=0)
+        dominant = int(np.argmax(mean))
+        hits = sum(dominant in row["_top"] for row in per_task if row["task"] in tasks)
+        per_primitive.append({"primitive": prim, "tasks": len(tasks), "dominant_skill": dominant,
+                              "mean_weight": round(float(mean[dominant]), 4),
+                              "tasks_with_it_in_top": f"{hits}/{len(tasks)}"})
+    centred = {t: vectors[rows[t]] - 1.0 / n_skills for t in built}
+    shared, disjoint = [], []
+    names = sorted(built)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            na, nb = np.linalg.norm(centred[a]), np.linalg.norm(centred[b])
+            if na < 1e-9 or nb < 1e-9:
+                continue
+            cosine = float(centred[a] @ centred[b] / (na * nb))
+            (shared if set(built[a]) & set(built[b]) else disjoint).append(cosine)
+    pairs = [{"pairs": label, "count": len(values),
+              "mean_cosine": round(statistics.fmean(values), 4) if values else ""}
+             for label, values in (("share a primitive", shared), ("share none", disjoint))]
+    for row in per_task:
+        del row["_top"]
+    return {"per_task": per_task, "per_primitive": per_primitive, "pairs": pairs}
+
+
+# ------------------------------------------------------------------------------- aggregation
+def _evaluation_key(evaluation: str) -> tuple:
+    return (EVALUATION_ORDER.index(evaluation) if evaluation in EVALUATION_ORDER else len(EVALUATION_ORDER), evaluation)
+
+
+def method_label(run_name: str, finetune_type) -> str:
+    return f"{run_name} ({finetune_type})" if finetune_type not in (None, "") else run_name
+
+
+def aggregate_results(runs: list[Run]) -> tuple[list[dict], list[dict]]:
+    """Fine-tuning rows → (per task: median over seeds, per method: mean and std over tasks)."""
+    seeds = defaultdict(dict)  # (run, ft, evaluation, metric, task) -> {seed: value}
+    for run in runs:
+        for row in run.results:
+            key = (run.name, row.get("finetune_type"), row["evaluation"], row["metric"], row["task"])
+            seeds[key][row["seed"]] = float(row["value"])  # a repeated seed keeps its last row
+    per_task = []
+    for (run_name, ft, evaluation, metric, task), by_seed in sorted(
+            seeds.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), _evaluation_key(kv[0][2]), kv[0][3], kv[0][4])):
+        values = [by_seed[s] for s in sorted(by_seed, key=str)]
+        per_task.append({"method": method_label(run_name, ft), "run": run_name, "finetune_type": ft,
+                         "evaluation": evaluation, "metric": metric, "task": task, "n_seeds": len(values),
+                         "seeds": " ".join(str(s) for s in sorted(by_seed, key=str)),
+                         "values": " ".join(f"{v:.6g}" for v in values), "median": statistics.median(values)})
+    medians = defaultdict(list)
+    for row in per_task:
+        medians[(row["method"], row["run"], row["finetune_type"], row["evaluation"], row["metric"])].append(row["median"])
+    per_method = [{"method": method, "run": run_name, "finetune_type": ft, "evaluation": evaluation,
+                   "metric": metric, "n_tasks": len(values), "mean": statistics.fmean(values),
+                   "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+                  for (method, run_name, ft, evaluation, metric), values in medians.items()]
+    return per_task, per_method
+
+
+def best_trials(runs: list[Run]) -> list[dict]:
+    """Per sweep run and task: the trial with the highest `mean` and how many trials ran."""
+    out = []
+    for run in runs:
+        by_task = defaultdict(list)
+        for trial in run.trials:
+            if trial.get("mean") not in (None, ""):
+                by_task[trial.get("task", "")].append(trial)
+        for task, trials in sorted(by_task.items()):
+            best = max(trials, key=lambda t: float(t["mean"]))
+            hyper = {k: v for k, v in best.items() if k not in ("task", "trial_id", "mean")}
+            out.append({"run": run.name, "task": task, "n_trials": len(trials), "best_trial": best["trial_id"],
+                        "best_mean": float(best["mean"]),
+                        "median_trial_mean": statistics.median(float(t["mean"]) for t in trials),
+                        "best_settings": " ".join(f"{k}={v}" for k, v in hyper.items())})
+    return out
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, one value per step (a resumed run's repeated step keeps its last row)."""
+    by_step = {}
+    for row in rows:
+        if row.get(key) is not None and row.get("step") is not None:
+            by_step[int(row["step"])] = float(row[key])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def curve_summary(run: Run) -> dict:
+    steps, loss = series(run.metrics, "loss")
+    val_steps, val = series(run.metrics, "val_loss")
+
+    def mean_of(key):
+        values = [float(r[key]) for r in run.metrics if r.get(key) is not None]
+        return statistics.fmean(values) if values else ""
+
+    return {"run": run.name, "last_step": max(steps + val_steps, default=""),
+            "first_loss": loss[0] if loss else "", "last_loss": loss[-1] if loss else "",
+            "best_val_loss": min(val) if val else "", "last_val_loss": val[-1] if val else "",
+            "tokens_per_s": mean_of("tokens_per_s"), "step_time_s": mean_of("step_time_s"),
+            "data_wait_s": mean_of("data_wait_s")}
+
+
+def per_task_val_loss(run: Run) -> list[dict]:
+    """Each task's val loss at the last evaluation that reported it."""
+    last = {}
+    for row in run.metrics:
+        for key, value in row.items():
+            if key.startswith("val_loss/") and value is not None:
+                last[key.split("/", 1)[1]] = (row.get("step"), float(value))
+    return [{"run": run.name, "task": task, "step": step, "val_loss": value}
+            for task, (step, value) in sorted(last.items())]
+
+
+# ---------------------------------------------------------------------------------- figures
+def _figure(width: float, height: float):
+    # A bare Figure renders through the Agg canvas: no pyplot state, no display needed.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_curves(run: Run, path: Path) -> bool:
+    """Training loss and validation loss against step; False when the run logged neither."""
+    groups = defaultdict(list)
+    for row in run.metrics:
+        groups[tuple(row.get(k) for k in ("task", "seed") if k in row)].append(row)
+    panels = [(key, title) for key, title in (("loss", "training loss"), ("val_loss", "validation loss"))
+              if any(series(rows, key)[0] for rows in groups.values())]
+    if not panels:
+        return False
+    fig = _figure(5.0 * len(panels), 3.6)
+    for axis, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            steps, values = series(rows, key)
+            if steps:
+                axis.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3,
+                          label=" seed ".join(str(x) for x in label) if label else None)
+        axis.set_title(f"{run.name}: {title}")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+        if len(groups) > 1 and len(groups) <= 10:
+            axis.legend(fontsize=7)
+    fig.savefig(path)
+    return True
+
+
+def _heatmap(fig, axis, weights: np.ndarray, task_names: list[str], title: str, vmax: float):
+    image = axis.imshow(weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel("skill")
+    axis.set_xticks(range(weights.shape[1]))
+    if len(task_names) <= 40:
+        axis.set_yticks(range(len(task_names)), labels=task_names, fontsize=7)
+    else:
+        axis.set_ylabel(f"task (routing row, {len(task_names)} tasks)")
+    return image
+
+
+def head_selection(n_splits: int, max_heads: int) -> list[int]:
+    """All heads, or `max_heads` evenly spaced ones (first and last included)."""
+    if n_splits <= max_heads:
+        return list(range(n_splits))
+    return sorted({int(round(x)) for x in np.linspace(0, n_splits - 1, max_heads)})
+
+
+def plot_routing(run_name: str, routing: Routing, folder: Path, max_heads: int) -> list[tuple[str, str]]:
+    """Overview (one panel per group, heads averaged) + one figure per group with a panel per head."""
+    figures = []
+    n_tasks = len(routing.task_names)
+    height = min(2.0 + 0.22 * n_tasks, 14.0)
+    groups = list(routing.groups.items())
+    vmax = max(float(w.max()) for _, w in groups)
+    fig = _figure(min(3.2 * len(groups) + 1.2, 22.0), height)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for axis, (group, weights) in zip(axes, groups):
+        image = _heatmap(fig, axis, weights.mean(axis=1), routing.task_names if axis is axes[0] else [],
+                         f"{group} (mean of {weights.shape[1]} head(s))", vmax)
+    fig.colorbar(image, ax=list(axes), label="routing weight", shrink=0.8)
+    fig.suptitle(f"{run_name}: routing weights, task x skill (eval mode)")
+    name = f"{run_name}_routing.png"
+    fig.savefig(folder / name)
+    figures.append((name, f"{run_name}: routing per layer group (heads averaged)"))
+    for index, (group, weights) in enumerate(groups):
+        n_splits = weights.shape[1]
+        if n_splits == 1:
+            continue
+        heads = head_selection(n_splits, max_heads)
+        fig = _figure(min(2.6 * len(heads) + 1.2, 24.0), height)
+        axes = fig.subplots(1, len(heads), squeeze=False)[0]
+        vmax = float(weights.max())
+        for axis, head in zip(axes, heads):
+            image = _heatmap(fig, axis, weights[:, head, :], routing.task_names if axis is axes[0] else [],
+                             f"head {head}", vmax)
+        fig.colorbar(image, ax=list(axes), label="routing weight", shrink=0.8)
+        shown = "all heads" if len(heads) == n_splits else f"{len(heads)} of {n_splits} heads, evenly spaced"
+        fig.suptitle(f"{run_name}: {group} ({shown})")
+        name = f"{run_name}_routing_{index}_{group.replace(' ', '_')}.png"
+        fig.savefig(folder / name)
+        figures.append((name, f"{run_name}: {group}, {shown}"))
+    return figures
+
+
+# ---------------------------------------------------------------------------------- writing
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _markdown_table(rows: list[dict], columns: list[str] | None = None, cap: int = MARKDOWN_ROW_CAP) -> str:
+    if not rows:
+        return "_(none)_\n"
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows[:cap]]
+    if len(rows) > cap:
+        lines.append(f"\n_{len(rows) - cap} more rows in the CSV file._")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+
+
+def _wide_table(per_task: list[dict], evaluation: str, metric: str) -> list[dict]:
+    """task rows x method columns of per-task medians, for one evaluation and metric."""
+    methods = list(dict.fromkeys(r["method"] for r in per_task if r["evaluation"] == evaluation and r["metric"] == metric))
+    table = defaultdict(dict)
+    for row in per_task:
+        if row["evaluation"] == evaluation and row["metric"] == metric:
+            table[row["task"]][row["method"]] = row["median"]
+    return [{"task": task, **{m: table[task].get(m, "") for m in methods}} for task in sorted(table)]
+
+
+def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, max_heads: int = 8) -> Path:
+    """Read the runs, write report.md + CSV + PNG into a temp folder, then rename it onto `out`."""
+    runs = [read_run(p) for p in expand_run_dirs(run_dirs)]
+    if not runs:
+        raise MttlError("no run folders given; example: mttl report output/my_run --out report")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise MttlError(f"two run folders share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
+                        "report them separately or rename one")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "report.md").is_file():
+        raise MttlError(f"--out '{out}' exists and is not a report folder; choose an empty or new folder")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "figures").mkdir(parents=True)
+    try:
+        _write_report(runs, tmp, max_heads)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "report.md"
+
+
+def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
+    md = ["# Report\n", "| run | folder | holds |", "|---|---|---|"]
+    md += [f"| {r.name} | `{r.path}` | {', '.join(r.holds)} |" for r in runs]
+    md.append("")
+
+    per_task, per_method = aggregate_results(runs)
+    if per_task:
+        _write_csv(folder / "results_per_task.csv", per_task)
+        _write_csv(folder / "results_per_method.csv", per_method)
+        md.append("## Fine-tuning results\n")
+        md.append("Per task: median over seeds. Per method: mean (std) over tasks of those medians. "
+                  "Full tables: `results_per_task.csv`, `results_per_method.csv`.\n")
+        summary = defaultdict(dict)
+        for row in per_method:
+            summary[(row["method"], row["metric"])][row["evaluation"]] = f"{row['mean']:.4g} ({row['std']:.3g}, {row['n_tasks']} tasks)"
+        evaluations = sorted({r["evaluation"] for r in per_method}, key=_evaluation_key)
+        md.append(_markdown_table([{"method": m, "metric": metric, **{e: cells.get(e, "") for e in evaluations}}
+                                   for (m, metric), cells in summary.items()]))
+        for evaluation in evaluations:
+            for metric in sorted({r["metric"] for r in per_task if r["evaluation"] == evaluation}):
+                md.append(f"\n### Per task: {evaluation}, {metric} (median over seeds)\n")
+                md.append(_markdown_table(_wide_table(per_task, evaluation, metric)))
+
+    sweeps = best_trials(runs)
+    if sweeps:
+        _write_csv(folder / "sweep_best.csv", sweeps)
+        md.append("## Sweeps\n")
+        md.append("Best trial per task (highest mean over seeds); `median_trial_mean` is over all its trials.\n")
+        md.append(_markdown_table(sweeps))
+        by_run = defaultdict(list)
+        for row in sweeps:
+            by_run[row["run"]].append(row["best_mean"])
+        md.append("\n" + _markdown_table([{"run": r, "tasks": len(v), "mean of best": statistics.fmean(v)}
+                                          for r, v in by_run.items()]))
+
+    curve_runs = [r for r in runs if r.metrics]
+    if curve_runs:
+        summaries = [curve_summary(r) for r in curve_runs]
+        _write_csv(folder / "training_summary.csv", summaries)
+        curves = [{"run": r.name, "step": s, "loss": v} for r in curve_runs for s, v in zip(*series(r.metrics, "loss"))]
+        curves += [{"run": r.name, "step": s, "val_loss": v} for r in curve_runs for s, v in zip(*series(r.metrics, "val_loss"))]
+        _write_csv(folder / "training_curves.csv", curves)
+        md.append("## Training curves\n")
+        md.append("Losses as logged in `metrics.jsonl` (speeds are means over logged steps). "
+                  "Curves as numbers: `training_curves.csv`.\n")
+        md.append(_markdown_table(summaries))
+        task_losses = [row for r in curve_runs for row in per_task_val_loss(r)]
+        if task_losses:
+            _write_csv(folder / "val_loss_per_task.csv", task_losses)
+            md.append("\n### Validation loss per task (last evaluation)\n")
+            md.append(_markdown_table(task_losses))
+        for run in curve_runs:
+            name = f"{run.name}_curves.png"
+            if plot_curves(run, folder / "figures" / name):
+                md.append(f"\n![{run.name}: learning curves](figures/{name})\n")
+
+    for run in runs:
+        routing = read_routing(run)
+        if routing is None:
+            continue
+        S = next(iter(routing.groups.values())).shape[1]
+        K = next(iter(routing.groups.values())).shape[2]
+        md.append(f"## Routing: {run.name}\n")
+        md.append(f"{len(routing.task_names)} tasks, S={S} head(s), K={K} skills. Eval-mode weights "
+                  "(sigmoid of the logits, normalised over skills), averaged over the layers of each group. "
+                  f"Numbers (heads averaged): `routing_{run.name}.csv`.\n")
+        rows = [{"group": group, "task": task, **{f"skill_{k}": round(float(w), 6) for k, w in enumerate(weights[t].mean(axis=0))}}
+                for group, weights in routing.groups.items() for t, task in enumerate(routing.task_names)]
+        _write_csv(folder / f"routing_{run.name}.csv", rows)
+        for name, caption in plot_routing(run.name, routing, folder / "figures", max_heads):
+            md.append(f"![{caption}](figures/{name})\n")
+        meta = _synthetic_manifest(run)
+        alignment = skill_alignment(routing, meta) if meta else None
+        if alignment:
+            _write_csv(folder / f"skills_{run.name}.csv", alignment["per_task"])
+            md.append(f"### Does the routing pick the skills each task is built from? ({run.name})\n")
+            md.append(SKILL_ALIGNMENT_MEASURE)
+            md.append(_markdown_table(alignment["pairs"]))
+            md.append("\n" + _markdown_table(alignment["per_primitive"]))
+            md.append("\n" + _markdown_table(alignment["per_task"]))
+    (folder / "report.md").write_text("\n".join(md).rstrip() + "\n")
+
+
+# --------------------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folders (pre-training, fine-tuning or sweep), or a folder of runs. "
+                             "Example: output/mhr_synthetic output/mhr_synthetic_ft")
+    parser.add_argument("--out", default="report", metavar="DIR",
+                        help="folder for report.md, the CSV tables and figures/ (replaced as a whole when it "
+                             "holds an earlier report). Default: report. Example: --out reports/ni_s8")
+    parser.add_argument("--max-heads", type=int, default=8, metavar="N",
+                        help="routing heatmaps show at most N heads per layer group (evenly spaced) when S > N. "
+                             "Default: 8. Example: --max-heads 16")
+
+
+def run(args) -> int:
+    if args.max_heads < 1:
+        raise MttlError(f"--max-heads must be at least 1, got {args.max_heads}; example: --max-heads 8")
+    path = build_report(args.run_dirs, args.out, max_heads=args.max_heads)
+    print(f"report written to {path}")
+    return 0

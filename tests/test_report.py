@@ -1,0 +1,287 @@
+"""`mttl report` on small run folders written in the real formats; numbers checked by hand-written loops."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from mttl.cli import main
+
+S, K = 2, 4
+TASKS = ["copy+reverse", "copy+upper", "sort+upper", "sort+reverse_x"]
+PRIMITIVES = {"copy+reverse": ["copy", "reverse"], "copy+upper": ["copy", "upper"],
+              "sort+upper": ["sort", "upper"], "sort+reverse_x": ["sort", "reverse"]}
+# layer name -> the group the report must put it in
+LAYERS = {
+    "encoder.block.0.layer.0.SelfAttention.q": "encoder self-attention",
+    "encoder.block.1.layer.0.SelfAttention.v": "encoder self-attention",
+    "encoder.block.0.layer.1.DenseReluDense.wi": "encoder FFN",
+    "decoder.block.0.layer.1.EncDecAttention.q": "decoder cross-attention",
+    "decoder.block.0.layer.2.DenseReluDense.wo": "decoder FFN",
+}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def eval_weights(row: list[float]) -> list[list[float]]:
+    """REFERENCE.md 2.6 at eval time, written out: p = sigmoid(z) per head, w = p / (sum_k p + 1e-12)."""
+    out = []
+    for head in range(S):
+        probs = [1 / (1 + math.exp(-row[head * K + k])) for k in range(K)]
+        total = sum(probs) + 1e-12
+        out.append([p / total for p in probs])
+    return out
+
+
+@pytest.fixture
+def suite(tmp_path):
+    """A pre-training run (with a synthetic manifest), a fine-tuning run and a sweep run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest_tasks = {t: {"task_id": i, "role": "train", "skills": PRIMITIVES[t], "metric": "exact_match"}
+                      for i, t in enumerate(TASKS)}
+    manifest_tasks["reverse+upper"] = {"task_id": 4, "role": "test", "skills": ["reverse", "upper"]}
+    (data / "manifest.json").write_text(json.dumps({"schema_version": 1, "source": "synthetic", "tasks": manifest_tasks}))
+
+    pre = tmp_path / "runs" / "mhr_pre"
+    (pre / "final").mkdir(parents=True)
+    (pre / "config.json").write_text(json.dumps({"n_splits": S, "n_skills": K, "data_dir": str(data), "dataset": "synthetic"}))
+    (pre / "tasks.json").write_text(json.dumps({t: i for i, t in enumerate(TASKS)}))
+    # Skill k of primitive: copy->0, reverse->1, upper->2, sort->3; a task's logits favour its primitives' skills.
+    favour = {"copy": 0, "reverse": 1, "upper": 2, "sort": 3}
+    rng = random.Random(0)
+    logits = {}
+    for layer in LAYERS:
+        rows = []
+        for task in TASKS:
+            row = [rng.uniform(-0.5, 0.5) for _ in range(S * K)]
+            for prim in PRIMITIVES[task]:
+                for head in range(S):
+                    row[head * K + favour[prim]] += 3.0
+            rows.append(row)
+        logits[layer] = rows
+    tensors = {f"{layer}.router.module_logits": torch.tensor(rows) for layer, rows in logits.items()}
+    tensors["encoder.block.0.layer.0.SelfAttention.q.lora_a"] = torch.randn(S, K, 8, 2)
+    save_file(tensors, str(pre / "final" / "adapters.safetensors"))
+    (pre / "final" / "adapters.json").write_text(json.dumps({"adapter_config": {"n_splits": S, "n_skills": K, "model_modifier": "poly"}}))
+    metrics = []
+    for step in range(10, 110, 10):
+        metrics.append({"step": step, "loss": 5.0 - step / 50, "lr_adapters": 1e-3, "tokens_per_s": 1000.0 + step,
+                        "step_time_s": 0.1, "data_wait_s": 0.01})
+        if step % 50 == 0:
+            metrics.append({"step": step, "val_loss": 4.0 - step / 100,
+                            **{f"val_loss/{t}": 4.0 - step / 100 + i / 10 for i, t in enumerate(TASKS)}})
+    # a resume after a preemption logs step 100 again: the later row counts
+    metrics.append({"step": 100, "loss": 2.5, "tokens_per_s": 900.0, "step_time_s": 0.2, "data_wait_s": 0.0})
+    (pre / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+
+    ft = tmp_path / "runs" / "mhr_ft"
+    ft.mkdir()
+    results = []
+    for finetune_type in ("Z", "MuZ"):
+        for task in ("reverse+upper", "copy+sort", "upper+sort"):
+            for seed in (13, 42, 58):
+                for evaluation in ("zero_shot", "best_val", "test"):
+                    results.append({"task": task, "seed": seed, "finetune_type": finetune_type, "evaluation": evaluation,
+                                    "metric": "exact_match", "value": round(rng.uniform(0, 100), 3), "step": 0, "epoch": 0})
+    (ft / "results.jsonl").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+
+    sweep = tmp_path / "runs" / "sweep_z"
+    sweep.mkdir()
+    trials = [{"task": task, "trial_id": f"t{i}", "module_logits_learning_rate": lr, "seed_13": a, "seed_42": b,
+               "mean": (a + b) / 2}
+              for task in ("reverse+upper", "copy+sort")
+              for i, (lr, a, b) in enumerate([(0.1, 50.0, 60.0), (0.5, 70.0, 40.0), (1.0, 80.0, 75.0)])]
+    with (sweep / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(trials[0]))
+        writer.writeheader()
+        writer.writerows(trials)
+    return {"pre": pre, "ft": ft, "sweep": sweep, "results": results, "logits": logits, "metrics": metrics,
+            "trials": trials, "runs": tmp_path / "runs", "tmp": tmp_path}
+
+
+@pytest.fixture
+def report(suite):
+    out = suite["tmp"] / "report"
+    assert main(["report", str(suite["pre"]), str(suite["ft"]), str(suite["sweep"]), "--out", str(out)]) == 0
+    return out
+
+
+def test_finetune_tables_are_median_over_seeds_then_mean_over_tasks(suite, report):
+    per_task = read_csv(report / "results_per_task.csv")
+    per_method = read_csv(report / "results_per_method.csv")
+    groups = {}
+    for row in suite["results"]:
+        groups.setdefault((row["finetune_type"], row["evaluation"], row["task"]), []).append(row["value"])
+    assert len(per_task) == len(groups) == 18
+    for row in per_task:
+        values = groups[(row["finetune_type"], row["evaluation"], row["task"])]
+        assert row["method"] == f"mhr_ft ({row['finetune_type']})"
+        assert int(row["n_seeds"]) == 3
+        assert float(row["median"]) == pytest.approx(statistics.median(values))
+    assert len(per_method) == 6
+    for row in per_method:
+        medians = [statistics.median(v) for (ft, ev, _), v in groups.items()
+                   if ft == row["finetune_type"] and ev == row["evaluation"]]
+        assert int(row["n_tasks"]) == 3
+        assert float(row["mean"]) == pytest.approx(statistics.mean(medians))
+        assert float(row["std"]) == pytest.approx(statistics.stdev(medians))
+    text = (report / "report.md").read_text()
+    z_test = statistics.mean(statistics.median(v) for (ft, ev, _), v in groups.items() if ft == "Z" and ev == "test")
+    assert f"{z_test:.4g}" in text
+    assert "### Per task: test, exact_match" in text
+
+
+def test_sweep_table_picks_the_best_trial_per_task(suite, report):
+    best = read_csv(report / "sweep_best.csv")
+    assert [r["task"] for r in best] == ["copy+sort", "reverse+upper"]
+    for row in best:
+        trials = [t for t in suite["trials"] if t["task"] == row["task"]]
+        top = max(trials, key=lambda t: t["mean"])
+        assert row["best_trial"] == top["trial_id"] == "t2"
+        assert float(row["best_mean"]) == pytest.approx(77.5)
+        assert float(row["median_trial_mean"]) == pytest.approx(statistics.median(t["mean"] for t in trials))
+        assert "module_logits_learning_rate=1.0" in row["best_settings"]
+
+
+def test_training_curves_and_summary(suite, report):
+    (summary,) = read_csv(report / "training_summary.csv")
+    loss_rows = [m for m in suite["metrics"] if "loss" in m]
+    assert float(summary["first_loss"]) == pytest.approx(5.0 - 10 / 50)
+    assert float(summary["last_loss"]) == pytest.approx(2.5)  # the resumed row for step 100 wins
+    assert float(summary["best_val_loss"]) == pytest.approx(3.0)
+    assert int(summary["last_step"]) == 100
+    assert float(summary["tokens_per_s"]) == pytest.approx(statistics.mean(m["tokens_per_s"] for m in loss_rows))
+    curves = read_csv(report / "training_curves.csv")
+    assert len([r for r in curves if r["loss"]]) == 10
+    per_task = {r["task"]: float(r["val_loss"]) for r in read_csv(report / "val_loss_per_task.csv")}
+    assert per_task == pytest.approx({t: 3.0 + i / 10 for i, t in enumerate(TASKS)})
+
+
+def test_routing_table_averages_eval_weights_within_layer_groups(suite, report):
+    rows = read_csv(report / "routing_mhr_pre.csv")
+    expected = {}
+    for layer, group in LAYERS.items():
+        for t, task in enumerate(TASKS):
+            weights = eval_weights(suite["logits"][layer][t])
+            expected.setdefault((group, task), []).append([sum(w[k] for w in weights) / S for k in range(K)])
+    assert {r["group"] for r in rows} == set(LAYERS.values())
+    assert len(rows) == len(expected)
+    for row in rows:
+        per_layer = expected[(row["group"], row["task"])]
+        for k in range(K):
+            assert float(row[f"skill_{k}"]) == pytest.approx(sum(v[k] for v in per_layer) / len(per_layer), abs=1e-6)
+
+
+def test_skill_alignment_table(suite, report):
+    text = (report / "report.md").read_text()
+    assert "Does the routing pick the skills each task is built from?" in text
+    # independent v_t: mean over heads and the layers of each group, then over the 4 groups equally
+    vectors = {}
+    for t, task in enumerate(TASKS):
+        per_group = {}
+        for layer, group in LAYERS.items():
+            weights = eval_weights(suite["logits"][layer][t])
+            per_group.setdefault(group, []).append([sum(w[k] for w in weights) / S for k in range(K)])
+        group_means = [[sum(v[k] for v in layers) / len(layers) for k in range(K)] for layers in per_group.values()]
+        vectors[task] = [sum(g[k] for g in group_means) / len(group_means) for k in range(K)]
+    rows = {r["task"]: r for r in read_csv(report / "skills_mhr_pre.csv")}
+    assert set(rows) == set(TASKS)  # the held-out composition has no routing row
+    for task, v in vectors.items():
+        top = sorted(range(K), key=lambda k: -v[k])[:2]
+        assert rows[task]["top_skills"].split()[::2] == [str(k) for k in top]
+        assert rows[task]["built_from"] == "+".join(PRIMITIVES[task])
+
+    def cosine(a, b):
+        a = [x - 1 / K for x in a]
+        b = [x - 1 / K for x in b]
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    shared, disjoint = [], []
+    for i, a in enumerate(TASKS):
+        for b in TASKS[i + 1:]:
+            (shared if set(PRIMITIVES[a]) & set(PRIMITIVES[b]) else disjoint).append(cosine(vectors[a], vectors[b]))
+    assert len(shared) == 4 and len(disjoint) == 2
+    table = {line.split("|")[1].strip(): line.split("|")[2:4] for line in text.splitlines() if line.startswith("| share ")}
+    assert int(table["share a primitive"][0]) == 4 and int(table["share none"][0]) == 2
+    assert float(table["share a primitive"][1]) == pytest.approx(statistics.mean(shared), abs=1e-4)
+    assert float(table["share none"][1]) == pytest.approx(statistics.mean(disjoint), abs=1e-4)
+    assert statistics.mean(shared) > statistics.mean(disjoint)
+
+
+def test_figures_are_readable_pngs(report):
+    text = (report / "report.md").read_text()
+    figures = sorted((report / "figures").glob("*.png"))
+    names = {f.name for f in figures}
+    assert "mhr_pre_routing.png" in names and "mhr_pre_curves.png" in names
+    # S=2: one per-head figure for each of the 4 groups
+    assert len([n for n in names if n.startswith("mhr_pre_routing_")]) == 4
+    for figure in figures:
+        assert f"(figures/{figure.name})" in text
+        with Image.open(figure) as image:
+            image.verify()
+        with Image.open(figure) as image:
+            assert image.format == "PNG"
+            assert image.width >= 300 and image.height >= 200
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20  # not a blank canvas
+
+
+def test_head_cap_and_folder_of_runs(suite, tmp_path):
+    pre = suite["pre"]
+    wide = 12
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.module_logits": torch.randn(len(TASKS), wide * K)},
+              str(pre / "final" / "adapters.safetensors"))
+    (pre / "final" / "adapters.json").write_text(json.dumps({"n_splits": wide, "n_skills": K}))
+    out = tmp_path / "wide"
+    assert main(["report", str(suite["runs"]), "--out", str(out), "--max-heads", "4"]) == 0
+    text = (out / "report.md").read_text()
+    assert "4 of 12 heads" in text
+    for run in ("mhr_pre", "mhr_ft", "sweep_z"):  # the folder of runs expanded to its runs
+        assert f"| {run} |" in text
+    with Image.open(out / "figures" / "mhr_pre_routing_0_encoder_self-attention.png") as image:
+        assert image.width > 600
+
+
+def test_not_a_run_folder_is_a_one_line_error(tmp_path, capsys):
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("hello")
+    assert main(["report", str(empty), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mttl: error: ") and err.count("\n") == 1
+    assert str(empty) in err and "results.jsonl" in err and "metrics.jsonl" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_output_folder_is_replaced_whole_or_left_alone(suite, report, capsys):
+    (report / "stale.csv").write_text("old")
+    assert main(["report", str(suite["ft"]), "--out", str(report)]) == 0
+    assert not (report / "stale.csv").exists() and (report / "results_per_task.csv").is_file()
+    assert not (report / "routing_mhr_pre.csv").exists()
+    assert not list(report.parent.glob(".report.*"))
+    keep = suite["tmp"] / "precious"
+    keep.mkdir()
+    (keep / "thesis.tex").write_text("do not lose")
+    capsys.readouterr()
+    assert main(["report", str(suite["ft"]), "--out", str(keep)]) == 2
+    assert "not a report folder" in capsys.readouterr().err
+    assert (keep / "thesis.tex").read_text() == "do not lose"
+
+
+def test_mismatched_adapters_json_names_the_file(suite, tmp_path, capsys):
+    (suite["pre"] / "final" / "adapters.json").write_text(json.dumps({"n_splits": 3, "n_skills": K}))
+    assert main(["report", str(suite["pre"]), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "adapters.safetensors" in err and "n_splits=3" in err
