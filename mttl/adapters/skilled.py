@@ -1,0 +1,116 @@
+"""Routed adapters: an inventory of K skills split into S heads, mixed per example by a selector.
+
+`SkilledLoRALinear` (Poly when S = 1, MHR when S > 1, plain shared LoRA when K = 1):
+lora_a [S, K, d_in/S, r], lora_b [S, K, r, d_out/S]; per example and head q,
+A_q = Σ_k w[q,k] A[q,k] and B_q = Σ_k w[q,k] B[q,k]; the heads stack along the input dims of A
+and the output dims of B; y = Wx + b + (alpha/r)·x A B.
+`SkilledIA3Linear` (routed (IA)³): lora_a [K, S, d_out/S] = 1; y = (Wx + b) ⊙ [Σ_k w[q,k] L[k,q]]_q.
+
+Both mix once per batch when the routing context says every example shares its weights (one task,
+deterministic routing) and otherwise mix per example with einsum and batched matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mttl.adapters.base import AdaptedLinear
+from mttl.adapters.lora import WarmupMixin, lora_init_bound
+from mttl.adapters.routing import Selector, current_weights
+from mttl.errors import ConfigError
+
+
+def _check_divisible(layer_name: str, n_splits: int, **dims: int) -> None:
+    for dim_name, size in dims.items():
+        if size % n_splits:
+            raise ConfigError(f"layer '{layer_name}': n_splits={n_splits} does not divide its {dim_name}={size}; "
+                              f"choose an n_splits that divides every adapted layer's dims, or exclude the layer "
+                              f"with modify_modules/modify_layers")
+
+
+class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
+    adapter_tensor_names = ("lora_a", "lora_b")
+
+    def __init__(self, base: nn.Module, selector: Selector, *, layer_name: str, rank: int, n_skills: int,
+                 n_splits: int, alpha: float = 1.0, dropout: float = 0.0, randb_init: bool = False,
+                 kaiming_init: bool = False, warmup: bool = False):
+        super().__init__(base)
+        _check_divisible(layer_name, n_splits, d_in=self.in_features, d_out=self.out_features)
+        self.layer_name = layer_name
+        self.selector = selector
+        self.rank, self.n_skills, self.n_splits = rank, n_skills, n_splits
+        self.scale = alpha / rank
+        self.dropout = dropout
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(n_splits, n_skills, self.in_features // n_splits, rank, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(n_splits, n_skills, rank, self.out_features // n_splits, **factory))
+        bound = lora_init_bound(self.in_features)
+        with torch.no_grad():
+            if kaiming_init:
+                for q in range(n_splits):
+                    for k in range(n_skills):
+                        block = torch.empty(rank, self.in_features // n_splits, **factory)
+                        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+                        self.lora_a[q, k] = block.t()
+            else:
+                self.lora_a.uniform_(-bound, bound)
+            if randb_init or warmup:
+                self.lora_b.uniform_(-bound, bound)
+        self.init_warmup(warmup)
+
+    def mixed_lora(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed A [rows, d_in, r] and B [rows, r, d_out] for weights [rows, S, K]."""
+        rows = weights.shape[0]
+        a = torch.einsum("bqk,qkdr->bqdr", weights, self.lora_a).reshape(rows, self.in_features, self.rank)
+        b = torch.einsum("bqk,qkre->brqe", weights, self.lora_b).reshape(rows, self.rank, self.out_features)
+        return a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, shared = current_weights(self.selector, x.shape[0], self.layer_name)
+        self.count_warmup_call()
+        out = self.base_forward(x)
+        h = F.dropout(x, self.dropout, training=self.training).to(self.lora_a.dtype)
+        a, b = self.mixed_lora(weights.to(self.lora_a))
+        if shared:
+            update = h @ a[0] @ b[0]
+        else:
+            rows = x.shape[0]
+            update = torch.bmm(torch.bmm(h.reshape(rows, -1, self.in_features), a), b).reshape(out.shape)
+        return out + (self.scale * self.warmup_factor()) * update.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, n_skills={self.n_skills}, n_splits={self.n_splits}"
+
+
+class SkilledIA3Linear(AdaptedLinear):
+    # Named lora_a as in the reference, so its trainable regex `.*lora_[ab].*` keeps selecting it.
+    adapter_tensor_names = ("lora_a",)
+
+    def __init__(self, base: nn.Module, selector: Selector, *, layer_name: str, n_skills: int, n_splits: int):
+        super().__init__(base)
+        _check_divisible(layer_name, n_splits, d_out=self.out_features)
+        self.layer_name = layer_name
+        self.selector = selector
+        self.n_skills, self.n_splits = n_skills, n_splits
+        self.lora_a = nn.Parameter(torch.ones(n_skills, n_splits, self.out_features // n_splits,
+                                              device=self.weight.device, dtype=self.weight.dtype))
+
+    def mixed_scale(self, weights: torch.Tensor) -> torch.Tensor:
+        """Per-feature scales [rows, d_out] for weights [rows, S, K]."""
+        return torch.einsum("bqk,kqe->bqe", weights, self.lora_a).reshape(weights.shape[0], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, shared = current_weights(self.selector, x.shape[0], self.layer_name)
+        out = self.base_forward(x)
+        scale = self.mixed_scale(weights.to(self.lora_a)).to(out.dtype)
+        if shared:
+            return out * scale[0]
+        rows = x.shape[0]
+        return (out.reshape(rows, -1, self.out_features) * scale.unsqueeze(1)).reshape(out.shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, n_skills={self.n_skills}, n_splits={self.n_splits}"

@@ -1,0 +1,59 @@
+"""Backbone loading: `tiny-t5` (a small T5 built from a config, for tests and smoke runs), a local
+folder, or a Hugging Face hub name, always as a seq2seq `PreTrainedModel`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from mttl.errors import ConfigError
+
+TINY_T5 = "tiny-t5"
+
+
+def tiny_t5_config(vocab_size: int, d_model: int = 128, num_layers: int = 2) -> transformers.T5Config:
+    """T5 v1.1 / LM-adapt FFN layout (gated-GELU: wi_0/wi_1/wo) at toy size. The output head is
+    tied to the embedding, which makes T5 scale the decoder output by d_model^-0.5: freshly
+    initialised logits then start near ln(vocab) loss instead of ~sqrt(d_model) times larger."""
+    if d_model % 4:
+        raise ConfigError(f"tiny_d_model={d_model} must be divisible by 4 (4 attention heads)")
+    return transformers.T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_ff=4 * d_model, num_heads=4, d_kv=d_model // 4,
+        num_layers=num_layers, num_decoder_layers=num_layers, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+
+
+def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None,
+                  vocab_size: int | None = None, tiny_d_model: int = 128, tiny_num_layers: int = 2,
+                  seed: int = 0) -> transformers.PreTrainedModel:
+    """The backbone named by `name_or_path`, in eval mode.
+
+    `tiny-t5` needs `vocab_size` and is initialised from `seed` alone (same weights every time).
+    A loaded model whose embedding has fewer rows than `vocab_size` is resized to it."""
+    if not name_or_path:
+        raise ConfigError("no backbone given: set -k model=tiny-t5, a local folder, or a hub name")
+    if name_or_path == TINY_T5:
+        if vocab_size is None:
+            raise ConfigError("model=tiny-t5 needs the tokenizer's vocab size (vocab_size)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.T5ForConditionalGeneration(tiny_t5_config(vocab_size, tiny_d_model, tiny_num_layers))
+        return model.eval()
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ConfigError(f"model folder '{name_or_path}' does not exist; give a folder written by save_pretrained, "
+                          f"a hub name, or tiny-t5")
+    source = str(path) if looks_local else name_or_path
+    try:
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                                   cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot load seq2seq model '{name_or_path}': {first_line}") from None
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model.eval()
