@@ -66,11 +66,14 @@ def _sentence(text: str) -> str:
 
 def _truncate(text: str, limit: int, ends: Spans) -> str:
     """`text` + SUFFIX cut to at most `limit` units, always ending with SUFFIX."""
-    budget = max(limit - len(ends(SUFFIX)), 0)
     text_ends = ends(text)
-    if len(text_ends) <= budget:
-        return text + SUFFIX
-    return (text[: text_ends[budget - 1]] if budget else "") + SUFFIX
+    budget = min(len(text_ends), max(limit - len(ends(SUFFIX)), 0))
+    while True:
+        prompt = (text[: text_ends[budget - 1]] if budget else "") + SUFFIX
+        # a tokenizer may split the joint between the cut text and the suffix differently
+        if budget == 0 or len(ends(prompt)) <= limit:
+            return prompt
+        budget -= 1
 
 
 def format_prompt(task: dict, task_name: str, instance_input: str, *, use_task_descriptions: bool,
