@@ -1,0 +1,225 @@
+"""The few-shot loop: one held-out task, one seed, in this process (plain torch, no DeepSpeed).
+
+Per seed: load the checkpoint for the finetune type (`types.load_for_finetuning`), draw the k-shot
+split (`mttl.data.fewshot.fewshot_split`), score the test rows zero-shot, train for `total_steps`
+optimizer steps (else `num_train_epochs`) validating every `eval_every_epochs` epochs (and once at
+the end), keep the best validation weights in memory and score the test rows with them. Every
+validation is passed to `on_validation` (sweeps report it to Ray Tune).
+
+`run_finetune(cfg)` runs every seed of `finetune_task_name` and writes the run folder:
+`config.json`, `metrics.jsonl` (+ TensorBoard), `results.jsonl` and `results.csv` (one row per
+task × seed × evaluation in {zero_shot, best_val, test}), each rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mttl.config import Config, atomic_write_text
+from mttl.errors import ConfigError, DataError
+from mttl.evaluation.metrics import (encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
+                                     is_multiple_choice, task_metric)
+from mttl.finetune.losses import lm_loss, multiple_choice_loss
+from mttl.finetune.types import checkpoint_finetune_config, load_for_finetuning
+
+T0_SEEDS, OTHER_SEEDS = [42, 1024, 0], [13, 42, 58]
+DEFAULT_SHOTS = 32
+DEFAULT_STEPS = 1000  # the reference's few-shot budget when neither total_steps nor num_train_epochs is set
+RESULT_FIELDS = ["task", "seed", "finetune_type", "evaluation", "metric", "value", "step", "epoch"]
+TASK_ID = 0  # the held-out task always gets routing row 0
+
+
+def default_seeds(cfg: Config) -> list[int]:
+    return list(cfg.seeds) if cfg.seeds else (T0_SEEDS if cfg.dataset == "t0" else OTHER_SEEDS)
+
+
+def eval_every_epochs(cfg: Config) -> int:
+    return cfg.eval_every_epochs or (50 if cfg.dataset == "t0" else 10)
+
+
+def task_info(data_dir: str, task: str) -> dict:
+    """The manifest entry of `task`; DataError naming the folder when it is not there."""
+    from mttl.data.shards import read_manifest
+
+    tasks = read_manifest(data_dir)["tasks"]
+    if task not in tasks:
+        held_out = sorted(t for t, meta in tasks.items() if meta.get("role") == "test")
+        raise DataError(f"task '{task}' is not in {data_dir}/manifest.json; held-out tasks there: {held_out[:10]}")
+    return tasks[task]
+
+
+def num_shots(cfg: Config, info: dict, seed: int) -> int:
+    """`num_shots`, else the k of the task's prepared T-Few split for this seed, else 32."""
+    if cfg.num_shots:
+        return cfg.num_shots
+    for split in info.get("rows", {}):
+        match = re.fullmatch(rf"fewshot_k(\d+)_seed{seed}", split)
+        if match:
+            return int(match.group(1))
+    return DEFAULT_SHOTS
+
+
+def resolve_data_dir(cfg: Config) -> str:
+    data_dir = cfg.resolved_data_dir()
+    if not data_dir:
+        raise ConfigError("no prepared data for fine-tuning: set -k data_dir=DIR (from `mttl prepare`) or the "
+                          "checkpoint's data_dir")
+    return str(data_dir)
+
+
+def _train_batches(rows: list[dict], micro_batch: int, rng: random.Random):
+    """One epoch of shuffled micro batches; an incomplete last batch is dropped, as the reference."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    for start in range(0, max(len(rows) - micro_batch + 1, 1), micro_batch):
+        yield [rows[i] for i in order[start:start + micro_batch]]
+
+
+def _loss(model, tokenizer, batch_rows: list[dict], cfg: Config) -> dict:
+    """T-Few losses when every row is multiple choice, else the LM loss of the targets."""
+    task_ids = torch.full((len(batch_rows),), TASK_ID, dtype=torch.long)
+    if all(is_multiple_choice(r) for r in batch_rows):
+        batch = encode_choice_batch(tokenizer, batch_rows, cfg.max_input_length, cfg.max_output_length)
+        return multiple_choice_loss(model, batch, task_ids, length_norm=cfg.length_norm, mc_loss=cfg.mc_loss,
+                                    unlikely_loss=cfg.unlikely_loss)
+    batch = encode_sources(tokenizer, batch_rows, cfg.max_input_length)
+    batch["labels"] = encode_targets(tokenizer, [r["target"] for r in batch_rows], cfg.max_output_length)
+    return lm_loss(model, batch, task_ids)
+
+
+def _trainable_state(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[[dict], None] | None = None,
+                  log: Callable[[dict], None] | None = None) -> list[dict]:
+    """Fine-tune `task` with one seed; returns its result rows (zero_shot if do_zs, best_val, test)."""
+    from mttl.data.fewshot import fewshot_split
+    from transformers import set_seed
+
+    set_seed(seed)
+    ft = load_for_finetuning(cfg)
+    model, run_cfg = ft.model, ft.cfg
+    data_dir = resolve_data_dir(run_cfg)
+    info = task_info(data_dir, task)
+    train_rows, val_rows, test_rows = fewshot_split(data_dir, task, num_shots(run_cfg, info, seed), seed)
+    if not train_rows or not val_rows or not test_rows:
+        raise DataError(f"task '{task}' in {data_dir} has {len(train_rows)} training, {len(val_rows)} validation and "
+                        f"{len(test_rows)} test rows for seed {seed}; every one is needed")
+    metric = task_metric(test_rows, info.get("metric"))
+    base = {"task": task, "seed": seed, "finetune_type": cfg.finetune_type or "Poly"}
+
+    def evaluate(rows, evaluation, step, epoch) -> dict:
+        scores = evaluate_rows(model, ft.tokenizer, rows, TASK_ID, metric, run_cfg)
+        row = {**base, "evaluation": evaluation, "metric": scores["metric"], "value": scores["value"],
+               "step": step, "epoch": epoch}
+        if log:
+            log({"step": step, "seed": seed, f"{evaluation}/{scores['metric']}": scores["value"]})
+        return row
+
+    results = [evaluate(test_rows, "zero_shot", 0, 0)] if run_cfg.do_zs else []
+
+    from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
+
+    accumulation = max(run_cfg.gradient_accumulation_steps, 1)
+    micro_batch = max(run_cfg.train_batch_size // accumulation, 1)
+    micro_per_epoch = max(len(train_rows) // micro_batch, 1)
+    steps_per_epoch = max(micro_per_epoch // accumulation, 1)
+    if run_cfg.total_steps > 0:
+        total_steps = run_cfg.total_steps
+    elif run_cfg.num_train_epochs > 0:
+        total_steps = run_cfg.num_train_epochs * steps_per_epoch
+    else:
+        total_steps = DEFAULT_STEPS
+    optimizer = build_optimizer(optimizer_groups(model, run_cfg), run_cfg)
+    scheduler = build_scheduler(optimizer, run_cfg, total_steps, warmup_steps(run_cfg, total_steps))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    every = 10_000 if run_cfg.finetune_skip_es else eval_every_epochs(run_cfg)
+
+    rng = random.Random(seed)
+    step = epoch = micro = validations = 0
+    best, best_state = None, None
+    model.train()
+    while step < total_steps:
+        epoch += 1
+        for batch_rows in _train_batches(train_rows, micro_batch, rng):
+            out = _loss(model, ft.tokenizer, batch_rows, run_cfg)
+            (out["loss"] / accumulation).backward()
+            micro += 1
+            if micro % accumulation:
+                continue
+            if run_cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, run_cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if log and step % run_cfg.log_every == 0:
+                log({"step": step, "seed": seed, "epoch": epoch,
+                     **{f"train/{k}": float(v) for k, v in out.items()}, "train/lr": scheduler.get_last_lr()[0]})
+            if step >= total_steps:
+                break
+        if epoch % every == 0 or step >= total_steps:
+            row = evaluate(val_rows, "val", step, epoch)
+            validations += 1
+            if on_validation:
+                on_validation({**row, "validation": validations})
+            if best is None or row["value"] > best["value"]:
+                best = row
+                if not run_cfg.finetune_skip_es:
+                    best_state = _trainable_state(model)
+    results.append({**best, "evaluation": "best_val"})
+    tested_step, tested_epoch = step, epoch
+    if best_state is not None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in best_state.items():
+                params[name].copy_(value)
+        tested_step, tested_epoch = best["step"], best["epoch"]
+    results.append(evaluate(test_rows, "test", tested_step, tested_epoch))
+    return results
+
+
+def write_results(run_dir: Path, rows: list[dict]) -> None:
+    """results.jsonl and results.csv, each written whole and renamed into place."""
+    atomic_write_text(run_dir / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "results.csv", buffer.getvalue())
+
+
+def run_dir_for(cfg: Config, prefix: str) -> Path:
+    name = cfg.run_name or f"{prefix}_{cfg.finetune_task_name or 'tasks'}_{cfg.finetune_type or 'Poly'}"
+    return Path(cfg.output_dir) / name
+
+
+def run_finetune(cfg: Config) -> Path:
+    """Every seed of `finetune_task_name`; returns the run folder holding the results."""
+    from mttl.tracking import MetricsLogger
+
+    if not cfg.finetune_task_name:
+        raise ConfigError("set the held-out task to adapt to: -k finetune_task_name=TASK")
+    run_dir = run_dir_for(cfg, "finetune")
+    merged = checkpoint_finetune_config(cfg)
+    merged.save(run_dir)
+    rows: list[dict] = []
+    with MetricsLogger(run_dir, merged) as logger:
+        for seed in default_seeds(merged):
+            rows += finetune_seed(cfg, cfg.finetune_task_name, seed, log=logger.log)
+            write_results(run_dir, rows)
+    return run_dir
+
+
+def read_results(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,131 @@
+"""Finetune types: which checkpoint settings a few-shot run inherits and which weights it trains.
+
+| type            | weights trained                      | starting point                                  |
+|-----------------|--------------------------------------|-------------------------------------------------|
+| `F`             | everything                           | checkpoint (routed: a fresh routing row)        |
+| `A`             | adapters                             | checkpoint; fresh LoRA/(IA)³ from the current config when it has none |
+| `Z`             | the new task's routing logits        | checkpoint + a fresh routing row (Poly-z/MHR-z) |
+| `MuZ`           | adapters                             | checkpoint, routing replaced by the average (MHR-µ) |
+| `PolyRand`      | as `trainable_param_names` says      | the backbone with freshly initialised adapters  |
+| `Poly` / None   | as `trainable_param_names` says      | checkpoint + a fresh routing row (Poly/MHR)     |
+
+Architecture keys come from the checkpoint's config unless the user set them (`was_overridden`),
+as the reference's ARGS_TO_OVERWRITE; learning rates are never inherited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mttl.config import Config
+from mttl.errors import CheckpointError, ConfigError
+
+# The reference's ARGS_TO_OVERWRITE in this repo's key names, plus the keys that rebuild the same
+# backbone and tokenizer (tiny-t5 size, tokenizer, LoRA scaling) and find the held-out data.
+INHERITED_KEYS = (
+    "dataset", "data_dir", "router_granularity", "lora_rank", "lora_alpha", "max_input_length",
+    "max_output_length", "model", "tokenizer", "tiny_d_model", "tiny_num_layers", "n_skills",
+    "n_splits", "n_tasks", "use_t0_templates_as_tasks", "module_logits_relaxed_bernoulli",
+    "module_logits_straight_through", "module_logits_l2_norm", "poly_use_shared_skill",
+    "poly_average_correction", "router_selector", "modify_modules", "modify_layers", "model_modifier",
+    "use_task_descriptions", "trainable_param_names", "num_pos_examples",
+)
+ROUTED_MODIFIERS = ("poly", "poly_ia3", "skilled")
+ADAPTER_PARAMS = ".*lora_[ab].*"  # LoRA A/B, routed skills, (IA)³ scales (`multi_lora_b`)
+ROUTING_PARAMS = ".*module_logits.*"
+FINETUNE_TYPES = ("F", "A", "Z", "MuZ", "PolyRand", "Poly", None)
+
+
+@dataclass
+class FinetuneModel:
+    cfg: Config  # the fine-tuning config after inheritance and the type's trainable regex
+    model: torch.nn.Module  # RoutedModel; the held-out task is routing row 0
+    tokenizer: object
+    run_dir: Path  # the checkpoint's run folder
+
+
+def inherit_checkpoint_config(run_cfg: Config, cfg: Config) -> Config:
+    """`cfg` with every architecture key taken from the checkpoint unless the user set it."""
+    merged = cfg.copy()
+    for key in INHERITED_KEYS:
+        if not cfg.was_overridden(key):
+            setattr(merged, key, getattr(run_cfg, key))
+    merged._derive()
+    return merged
+
+
+def finetune_config(run_cfg: Config, cfg: Config) -> Config:
+    """The inherited config with the type's trainable parameters; ConfigError for impossible pairs."""
+    kind = cfg.finetune_type
+    merged = inherit_checkpoint_config(run_cfg, cfg)
+    routed = merged.model_modifier in ROUTED_MODIFIERS
+    if kind in ("Z", "MuZ") and not routed:
+        raise ConfigError(f"finetune_type={kind} needs a routed checkpoint (model_modifier poly/poly_ia3), but "
+                          f"'{cfg.checkpoint}' has model_modifier={merged.model_modifier!r}; use finetune_type=A or None")
+    if kind == "A":
+        if run_cfg.model_modifier in ROUTED_MODIFIERS:
+            raise ConfigError(f"finetune_type=A is for lora/ia3 or full-model checkpoints, but '{cfg.checkpoint}' "
+                              f"is routed ({run_cfg.model_modifier}); use finetune_type=Poly, Z or MuZ")
+        if merged.model_modifier is None:
+            raise ConfigError(f"finetune_type=A adds adapters to '{cfg.checkpoint}', which has none: "
+                              "set -k model_modifier=ia3 (or lora), e.g. -c t0/ia3.json")
+        if merged.model_modifier in ROUTED_MODIFIERS:
+            raise ConfigError(f"finetune_type=A trains lora/ia3 adapters, got model_modifier={merged.model_modifier}; "
+                              "use finetune_type=PolyRand for fresh routed adapters")
+    if not cfg.was_overridden("trainable_param_names"):
+        merged.trainable_param_names = {
+            "F": ".*", "Z": ROUTING_PARAMS, "A": ADAPTER_PARAMS, "MuZ": ADAPTER_PARAMS,
+        }.get(kind, merged.trainable_param_names)
+    return merged
+
+
+def checkpoint_finetune_config(cfg: Config) -> Config:
+    """`finetune_config` against the checkpoint `cfg.checkpoint` names (its run folder's config.json)."""
+    from mttl.models.run import resolve_run_dir
+
+    if not cfg.checkpoint:
+        raise ConfigError("fine-tuning needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
+    return finetune_config(Config.load(resolve_run_dir(cfg.checkpoint) / "config.json"), cfg)
+
+
+def load_for_finetuning(cfg: Config) -> FinetuneModel:
+    """The checkpoint's model prepared for `cfg.finetune_type`, with routing row 0 for the new task."""
+    from mttl.adapters import load_adapters, ops
+    from mttl.models.run import FINAL_DIR, backbone_source, build_routed_model, resolve_run_dir
+    from mttl.models.tokenizer import load_tokenizer
+
+    if cfg.finetune_type not in FINETUNE_TYPES:
+        raise ConfigError(f"finetune_type={cfg.finetune_type!r} is not one of {[t for t in FINETUNE_TYPES if t]} or None")
+    if not cfg.checkpoint:
+        raise ConfigError("fine-tuning needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
+    run_dir = resolve_run_dir(cfg.checkpoint)
+    run_cfg = Config.load(run_dir / "config.json")
+    merged = finetune_config(run_cfg, cfg)
+    backbone = backbone_source(run_cfg, run_dir)
+    tokenizer = load_tokenizer(merged.tokenizer, model=backbone, cache_dir=merged.cache_dir)
+    model = build_routed_model(merged, tokenizer, backbone=backbone)
+    same_adapters = merged.model_modifier == run_cfg.model_modifier and run_cfg.model_modifier is not None
+    if cfg.finetune_type != "PolyRand" and same_adapters:
+        if not (run_dir / FINAL_DIR / "adapters.json").is_file():
+            raise CheckpointError(f"run folder '{run_dir}' has no {FINAL_DIR}/adapters.json; finish the run first")
+        load_adapters(model, run_dir / FINAL_DIR)
+    if merged.model_modifier in ROUTED_MODIFIERS:
+        if cfg.finetune_type == "MuZ":
+            ops.switch_to_average(model)
+        else:
+            ops.resize_routing(model, 1)
+    set_trainable(model, merged.trainable_param_names, merged.non_trainable_param_names)
+    return FinetuneModel(cfg=merged, model=model, tokenizer=tokenizer, run_dir=run_dir)
+
+
+def set_trainable(model: torch.nn.Module, trainable: str, frozen: str | None) -> None:
+    """Train exactly what `trainable` (not `frozen`) matches, after the routing operations (whose
+    new parameters would otherwise keep their constructor default); ConfigError when nothing trains."""
+    from mttl.adapters.inject import base_model, freeze
+
+    freeze(base_model(model), trainable, frozen)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"trainable_param_names={trainable!r} matches no parameter of the fine-tuned model; fix the regex")
