@@ -1,0 +1,93 @@
+"""Building the routed model a config describes, and loading a finished run folder back.
+
+`build_routed_model(cfg, tokenizer)` is the one recipe for "backbone + adapters + routing" used by
+the pre-training workers and by `load_run`, so a run always reloads into the same architecture.
+`load_run(path)` reads `$output_dir/$run_name/` (or its `final/`): config, task table, tokenizer,
+the trained backbone when the run has one (`final/backbone/`), and the adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mttl.config import Config
+from mttl.errors import CheckpointError
+
+FINAL_DIR = "final"
+BACKBONE_DIR = "backbone"
+TASKS_FILE = "tasks.json"
+ADAPTERS_DESCRIPTION = "adapters.json"
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: torch.nn.Module  # RoutedModel with the run's adapters loaded
+    tokenizer: object
+    tasks: dict[str, int]  # task name -> routing row
+    run_dir: Path
+
+
+def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None) -> torch.nn.Module:
+    """`cfg.model` (or `backbone`) with `cfg.model_modifier` adapters, wrapped in a RoutedModel.
+
+    Without a modifier the backbone's parameters are trained as `trainable_param_names` and
+    `non_trainable_param_names` select (a modifier applies the same rule itself).
+    """
+    from mttl.models.backbone import load_backbone
+    from mttl.models.routed import RoutedModel
+
+    from mttl.adapters import AdapterConfig, modify_model
+
+    hf_model = load_backbone(backbone or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                             vocab_size=len(tokenizer), tiny_d_model=cfg.tiny_d_model,
+                             tiny_num_layers=cfg.tiny_num_layers, seed=cfg.seed)
+    # without a modifier this only freezes by the regexes (all parameters train by default)
+    hf_model = modify_model(hf_model, AdapterConfig.from_config(cfg))
+    return RoutedModel(hf_model)
+
+
+def backbone_source(cfg: Config, run_dir: Path) -> str:
+    """The trained backbone saved with the run, else the backbone the config names."""
+    saved = run_dir / FINAL_DIR / BACKBONE_DIR
+    return str(saved) if (saved / "config.json").is_file() else cfg.model
+
+
+def resolve_run_dir(path: str | os.PathLike) -> Path:
+    """A run folder from a run folder or its `final/` folder; CheckpointError when it is neither."""
+    path = Path(os.path.expanduser(str(path))).resolve()
+    if path.name == FINAL_DIR and (path.parent / "config.json").is_file():
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"'{path}' is not a run folder (no config.json); give $output_dir/$run_name "
+                              "of a finished `mttl pretrain` run")
+    if not (path / FINAL_DIR).is_dir():
+        raise CheckpointError(f"run folder '{path}' has no {FINAL_DIR}/ yet; finish it first by running the "
+                              "same `mttl pretrain` command again")
+    return path
+
+
+def load_run(path: str | os.PathLike) -> LoadedRun:
+    from mttl.models.tokenizer import load_tokenizer
+
+    run_dir = resolve_run_dir(path)
+    cfg = Config.load(run_dir / "config.json")
+    tasks = json.loads((run_dir / TASKS_FILE).read_text()) if (run_dir / TASKS_FILE).is_file() else {}
+    backbone = backbone_source(cfg, run_dir)
+    tokenizer = load_tokenizer(cfg.tokenizer, model=backbone, cache_dir=cfg.cache_dir)
+    model = build_routed_model(cfg, tokenizer, backbone=backbone)
+    final = run_dir / FINAL_DIR
+    if cfg.model_modifier:
+        if not (final / ADAPTERS_DESCRIPTION).is_file():
+            raise CheckpointError(f"run folder '{run_dir}' has no {FINAL_DIR}/{ADAPTERS_DESCRIPTION}; "
+                                  "the run did not finish writing its adapters, run the same command again")
+        from mttl.adapters import load_adapters
+
+        load_adapters(model, final)
+    model.eval()
+    return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, tasks=tasks, run_dir=run_dir)

@@ -1,0 +1,366 @@
+"""Pre-training: the driver that sets up a run folder and Ray Train, and the per-worker loop.
+
+`pretrain(cfg)` resolves the data and task table, creates or resumes `$output_dir/$run_name/`,
+builds the Ray Data inputs and runs `TorchTrainer` (checkpoints go to the same folder through
+`ray.train.report`; failures restart from the last one up to `max_failures`).
+`train_loop_per_worker` runs on every worker: one DeepSpeed engine with the client optimizer and
+scheduler, the training steps, periodic validation (overall and per task), metrics (rank 0),
+checkpoints, and at the end `final/` (adapters, plus the backbone when it was trained or built
+from a config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mttl.config import Config, atomic_write_text
+from mttl.data.stream import LABEL_PAD
+from mttl.errors import ConfigError, DataError
+from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model
+from mttl.train.checkpoint import TrainerState, check_resume, gathered, load_checkpoint, save_adapter_tensors, save_checkpoint
+from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
+from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
+
+SYNTHETIC_DIR = "synthetic"
+
+
+# --------------------------------------------------------------------------------------- driver
+def resolve_data_dir(cfg: Config) -> str:
+    """`data_dir` (or the dataset's *_DATA_DIR); for dataset=synthetic, a suite prepared in cache_dir."""
+    data_dir = cfg.resolved_data_dir()
+    if data_dir:
+        return os.path.abspath(data_dir)
+    if cfg.dataset != "synthetic":
+        raise ConfigError(f"dataset={cfg.dataset} needs prepared shards: run `mttl prepare {cfg.dataset} --out DIR` "
+                          "and pass -k data_dir=DIR")
+    from mttl.data.synthetic import prepare_synthetic
+
+    out = Path(cfg.cache_dir).resolve() / f"{SYNTHETIC_DIR}-seed{cfg.seed}"
+    prepare_synthetic(out, seed=cfg.seed)
+    return str(out)
+
+
+def task_rows(data_dir: str, cfg: Config, roles: list[str]) -> dict[str, int]:
+    from mttl.data.shards import read_manifest
+    from mttl.data.stream import select_tasks, task_table
+
+    names = cfg.tasks
+    if cfg.custom_tasks_splits:
+        path = Path(cfg.custom_tasks_splits)
+        if not path.is_file():
+            raise ConfigError(f"custom_tasks_splits file '{path}' does not exist; give a file with one task name per line")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    tasks = select_tasks(read_manifest(data_dir), roles=roles, names=names)
+    return dict(task_table(tasks))
+
+
+def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
+    """Create the run folder, or check that an existing one may be continued under `cfg`."""
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    saved_config = run_dir / "config.json"
+    if saved_config.is_file():
+        check_resume(Config.load(saved_config), cfg, saved_config)
+        saved_tasks = json.loads((run_dir / TASKS_FILE).read_text())
+        if saved_tasks != tasks:
+            raise ConfigError(f"run folder {run_dir} was trained on other tasks ({len(saved_tasks)} in {TASKS_FILE}); "
+                              "use the same data and tasks or a new run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / TASKS_FILE, json.dumps(tasks, indent=2, sort_keys=True) + "\n")
+    cfg.save(run_dir)
+    return run_dir
+
+
+def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
+    """Run (or resume) one pre-training phase on the tasks of `roles`; returns the run folder."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mttl.data.stream import data_config
+    from mttl.ray_utils import init_ray, resources_per_worker
+
+    if not cfg.run_name:
+        raise ConfigError("run_name is not set; pass -k run_name=NAME")
+    if cfg.total_steps <= 0:
+        raise ConfigError("total_steps must be set for pre-training; example: -k total_steps=1000")
+    if not cfg.model:
+        raise ConfigError("model is not set; pass a hub name, a local folder or -k model=tiny-t5")
+    micro_batch_size(cfg, cfg.num_workers)  # fail on bad batch arithmetic before starting Ray
+    cfg = cfg.copy()
+    cfg.output_dir = os.path.abspath(cfg.output_dir)
+    cfg.data_dir = resolve_data_dir(cfg)
+    tasks = task_rows(cfg.data_dir, cfg, list(roles))
+    cfg.n_tasks = len(tasks)
+    run_dir = prepare_run_dir(cfg, tasks)
+
+    init_ray(cfg)
+    datasets = {split: _dataset(cfg, split, tasks) for split in ("train", "validation")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "overridden": sorted(cfg._overridden), "tasks": tasks,
+                           "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources_per_worker(cfg)),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=cfg.output_dir,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        datasets=datasets,
+        # validation is split too: each rank scores its part and the sums are all-reduced
+        dataset_config=data_config(("train", "validation")),
+    )
+    trainer.fit()
+    return run_dir
+
+
+def _dataset(cfg: Config, split: str, tasks: dict[str, int]):
+    from mttl.data.stream import build_dataset
+
+    return build_dataset(cfg.data_dir, split=split, tasks=list(tasks), task_to_row=tasks,
+                         tokenizer_spec=_tokenizer_spec(cfg), max_input_length=cfg.max_input_length,
+                         max_output_length=cfg.max_output_length,
+                         mixing=cfg.task_mixing if split == "train" else "proportional",
+                         mixing_cap=cfg.mixing_cap, mixing_temperature=cfg.mixing_temperature, seed=cfg.seed)
+
+
+def _tokenizer_spec(cfg: Config) -> str:
+    from mttl.models.tokenizer import BYTE, CONFIG_BUILT_MODELS
+
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    return BYTE if cfg.model in CONFIG_BUILT_MODELS else cfg.model
+
+
+# --------------------------------------------------------------------------------------- worker
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    from mttl.data.stream import iter_epoch
+    from mttl.models.tokenizer import load_tokenizer
+
+    cfg = Config().update(loop_config["cfg"], source="run config")
+    cfg._overridden = set(loop_config["overridden"])
+    tasks: dict[str, int] = loop_config["tasks"]
+    run_dir = Path(loop_config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir)
+    model = build_routed_model(cfg, tokenizer)
+    optimizer = build_optimizer(optimizer_groups(model, cfg), cfg)
+    group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
+
+    checkpoint = ray.train.get_checkpoint()
+    state = TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state.warmup_steps = json.loads((Path(folder) / "trainer_state.json").read_text())["warmup_steps"]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(engine, folder)
+        if rank == 0:
+            print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", flush=True)
+    # ranks sample routing (relaxed Bernoulli) and dropout independently, reproducibly
+    torch.manual_seed(cfg.seed * 1000 + rank + state.step)
+
+    logger = None
+    if rank == 0:
+        from mttl.tracking import MetricsLogger
+
+        logger = MetricsLogger(run_dir, cfg)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    micro = micro_batch_size(cfg, world)
+    pad_id = tokenizer.pad_token_id
+    meta = {"tasks": tasks, "run_name": cfg.run_name}
+    row_to_task = {row: name for name, row in tasks.items()}
+
+    def evaluate() -> dict:
+        return validation_losses(engine, iter_epoch(val_shard, batch_size=cfg.predict_batch_size, epoch=0,
+                                                    seed=cfg.seed, pad_id=pad_id, skip_batches=0),
+                                 len(tasks), row_to_task)
+
+    def checkpoint_and_report(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="mttl-ckpt-") as folder:
+            save_checkpoint(engine, engine.module, folder, state, cfg, meta, rank)
+            torch.distributed.barrier()
+            ray.train.report({**metrics, "step": state.step},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    window = _Window()
+    start_step, started = state.step, time.perf_counter()
+    engine.train()
+    while state.step < cfg.total_steps:
+        batches = iter_epoch(train_shard, batch_size=micro, epoch=state.epoch, seed=cfg.seed, pad_id=pad_id,
+                             skip_batches=state.batches_in_epoch)
+        consumed_any = False
+        wait_from = time.perf_counter()
+        for batch in batches:
+            consumed_any = True
+            window.data_wait_s += time.perf_counter() - wait_from
+            # Hugging Face T5 shifts `labels` right into the decoder inputs; -100 labels are ignored
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            at_boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            state.batches_in_epoch += 1
+            window.add(loss.detach(), _token_count(batch))
+            if at_boundary:
+                state.step += 1
+                window.steps += 1
+                row = None
+                if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
+                    row = window.reduce(state.step, optimizer, group_names)
+                    if rank == 0:
+                        logger.log(row)
+                        _print_progress(row, cfg.total_steps, start_step, started)
+                    window = _Window()
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    val = {"step": state.step, **evaluate()}
+                    if rank == 0:
+                        logger.log(val)
+                    engine.train()
+                    row = {**(row or {}), **val}
+                if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.total_steps:
+                    checkpoint_and_report({k: v for k, v in (row or {}).items() if isinstance(v, (int, float))})
+                if state.step >= cfg.total_steps:
+                    break
+            wait_from = time.perf_counter()
+        else:
+            if not consumed_any:
+                raise DataError(f"the training data of run {cfg.run_name} is empty for worker {rank}; "
+                                "check data_dir and tasks")
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    if cfg.eval_every and cfg.total_steps % cfg.eval_every and start_step < cfg.total_steps:
+        val = {"step": state.step, **evaluate()}
+        if rank == 0:
+            logger.log(val)
+    write_final(engine, cfg, tokenizer, run_dir, meta, rank)
+    if logger is not None:
+        logger.close()
+
+
+class _Window:
+    """Loss, token and timing sums since the last logged row, on this rank."""
+
+    def __init__(self):
+        self.loss_sum = torch.zeros(())
+        self.micro_batches = 0
+        self.tokens = 0
+        self.steps = 0
+        self.data_wait_s = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss.float().cpu()
+        self.micro_batches += 1
+        self.tokens += tokens
+
+    def reduce(self, step: int, optimizer, group_names: list[str]) -> dict:
+        """A metrics row averaged over ranks (a collective: every rank calls it at the same step)."""
+        elapsed = time.perf_counter() - self.started
+        totals = torch.tensor([float(self.loss_sum), self.micro_batches, self.tokens, self.data_wait_s],
+                              dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        world = torch.distributed.get_world_size()
+        steps = max(self.steps, 1)
+        row = {"step": step, "loss": float(totals[0] / max(totals[1], 1)),
+               "tokens_per_s": float(totals[2]) / elapsed, "step_time_s": elapsed / steps,
+               "data_wait_s": float(totals[3]) / world / steps}
+        for name, group in zip(group_names, optimizer.param_groups):
+            row[f"lr/{name}"] = group["lr"]
+        return row
+
+
+def _print_progress(row: dict, total: int, start_step: int, started: float) -> None:
+    done = row["step"] - start_step
+    eta = (time.perf_counter() - started) / max(done, 1) * (total - row["step"])
+    print(f"[mttl] step {row['step']}/{total}  loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tokens/s  "
+          f"ETA {_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _token_count(batch: dict) -> int:
+    """Non-pad input and target tokens of a collated micro batch."""
+    return int(batch["attention_mask"].sum() + (batch["labels"] != LABEL_PAD).sum())
+
+
+@torch.no_grad()
+def validation_losses(engine, batches, n_rows: int, row_to_task: dict[int, str]) -> dict:
+    """Token-averaged validation loss overall and per task, summed over every rank's shard.
+
+    A collective: every rank calls it with its own shard of the validation split.
+    """
+    engine.eval()
+    sums = torch.zeros(n_rows, dtype=torch.float64)
+    counts = torch.zeros(n_rows, dtype=torch.float64)
+    for batch in batches:
+        # Hugging Face T5 shifts `labels` right into the decoder inputs
+        logits = engine(**batch).logits.float()
+        token_loss = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=LABEL_PAD,
+                                     reduction="none")
+        tokens = (batch["labels"] != LABEL_PAD).sum(dim=1).double()
+        rows = batch["task_ids"].long()
+        sums.index_add_(0, rows, token_loss.sum(dim=1).double())
+        counts.index_add_(0, rows, tokens)
+    torch.distributed.all_reduce(sums)
+    torch.distributed.all_reduce(counts)
+    out = {"val_loss": float(sums.sum() / counts.sum().clamp(min=1))}
+    for row in torch.nonzero(counts).flatten().tolist():
+        out[f"val_loss/{row_to_task[row]}"] = float(sums[row] / counts[row])
+    return out
+
+
+def write_final(engine, cfg: Config, tokenizer, run_dir: Path, meta: dict, rank: int) -> None:
+    """`final/`: adapters (gathered under ZeRO-3), and the backbone when it was trained or built here.
+
+    Written into a temporary sibling and renamed, so an existing `final/` stays whole until then.
+    """
+    from mttl.models.tokenizer import CONFIG_BUILT_MODELS
+
+    model = engine.module
+    staging = run_dir / f".{FINAL_DIR}.tmp"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    torch.distributed.barrier()
+    if cfg.model_modifier:
+        save_adapter_tensors(model, staging, meta, cfg.zero_stage, rank)
+    backbone_trained = cfg.model_modifier is None or cfg.model in CONFIG_BUILT_MODELS
+    if backbone_trained:
+        with gathered(list(model.parameters()), cfg.zero_stage):
+            if rank == 0:
+                hf_model = model.hf_model
+                hf_model.save_pretrained(staging / BACKBONE_DIR)
+                tokenizer.save_pretrained(staging / BACKBONE_DIR)
+    torch.distributed.barrier()
+    if rank == 0:
+        final = run_dir / FINAL_DIR
+        if final.exists():
+            old = run_dir / f".{FINAL_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, final)
