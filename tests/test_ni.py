@@ -157,3 +157,18 @@ def test_real_subset_available_split(tmp_path):
     mtime = os.stat(out / "manifest.json").st_mtime_ns
     assert main(argv) == 0
     assert os.stat(out / "manifest.json").st_mtime_ns == mtime
+
+
+def test_length_in_bytes_with_the_byte_tokenizer(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    repo = write_ni_repo(tmp_path / "ni")
+    task = json.loads((repo / "tasks" / "task002_old.json").read_text())
+    task["Instances"][0]["input"] = "naïve café " * 30  # multi-byte characters
+    (repo / "tasks" / "task002_old.json").write_text(json.dumps(task))
+    prepare_ni(repo, tmp_path / "out", max_input_length=120, tokenizer="byte")
+    sources = read_rows(tmp_path / "out", columns=["source"])["source"].to_pylist()
+    tokenizer = ByT5Tokenizer()
+    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sources]
+    assert all(n == len(s.encode("utf-8")) <= 120 for n, s in zip(lengths, sources))
+    assert max(lengths) >= 119 and all(s.endswith("\nOutput:") for s in sources)

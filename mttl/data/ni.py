@@ -43,14 +43,18 @@ def _word_ends(text: str) -> list[int]:
     return [m.end() for m in re.finditer(r"\S+", text)]
 
 
-def _tokenizer_ends(tokenizer_path: str) -> Spans:
-    from transformers import AutoTokenizer
+def _tokenizer_ends(spec: str) -> Spans:
+    from transformers import ByT5Tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot load tokenizer {tokenizer_path!r} ({err}); pass a local tokenizer folder, "
-                        "e.g. --tokenizer ../shared/tokenizers/t5") from None
+    from mttl.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(spec)
+    if isinstance(tokenizer, ByT5Tokenizer):
+        # one token per UTF-8 byte, and this slow tokenizer has no offset mapping
+        return lambda text: [i + 1 for i, char in enumerate(text) for _ in char.encode("utf-8")]
+    if not tokenizer.is_fast:
+        raise DataError(f"--tokenizer {spec}: a slow tokenizer gives no character offsets to cut prompts at; "
+                        "use a folder with a tokenizer.json (fast tokenizer) or 'byte'")
 
     def ends(text: str) -> list[int]:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -238,8 +242,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt length limit, in words (or tokens with --tokenizer) (default 512). "
                              "Example: --max-input-length 1024")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="measure --max-input-length in this tokenizer's tokens. "
-                             "Example: --tokenizer ../shared/tokenizers/t5")
+                        help="measure --max-input-length in this tokenizer's tokens: a local folder, hub name or "
+                             "'byte'. Example: --tokenizer ../shared/tokenizers/t5")
     parser.add_argument("--seed", type=int, default=42,
                         help="seed drawing the train tasks' instances (default 42). Example: --seed 13")
     parser.add_argument("--allow-missing-tasks", action="store_true",
