@@ -71,8 +71,10 @@ def test_manifest_and_rows_match_what_was_written(tmp_path):
 def test_task_ids_from_meta_are_kept(tmp_path):
     tasks = {"b": {"task_id": 0}, "a": {}, "c": {"task_id": 1}}
     rows = [{"task_name": t, "split": "train", "source": "s", "target": "t"} for t in tasks]
-    manifest = shards.write_prepared(tmp_path / "o", rows, tasks, source="unit", args={})
+    manifest = shards.write_prepared(tmp_path / "o", rows + rows[:1], tasks, source="unit", args={})
     assert {n: m["task_id"] for n, m in manifest["tasks"].items()} == {"b": 0, "c": 1, "a": 2}
+    # rows without an instance_id get "<task>-<position within the task>"
+    assert sorted(shards.read_rows(tmp_path / "o")["instance_id"].to_pylist()) == ["a-0", "b-0", "b-1", "c-0"]
 
 
 def test_same_fingerprint_is_a_noop_and_a_new_one_replaces(tmp_path):

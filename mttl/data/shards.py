@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,7 +119,7 @@ def _complete_row(row: dict, task_ids: dict[str, int]) -> dict:
     out.update({key: row[key] for key in _REQUIRED})
     out["task_id"] = task_ids[name]
     out["references"] = list(row.get("references") or [row["target"]])
-    out["instance_id"] = str(row.get("instance_id") or "")
+    out["instance_id"] = str(row.get("instance_id") or "")  # "" → filled in by write_prepared
     if out["label"] is None:
         out["label"] = -1
     return out
@@ -157,12 +157,6 @@ class _ShardWriter:
         self.files.append({"path": rel, "rows": len(rows), "sha256": _file_sha256(path)})
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict[str, dict], *,
                    source: str, args: dict, skipped: dict | None = None, fingerprint: str | None = None,
                    rows_per_file: int = 50_000) -> dict:
@@ -187,7 +181,10 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
         counts: dict[str, Counter] = defaultdict(Counter)
         for row in rows:
             full = _complete_row(row, task_ids)
-            counts[full["task_name"]][full["split"]] += 1
+            name = full["task_name"]
+            if not full["instance_id"]:  # position within the task: stable for a deterministic source
+                full["instance_id"] = f"{name}-{sum(counts[name].values())}"
+            counts[name][full["split"]] += 1
             writer.add(full)
         files = writer.close()
         manifest = {
@@ -204,7 +201,8 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
             "files": files,
             "skipped": skipped or {},
         }
-        _write_json_atomic(staging / MANIFEST, manifest)
+        # no temp file needed: the whole staging folder is renamed into place at once
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
