@@ -35,7 +35,7 @@ A folder holding none of these but whose sub-folders are runs stands for those r
 
 Fine-tuning scores: median over seeds per task, then mean (and std) over tasks, per method
 (a method is a run and its finetune_type). Routing heatmaps show eval-mode weights
-(sigmoid of the logits, normalised over skills) averaged within each layer group
+(for Poly/MHR: sigmoid of the logits, normalised over skills) averaged within each layer group
 (encoder/decoder x self-attention/cross-attention/FFN), one panel per head when S > 1.
 
 Example:
@@ -142,17 +142,18 @@ def expand_run_dirs(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------- routing
-def routing_weights_from_logits(logits: np.ndarray, n_splits: int, n_skills: int) -> np.ndarray:
-    """Eval-mode Poly/MHR weights from logits [T, S*K]: sigmoid, then normalised over K (+1e-12)."""
-    probs = 1.0 / (1.0 + np.exp(-logits.reshape(logits.shape[0], n_splits, n_skills)))
-    return probs / (probs.sum(axis=-1, keepdims=True) + 1e-12)
+def layer_group(selector_name: str, granularity: str = "finegrained") -> str:
+    """'encoder self-attention', 'decoder FFN', … for a selector saved under its first layer's name.
 
-
-def layer_group(tensor_name: str) -> str:
-    """'encoder self-attention', 'decoder FFN', … from an adapted layer's dotted name."""
-    parts = tensor_name.split(".")
+    A selector shared beyond one sub-layer (router_granularity coarsegrained, coderwise, blockwise)
+    is named after the first layer holding it, so only its encoder/decoder part is meaningful."""
+    if granularity == "coarsegrained":
+        return "all layers"
+    parts = selector_name.split(".")
     coder = next((c for c in ("encoder", "decoder") if c in parts), "shared")
-    lowered = tensor_name.lower()
+    lowered = selector_name.lower()
+    if granularity in ("coderwise", "blockwise"):
+        return coder
     if "encdecattention" in lowered or "crossattention" in lowered:
         sublayer = "cross-attention"
     elif "attention" in lowered or "attn" in lowered:
@@ -170,18 +171,6 @@ def _group_sort_key(group: str) -> tuple:
             SUBLAYER_ORDER.index(sublayer) if sublayer in SUBLAYER_ORDER else -1, group)
 
 
-def _find_key(obj, key: str):
-    """A key's value anywhere in nested dicts (adapters.json may nest the adapter config)."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for value in obj.values():
-            found = _find_key(value, key)
-            if found is not None:
-                return found
-    return None
-
-
 @dataclass
 class Routing:
     """Eval-mode routing weights of one run, averaged within each layer group."""
@@ -190,32 +179,39 @@ class Routing:
     groups: dict[str, np.ndarray]  # group -> [T, S, K]
 
     def per_task(self) -> np.ndarray:
-        """[T, K]: the average over every group and head."""
+        """[T, K]: the average over heads and over the groups (each group weighted equally)."""
         return np.mean([w.mean(axis=1) for w in self.groups.values()], axis=0)
 
 
 def read_routing(run: Run) -> Routing | None:
-    """Routing weights from final/adapters.safetensors; None when the run has no routing logits."""
+    """Eval-mode weights of every saved routing-logits tensor [T, S*K], computed by the run's own
+    selector type (no model needed); None when the run has no learned routing."""
     if run.adapters_file is None:
         return None
-    from safetensors import safe_open
+    import torch
+    from safetensors.torch import load_file
 
-    meta_path = run.adapters_file.with_name("adapters.json")
-    meta = _read_json(meta_path) if meta_path.is_file() else {}
-    n_splits = _find_key(meta, "n_splits") or run.config.get("n_splits") or 1
-    n_skills = _find_key(meta, "n_skills") or run.config.get("n_skills")
+    from mttl.adapters.routing import build_selector
+    from mttl.adapters.state import read_adapter_config
+
+    acfg = read_adapter_config(run.adapters_file.parent)
+    if not acfg.routed or acfg.selector != "poly":
+        return None
+    width = acfg.n_splits * acfg.n_skills
     per_group: dict[str, list[np.ndarray]] = defaultdict(list)
-    with safe_open(str(run.adapters_file), framework="pt") as handle:
-        for name in handle.keys():
-            if "module_logits" not in name:
-                continue
-            logits = handle.get_tensor(name).float().numpy()
-            if logits.ndim != 2:
-                raise DataError(f"{run.adapters_file}: tensor '{name}' has shape {list(logits.shape)}, expected [tasks, n_splits*n_skills]")
-            if not n_skills or logits.shape[1] != int(n_splits) * int(n_skills):
-                raise DataError(f"{run.adapters_file}: tensor '{name}' has {logits.shape[1]} columns but adapters.json says "
-                                f"n_splits={n_splits}, n_skills={n_skills}; the two files come from different runs")
-            per_group[layer_group(name)].append(routing_weights_from_logits(logits, int(n_splits), int(n_skills)))
+    for name, logits in load_file(str(run.adapters_file)).items():
+        if not name.endswith("module_logits"):
+            continue
+        if logits.ndim != 2 or logits.shape[1] != width:
+            raise DataError(f"{run.adapters_file}: tensor '{name}' has shape {list(logits.shape)} but adapters.json "
+                            f"says n_splits={acfg.n_splits}, n_skills={acfg.n_skills} (expected [tasks, {width}]); "
+                            f"the two files come from different saves")
+        selector = build_selector(acfg.replace(n_tasks=logits.shape[0]))
+        selector.load_state_dict({"module_logits": logits})
+        selector.eval()
+        with torch.no_grad():
+            weights = selector(torch.arange(logits.shape[0]))
+        per_group[layer_group(name, acfg.granularity)].append(weights.float().numpy())
     if not per_group:
         return None
     groups = {g: np.mean(per_group[g], axis=0) for g in sorted(per_group, key=_group_sort_key)}
@@ -601,7 +597,8 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
         K = next(iter(routing.groups.values())).shape[2]
         md.append(f"## Routing: {run.name}\n")
         md.append(f"{len(routing.task_names)} tasks, S={S} head(s), K={K} skills. Eval-mode weights "
-                  "(sigmoid of the logits, normalised over skills), averaged over the layers of each group. "
+                  "(the run's selector without sampling: by default sigmoid of the logits, normalised over skills), "
+                  "averaged over the layers of each group. "
                   f"Numbers (heads averaged): `routing_{run.name}.csv`.\n")
         rows = [{"group": group, "task": task, **{f"skill_{k}": round(float(w), 6) for k, w in enumerate(weights[t].mean(axis=0))}}
                 for group, weights in routing.groups.items() for t, task in enumerate(routing.task_names)]

@@ -6,13 +6,13 @@ import csv
 import json
 import math
 import random
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from mttl.cli import main
 
@@ -20,14 +20,36 @@ S, K = 2, 4
 TASKS = ["copy+reverse", "copy+upper", "sort+upper", "sort+reverse_x"]
 PRIMITIVES = {"copy+reverse": ["copy", "reverse"], "copy+upper": ["copy", "upper"],
               "sort+upper": ["sort", "upper"], "sort+reverse_x": ["sort", "reverse"]}
-# layer name -> the group the report must put it in
-LAYERS = {
-    "encoder.block.0.layer.0.SelfAttention.q": "encoder self-attention",
-    "encoder.block.1.layer.0.SelfAttention.v": "encoder self-attention",
-    "encoder.block.0.layer.1.DenseReluDense.wi": "encoder FFN",
-    "decoder.block.0.layer.1.EncDecAttention.q": "decoder cross-attention",
-    "decoder.block.0.layer.2.DenseReluDense.wo": "decoder FFN",
-}
+
+
+def expected_group(selector_name: str) -> str:
+    """The layer group a T5 selector belongs to, spelled out from T5's module names."""
+    coder = selector_name.split(".")[0]
+    for part, sublayer in (("EncDecAttention", "cross-attention"), ("SelfAttention", "self-attention"),
+                           ("DenseReluDense", "FFN")):
+        if f".{part}." in selector_name:
+            return f"{coder} {sublayer}"
+    raise AssertionError(selector_name)
+
+
+def save_poly_adapters(folder: Path, n_splits: int, logits_for, modify_layers: str = "q|v|wi|wo") -> dict:
+    """A tiny T5 modified with real Poly/MHR adapters, routing logits set by `logits_for(selector_name)`,
+    saved by the real save_adapters. Returns {selector name: logits rows}."""
+    from mttl.adapters import AdapterConfig, modify_model, save_adapters, selectors
+    from mttl.models.backbone import tiny_t5_config
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(tiny_t5_config(64, d_model=32, num_layers=1))
+    modify_model(model, AdapterConfig(modifier="poly", rank=2, n_skills=K, n_splits=n_splits, n_tasks=len(TASKS),
+                                      modify_layers=modify_layers))
+    rows = {}
+    with torch.no_grad():
+        for name, selector in selectors(model).items():
+            rows[name] = logits_for(name)
+            selector.module_logits.copy_(torch.tensor(rows[name]))
+    save_adapters(model, folder)
+    return rows
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -45,9 +67,10 @@ def eval_weights(row: list[float]) -> list[list[float]]:
     return out
 
 
-@pytest.fixture
-def suite(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
     """A pre-training run (with a synthetic manifest), a fine-tuning run and a sweep run."""
+    tmp_path = tmp_path_factory.mktemp("suite")
     data = tmp_path / "data"
     data.mkdir()
     manifest_tasks = {t: {"task_id": i, "role": "train", "skills": PRIMITIVES[t], "metric": "exact_match"}
@@ -62,20 +85,19 @@ def suite(tmp_path):
     # Skill k of primitive: copy->0, reverse->1, upper->2, sort->3; a task's logits favour its primitives' skills.
     favour = {"copy": 0, "reverse": 1, "upper": 2, "sort": 3}
     rng = random.Random(0)
-    logits = {}
-    for layer in LAYERS:
+
+    def logits_for(_name):
         rows = []
         for task in TASKS:
-            row = [rng.uniform(-0.5, 0.5) for _ in range(S * K)]
+            # multiples of 1/64: exact in float32, so the test's float64 loops see the same logits
+            row = [round(rng.uniform(-0.5, 0.5) * 64) / 64 for _ in range(S * K)]
             for prim in PRIMITIVES[task]:
                 for head in range(S):
                     row[head * K + favour[prim]] += 3.0
             rows.append(row)
-        logits[layer] = rows
-    tensors = {f"{layer}.router.module_logits": torch.tensor(rows) for layer, rows in logits.items()}
-    tensors["encoder.block.0.layer.0.SelfAttention.q.lora_a"] = torch.randn(S, K, 8, 2)
-    save_file(tensors, str(pre / "final" / "adapters.safetensors"))
-    (pre / "final" / "adapters.json").write_text(json.dumps({"adapter_config": {"n_splits": S, "n_skills": K, "model_modifier": "poly"}}))
+        return rows
+
+    logits = save_poly_adapters(pre / "final", S, logits_for)
     metrics = []
     for step in range(10, 110, 10):
         metrics.append({"step": step, "loss": 5.0 - step / 50, "lr_adapters": 1e-3, "tokens_per_s": 1000.0 + step,
@@ -113,17 +135,25 @@ def suite(tmp_path):
 
 
 @pytest.fixture
-def report(suite):
-    out = suite["tmp"] / "report"
-    assert main(["report", str(suite["pre"]), str(suite["ft"]), str(suite["sweep"]), "--out", str(out)]) == 0
+def suite(built, tmp_path):
+    """A private copy of the runs, for tests that change them."""
+    shutil.copytree(built["runs"], tmp_path / "runs")
+    copies = {kind: tmp_path / "runs" / built[kind].name for kind in ("pre", "ft", "sweep")}
+    return {**built, **copies, "runs": tmp_path / "runs", "tmp": tmp_path}
+
+
+@pytest.fixture(scope="module")
+def report(built):
+    out = built["tmp"] / "report"
+    assert main(["report", str(built["pre"]), str(built["ft"]), str(built["sweep"]), "--out", str(out)]) == 0
     return out
 
 
-def test_finetune_tables_are_median_over_seeds_then_mean_over_tasks(suite, report):
+def test_finetune_tables_are_median_over_seeds_then_mean_over_tasks(built, report):
     per_task = read_csv(report / "results_per_task.csv")
     per_method = read_csv(report / "results_per_method.csv")
     groups = {}
-    for row in suite["results"]:
+    for row in built["results"]:
         groups.setdefault((row["finetune_type"], row["evaluation"], row["task"]), []).append(row["value"])
     assert len(per_task) == len(groups) == 18
     for row in per_task:
@@ -144,11 +174,11 @@ def test_finetune_tables_are_median_over_seeds_then_mean_over_tasks(suite, repor
     assert "### Per task: test, exact_match" in text
 
 
-def test_sweep_table_picks_the_best_trial_per_task(suite, report):
+def test_sweep_table_picks_the_best_trial_per_task(built, report):
     best = read_csv(report / "sweep_best.csv")
     assert [r["task"] for r in best] == ["copy+sort", "reverse+upper"]
     for row in best:
-        trials = [t for t in suite["trials"] if t["task"] == row["task"]]
+        trials = [t for t in built["trials"] if t["task"] == row["task"]]
         top = max(trials, key=lambda t: t["mean"])
         assert row["best_trial"] == top["trial_id"] == "t2"
         assert float(row["best_mean"]) == pytest.approx(77.5)
@@ -156,9 +186,9 @@ def test_sweep_table_picks_the_best_trial_per_task(suite, report):
         assert "module_logits_learning_rate=1.0" in row["best_settings"]
 
 
-def test_training_curves_and_summary(suite, report):
+def test_training_curves_and_summary(built, report):
     (summary,) = read_csv(report / "training_summary.csv")
-    loss_rows = [m for m in suite["metrics"] if "loss" in m]
+    loss_rows = [m for m in built["metrics"] if "loss" in m]
     assert float(summary["first_loss"]) == pytest.approx(5.0 - 10 / 50)
     assert float(summary["last_loss"]) == pytest.approx(2.5)  # the resumed row for step 100 wins
     assert float(summary["best_val_loss"]) == pytest.approx(3.0)
@@ -170,14 +200,15 @@ def test_training_curves_and_summary(suite, report):
     assert per_task == pytest.approx({t: 3.0 + i / 10 for i, t in enumerate(TASKS)})
 
 
-def test_routing_table_averages_eval_weights_within_layer_groups(suite, report):
+def test_routing_table_averages_eval_weights_within_layer_groups(built, report):
     rows = read_csv(report / "routing_mhr_pre.csv")
     expected = {}
-    for layer, group in LAYERS.items():
+    for layer, logits in built["logits"].items():
         for t, task in enumerate(TASKS):
-            weights = eval_weights(suite["logits"][layer][t])
-            expected.setdefault((group, task), []).append([sum(w[k] for w in weights) / S for k in range(K)])
-    assert {r["group"] for r in rows} == set(LAYERS.values())
+            weights = eval_weights(logits[t])
+            expected.setdefault((expected_group(layer), task), []).append([sum(w[k] for w in weights) / S for k in range(K)])
+    assert {r["group"] for r in rows} == {"encoder self-attention", "encoder FFN", "decoder self-attention",
+                                          "decoder cross-attention", "decoder FFN"}
     assert len(rows) == len(expected)
     for row in rows:
         per_layer = expected[(row["group"], row["task"])]
@@ -185,16 +216,16 @@ def test_routing_table_averages_eval_weights_within_layer_groups(suite, report):
             assert float(row[f"skill_{k}"]) == pytest.approx(sum(v[k] for v in per_layer) / len(per_layer), abs=1e-6)
 
 
-def test_skill_alignment_table(suite, report):
+def test_skill_alignment_table(built, report):
     text = (report / "report.md").read_text()
     assert "Does the routing pick the skills each task is built from?" in text
-    # independent v_t: mean over heads and the layers of each group, then over the 4 groups equally
+    # independent v_t: mean over heads and the layers of each group, then over the 5 groups equally
     vectors = {}
     for t, task in enumerate(TASKS):
         per_group = {}
-        for layer, group in LAYERS.items():
-            weights = eval_weights(suite["logits"][layer][t])
-            per_group.setdefault(group, []).append([sum(w[k] for w in weights) / S for k in range(K)])
+        for layer, logits in built["logits"].items():
+            weights = eval_weights(logits[t])
+            per_group.setdefault(expected_group(layer), []).append([sum(w[k] for w in weights) / S for k in range(K)])
         group_means = [[sum(v[k] for v in layers) / len(layers) for k in range(K)] for layers in per_group.values()]
         vectors[task] = [sum(g[k] for g in group_means) / len(group_means) for k in range(K)]
     rows = {r["task"]: r for r in read_csv(report / "skills_mhr_pre.csv")}
@@ -226,8 +257,8 @@ def test_figures_are_readable_pngs(report):
     figures = sorted((report / "figures").glob("*.png"))
     names = {f.name for f in figures}
     assert "mhr_pre_routing.png" in names and "mhr_pre_curves.png" in names
-    # S=2: one per-head figure for each of the 4 groups
-    assert len([n for n in names if n.startswith("mhr_pre_routing_")]) == 4
+    # S=2: one per-head figure for each of the 5 groups
+    assert len([n for n in names if n.startswith("mhr_pre_routing_")]) == 5
     for figure in figures:
         assert f"(figures/{figure.name})" in text
         with Image.open(figure) as image:
@@ -240,14 +271,11 @@ def test_figures_are_readable_pngs(report):
 
 def test_head_cap_and_folder_of_runs(suite, tmp_path):
     pre = suite["pre"]
-    wide = 12
-    save_file({"encoder.block.0.layer.0.SelfAttention.q.module_logits": torch.randn(len(TASKS), wide * K)},
-              str(pre / "final" / "adapters.safetensors"))
-    (pre / "final" / "adapters.json").write_text(json.dumps({"n_splits": wide, "n_skills": K}))
+    save_poly_adapters(pre / "final", 16, lambda _: torch.randn(len(TASKS), 16 * K).tolist(), modify_layers="q")
     out = tmp_path / "wide"
     assert main(["report", str(suite["runs"]), "--out", str(out), "--max-heads", "4"]) == 0
     text = (out / "report.md").read_text()
-    assert "4 of 12 heads" in text
+    assert "4 of 16 heads" in text
     for run in ("mhr_pre", "mhr_ft", "sweep_z"):  # the folder of runs expanded to its runs
         assert f"| {run} |" in text
     with Image.open(out / "figures" / "mhr_pre_routing_0_encoder_self-attention.png") as image:
@@ -265,11 +293,13 @@ def test_not_a_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_output_folder_is_replaced_whole_or_left_alone(suite, report, capsys):
+def test_output_folder_is_replaced_whole_or_left_alone(suite, capsys):
+    report = suite["tmp"] / "report"
+    assert main(["report", str(suite["ft"]), str(suite["sweep"]), "--out", str(report)]) == 0
     (report / "stale.csv").write_text("old")
     assert main(["report", str(suite["ft"]), "--out", str(report)]) == 0
     assert not (report / "stale.csv").exists() and (report / "results_per_task.csv").is_file()
-    assert not (report / "routing_mhr_pre.csv").exists()
+    assert not (report / "sweep_best.csv").exists()
     assert not list(report.parent.glob(".report.*"))
     keep = suite["tmp"] / "precious"
     keep.mkdir()
@@ -281,7 +311,9 @@ def test_output_folder_is_replaced_whole_or_left_alone(suite, report, capsys):
 
 
 def test_mismatched_adapters_json_names_the_file(suite, tmp_path, capsys):
-    (suite["pre"] / "final" / "adapters.json").write_text(json.dumps({"n_splits": 3, "n_skills": K}))
+    description = json.loads((suite["pre"] / "final" / "adapters.json").read_text())
+    description["adapter_config"]["n_splits"] = 4
+    (suite["pre"] / "final" / "adapters.json").write_text(json.dumps(description))
     assert main(["report", str(suite["pre"]), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "adapters.safetensors" in err and "n_splits=3" in err
+    assert "adapters.safetensors" in err and "n_splits=4" in err
