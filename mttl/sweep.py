@@ -62,3 +62,194 @@ def default_space_name(cfg: Config) -> str:
     if routed:
         return family
     return "ia3" if cfg.model_modifier == "ia3" else "lora"
+
+
+# ------------------------------------------------------------------------------------ trials
+OBJECTIVE = "objective"  # running mean of the best validation scores (final: the seed mean)
+TIME_ATTR = "validation"  # ASHA's clock: validations done so far in the trial
+
+
+def _trial(config: dict, base: Config, tasks: list[str]) -> None:
+    """One trial: fine-tune `tasks` × seeds with the trial's hyper-parameters, reporting each validation."""
+    from statistics import fmean
+
+    from ray import tune
+
+    from mttl.finetune.loop import default_seeds, finetune_seed
+
+    cfg = base.copy(**config)
+    cfg.do_zs = False  # the reference's search skips zero-shot scoring too
+    best_val: dict[str, float] = {}
+    test: dict[str, float] = {}
+    clock = {"validation": 0}
+    for task in tasks:
+        for seed in default_seeds(cfg):
+            key = f"{task}/{seed}"
+            running = {"best": float("-inf")}
+
+            def report(row: dict) -> None:
+                clock["validation"] += 1
+                running["best"] = max(running["best"], row["value"])
+                tune.report({OBJECTIVE: fmean([*best_val.values(), running["best"]]), TIME_ATTR: clock["validation"],
+                             "task": task, "seed": seed, "val_value": row["value"]})
+
+            for row in finetune_seed(cfg, task, seed, on_validation=report):
+                if row["evaluation"] == "best_val":
+                    best_val[key] = row["value"]
+                elif row["evaluation"] == "test":
+                    test[key] = row["value"]
+    tune.report({OBJECTIVE: fmean(best_val.values()), TIME_ATTR: clock["validation"], "complete": True,
+                 "test_mean": fmean(test.values()), **{f"val/{k}": v for k, v in best_val.items()},
+                 **{f"test/{k}": v for k, v in test.items()}})
+
+
+# ------------------------------------------------------------------------------------ driver
+def checkpoint_config_for(cfg: Config) -> Config:
+    """`cfg` with the checkpoint's architecture and data keys (see `mttl.finetune.types`)."""
+    from mttl.finetune.types import inherit_checkpoint_config
+    from mttl.models.run import resolve_run_dir
+
+    if not cfg.checkpoint:
+        raise ConfigError("a sweep fine-tunes a pre-trained run: -k checkpoint=$output_dir/$run_name")
+    return inherit_checkpoint_config(Config.load(resolve_run_dir(cfg.checkpoint) / "config.json"), cfg)
+
+
+def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:
+    """The config every trial starts from (space's finetune type and defaults unless set), the space, its name."""
+    inherited = checkpoint_config_for(cfg)
+    name = cfg.tune_space or default_space_name(inherited)
+    module = load_space(name)
+    base = cfg.copy()
+    fixed = dict(getattr(module, "DEFAULTS", {}))
+    if hasattr(module, "FINETUNE_TYPE"):
+        fixed["finetune_type"] = module.FINETUNE_TYPE
+    for key, value in fixed.items():
+        if not cfg.was_overridden(key):
+            setattr(base, key, value)
+    return base, module, name
+
+
+def _define_by_run(module: ModuleType):
+    def define(trial):
+        values = module.space(trial)
+        # suggested values are already the trial's parameters; only fixed keys go back as constants
+        return {k: v for k, v in values.items() if k not in trial.params} or None
+    return define
+
+
+def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    if tune.Tuner.can_restore(str(study_dir)):
+        return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if cfg.search == "grid":
+        search, scheduler, samples = BasicVariantGenerator(points_to_evaluate=list(module.GRID)), None, len(module.GRID)
+    else:
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+        search = OptunaSearch(space=_define_by_run(module), metric=OBJECTIVE, mode="max", sampler=sampler)
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode="max", max_t=1_000_000,
+                                  grace_period=cfg.asha_grace_period, reduction_factor=cfg.asha_reduction_factor)
+        samples = cfg.num_samples
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
+                                    max_concurrent_trials=cfg.max_concurrent_trials),
+        run_config=tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent), verbose=0),
+    )
+
+
+def _trial_rows(study: str, results) -> list[dict]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        row = {"study": study, "trial_id": metrics.get("trial_id") or Path(result.path).name,
+               "status": "complete" if metrics.get("complete") else ("error" if result.error else "stopped"),
+               **{f"hp/{k}": v for k, v in sorted(result.config.items())},
+               "validations": metrics.get(TIME_ATTR, 0), "mean": metrics.get(OBJECTIVE),
+               "test_mean": metrics.get("test_mean")}
+        row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))})
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    from mttl.config import atomic_write_text
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
+    """Run (or resume) every study; returns the sweep folder and one row per trial."""
+    import json
+
+    from ray import tune
+
+    from mttl.config import atomic_write_text
+    from mttl.evaluation.zeroshot import held_out_tasks
+    from mttl.finetune.loop import resolve_data_dir
+    from mttl.ray_utils import init_ray
+
+    base, module, space_name = sweep_base_config(cfg)
+    tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(checkpoint_config_for(base)))
+    if not tasks:
+        raise ConfigError("no held-out tasks to sweep: name them with -k tasks=['task_a']")
+    sweep_dir = (Path(cfg.output_dir) / (cfg.run_name or f"sweep_{space_name}")).resolve()
+    base.save(sweep_dir)
+    studies = {task: [task] for task in tasks} if cfg.study_per_task else {"all_tasks": tasks}
+    init_ray(cfg)
+    resources = cfg.trial_resources or {"CPU": 1}
+    all_rows = []
+    for study, study_tasks in studies.items():
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)
+        study_dir = sweep_dir / _safe_name(study)
+        results = _study_tuner(study_dir, trainable, cfg, module).fit()
+        rows = _trial_rows(study, results)
+        complete = [r for r in rows if r["status"] == "complete"]
+        if complete:
+            best = max(complete, key=lambda r: r["mean"])
+            atomic_write_text(study_dir / "best.json", json.dumps(
+                {"study": study, "tasks": study_tasks, "tune_space": space_name, "trial_id": best["trial_id"],
+                 "hyperparameters": {k[3:]: v for k, v in best.items() if k.startswith("hp/")},
+                 "mean": best["mean"], "test_mean": best["test_mean"]}, indent=2, sort_keys=True) + "\n")
+        all_rows += rows
+        _write_csv(sweep_dir / "results.csv", all_rows)
+    summary = summary_table(all_rows)
+    atomic_write_text(sweep_dir / "summary.md", summary + "\n")
+    print(summary)
+    return sweep_dir, all_rows
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per study the trial counts, the best complete trial, its validation and test means."""
+    lines = ["| study | trials | complete | stopped | best trial | hyper-parameters | val mean | test mean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for study in dict.fromkeys(r["study"] for r in rows):
+        mine = [r for r in rows if r["study"] == study]
+        complete = [r for r in mine if r["status"] == "complete"]
+        stopped = sum(r["status"] == "stopped" for r in mine)
+        if complete:
+            best = max(complete, key=lambda r: r["mean"])
+            hps = ", ".join(f"{k[3:]}={v:.3g}" if isinstance(v, float) else f"{k[3:]}={v}"
+                            for k, v in best.items() if k.startswith("hp/"))
+            lines.append(f"| {study} | {len(mine)} | {len(complete)} | {stopped} | {best['trial_id']} | {hps} | "
+                         f"{best['mean']:.2f} | {best['test_mean']:.2f} |")
+        else:
+            lines.append(f"| {study} | {len(mine)} | 0 | {stopped} | – | – | – | – |")
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""`mttl evaluate`: score a pre-trained run on tasks without training (MHR-µ zero-shot for unseen tasks)."""
+
+from __future__ import annotations
+
+from mttl.cli import add_config_arguments, flat_kwargs
+from mttl.config import load_config
+
+HELP = "score a pre-trained run on tasks without training (average routing for unseen tasks)"
+DESCRIPTION = HELP + """
+
+Example:
+  mttl evaluate -k checkpoint=output/mhr_synthetic tasks="['upper>reverse']"
+
+Tasks default to the dataset's held-out tasks; results go to $output_dir/$run_name/results.csv."""
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    from mttl.evaluation.zeroshot import evaluate_checkpoint
+
+    run_dir, summary = evaluate_checkpoint(load_config(args.config_files, flat_kwargs(args)))
+    for task, value in summary["per_task"].items():
+        print(f"{task}\t{value:.2f}")
+    for category, value in summary["per_category"].items():
+        print(f"[{category}]\t{value:.2f}")
+    print(f"mean over {len(summary['per_task'])} tasks\t{summary['mean']:.2f}")
+    print(f"results: {run_dir / 'results.csv'}")
+    return 0

@@ -1,0 +1,72 @@
+"""Scoring a pre-trained run on tasks without training (`mttl evaluate`).
+
+Tasks the run was trained on keep their routing row; unseen (held-out) tasks are scored with
+every learned router replaced by the uniform average of the skills (MHR-µ zero-shot). Results go
+to `$output_dir/$run_name/results.jsonl` and `results.csv` (evaluation `zero_shot`), in the same
+row format as fine-tuning, with the mean over tasks and per category in `summary`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from statistics import fmean
+
+from mttl.config import Config
+from mttl.errors import ConfigError
+from mttl.evaluation.metrics import evaluate_rows, task_metric
+
+SEEN, AVERAGE = "seen_routing", "average_routing"
+
+
+def held_out_tasks(data_dir: str) -> list[str]:
+    """The manifest's held-out (role `test`) tasks, in name order."""
+    from mttl.data.shards import read_manifest
+
+    return sorted(name for name, meta in read_manifest(data_dir)["tasks"].items() if meta.get("role") == "test")
+
+
+def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
+    """Score `cfg.checkpoint` on `cfg.tasks` (default: the held-out tasks); returns (run folder, summary)."""
+    from mttl.adapters import ops
+    from mttl.adapters.inject import adapter_config
+    from mttl.data.fewshot import fewshot_split
+    from mttl.finetune.loop import num_shots, resolve_data_dir, run_dir_for, task_info, write_results
+    from mttl.finetune.types import inherit_checkpoint_config
+    from mttl.models.run import load_run
+
+    if not cfg.checkpoint:
+        raise ConfigError("evaluate needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
+    loaded = load_run(cfg.checkpoint)
+    merged = inherit_checkpoint_config(loaded.cfg, cfg)
+    data_dir = resolve_data_dir(merged)
+    tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(data_dir)
+    if not tasks:
+        raise ConfigError(f"{data_dir} has no held-out tasks; name the tasks to score: -k tasks=['task_a','task_b']")
+    infos = {task: task_info(data_dir, task) for task in tasks}
+    acfg = adapter_config(loaded.model)
+    learned_routing = acfg is not None and acfg.routed and acfg.selector == "poly"
+    # seen tasks first: switching to average routing replaces the learned routers for good
+    order = sorted(tasks, key=lambda t: t not in loaded.tasks)
+    rows, switched = [], False
+    for task in order:
+        seen = task in loaded.tasks
+        if not seen and learned_routing and not switched:
+            ops.switch_to_average(loaded.model)
+            switched = True
+        test_rows = fewshot_split(data_dir, task, num_shots(merged, infos[task], merged.seed), merged.seed)[2]
+        metric = task_metric(test_rows, infos[task].get("metric"))
+        scores = evaluate_rows(loaded.model, loaded.tokenizer, test_rows, loaded.tasks.get(task, 0), metric, merged)
+        rows.append({"task": task, "seed": merged.seed, "finetune_type": SEEN if seen else AVERAGE,
+                     "evaluation": "zero_shot", "metric": scores["metric"], "value": scores["value"],
+                     "step": 0, "epoch": 0, "category": infos[task].get("category")})
+    run_dir = run_dir_for(cfg.copy(run_name=cfg.run_name or f"evaluate_{loaded.run_dir.name}"), "evaluate")
+    merged.save(run_dir)
+    write_results(run_dir, rows)
+    by_category = defaultdict(list)
+    for row in rows:
+        if row["category"]:
+            by_category[row["category"]].append(row["value"])
+    summary = {"per_task": {r["task"]: r["value"] for r in rows}, "mean": fmean(r["value"] for r in rows),
+               "per_category": {c: fmean(v) for c, v in sorted(by_category.items())}}
+    return run_dir, summary
