@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mttl.errors import DataError, MttlError
+from mttl.evaluation.metrics import aggregate
 
 HELP = "write Markdown/CSV tables and PNG figures (routing heatmaps, learning curves) for runs"
 DESCRIPTION = """\
@@ -299,45 +300,47 @@ def method_label(run_name: str, finetune_type) -> str:
 
 
 def aggregate_results(runs: list[Run]) -> tuple[list[dict], list[dict]]:
-    """Fine-tuning rows → (per task: median over seeds, per method: mean and std over tasks)."""
-    seeds = defaultdict(dict)  # (run, ft, evaluation, metric, task) -> {seed: value}
+    """Fine-tuning rows → (per task: median over seeds; per method: mean and population std over
+    tasks of those medians), for each run × finetune_type × metric × evaluation."""
+    groups = defaultdict(list)
     for run in runs:
         for row in run.results:
-            key = (run.name, row.get("finetune_type"), row["evaluation"], row["metric"], row["task"])
-            seeds[key][row["seed"]] = float(row["value"])  # a repeated seed keeps its last row
-    per_task = []
-    for (run_name, ft, evaluation, metric, task), by_seed in sorted(
-            seeds.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), _evaluation_key(kv[0][2]), kv[0][3], kv[0][4])):
-        values = [by_seed[s] for s in sorted(by_seed, key=str)]
-        per_task.append({"method": method_label(run_name, ft), "run": run_name, "finetune_type": ft,
-                         "evaluation": evaluation, "metric": metric, "task": task, "n_seeds": len(values),
-                         "seeds": " ".join(str(s) for s in sorted(by_seed, key=str)),
-                         "values": " ".join(f"{v:.6g}" for v in values), "median": statistics.median(values)})
-    medians = defaultdict(list)
-    for row in per_task:
-        medians[(row["method"], row["run"], row["finetune_type"], row["evaluation"], row["metric"])].append(row["median"])
-    per_method = [{"method": method, "run": run_name, "finetune_type": ft, "evaluation": evaluation,
-                   "metric": metric, "n_tasks": len(values), "mean": statistics.fmean(values),
-                   "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-                  for (method, run_name, ft, evaluation, metric), values in medians.items()]
+            groups[(run.name, row.get("finetune_type"), row["metric"])].append(row)
+    per_task, per_method = [], []
+    for (run_name, ft, metric), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
+        method = {"method": method_label(run_name, ft), "run": run_name, "finetune_type": ft}
+        for evaluation in sorted({r["evaluation"] for r in rows}, key=_evaluation_key):
+            summary = aggregate(rows, evaluation)
+            seeds = defaultdict(list)
+            for row in rows:
+                if row["evaluation"] == evaluation:
+                    seeds[row["task"]].append(f"{row['seed']}:{float(row['value']):.6g}")
+            per_task += [{**method, "evaluation": evaluation, "metric": metric, "task": task,
+                          "n_seeds": len(seeds[task]), "seed_values": " ".join(seeds[task]), "median": median}
+                         for task, median in summary["per_task"].items()]
+            per_method.append({**method, "evaluation": evaluation, "metric": metric,
+                               "n_tasks": len(summary["per_task"]), "mean": summary["mean"], "std": summary["std"]})
     return per_task, per_method
 
 
 def best_trials(runs: list[Run]) -> list[dict]:
-    """Per sweep run and task: the trial with the highest `mean` and how many trials ran."""
+    """Per sweep run and study (task): the complete trial with the highest validation `mean`."""
     out = []
     for run in runs:
-        by_task = defaultdict(list)
+        by_study = defaultdict(list)
         for trial in run.trials:
-            if trial.get("mean") not in (None, ""):
-                by_task[trial.get("task", "")].append(trial)
-        for task, trials in sorted(by_task.items()):
-            best = max(trials, key=lambda t: float(t["mean"]))
-            hyper = {k: v for k, v in best.items() if k not in ("task", "trial_id", "mean")}
-            out.append({"run": run.name, "task": task, "n_trials": len(trials), "best_trial": best["trial_id"],
-                        "best_mean": float(best["mean"]),
-                        "median_trial_mean": statistics.median(float(t["mean"]) for t in trials),
-                        "best_settings": " ".join(f"{k}={v}" for k, v in hyper.items())})
+            by_study[trial.get("study") or trial.get("task", "")].append(trial)
+        for study, trials in by_study.items():
+            complete = [t for t in trials if t.get("status", "complete") == "complete" and t.get("mean") not in (None, "")]
+            row = {"run": run.name, "study": study, "trials": len(trials), "complete": len(complete)}
+            if complete:
+                best = max(complete, key=lambda t: float(t["mean"]))
+                row.update({"best_trial": best["trial_id"], "val_mean": float(best["mean"]),
+                            "test_mean": float(best["test_mean"]) if best.get("test_mean") not in (None, "") else "",
+                            "median_trial_val_mean": statistics.median(float(t["mean"]) for t in complete),
+                            "hyper_parameters": " ".join(f"{k.removeprefix('hp/')}={v}" for k, v in best.items()
+                                                         if k.startswith("hp/"))})
+            out.append(row)
     return out
 
 
@@ -543,7 +546,7 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
         _write_csv(folder / "results_per_task.csv", per_task)
         _write_csv(folder / "results_per_method.csv", per_method)
         md.append("## Fine-tuning results\n")
-        md.append("Per task: median over seeds. Per method: mean (std) over tasks of those medians. "
+        md.append("Per task: median over seeds. Per method: mean (population std) over tasks of those medians. "
                   "Full tables: `results_per_task.csv`, `results_per_method.csv`.\n")
         summary = defaultdict(dict)
         for row in per_method:
@@ -560,13 +563,9 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
     if sweeps:
         _write_csv(folder / "sweep_best.csv", sweeps)
         md.append("## Sweeps\n")
-        md.append("Best trial per task (highest mean over seeds); `median_trial_mean` is over all its trials.\n")
+        md.append("Per study: the complete trial with the highest validation mean over seeds, its test mean, and "
+                  "the median validation mean over all complete trials. `sweep_best.csv` holds the same.\n")
         md.append(_markdown_table(sweeps))
-        by_run = defaultdict(list)
-        for row in sweeps:
-            by_run[row["run"]].append(row["best_mean"])
-        md.append("\n" + _markdown_table([{"run": r, "tasks": len(v), "mean of best": statistics.fmean(v)}
-                                          for r, v in by_run.items()]))
 
     curve_runs = [r for r in runs if r.metrics]
     if curve_runs:

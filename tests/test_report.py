@@ -122,10 +122,12 @@ def built(tmp_path_factory):
 
     sweep = tmp_path / "runs" / "sweep_z"
     sweep.mkdir()
-    trials = [{"task": task, "trial_id": f"t{i}", "module_logits_learning_rate": lr, "seed_13": a, "seed_42": b,
-               "mean": (a + b) / 2}
-              for task in ("reverse+upper", "copy+sort")
-              for i, (lr, a, b) in enumerate([(0.1, 50.0, 60.0), (0.5, 70.0, 40.0), (1.0, 80.0, 75.0)])]
+    # the columns mttl.sweep writes: study, trial_id, status, hp/<name>, validations, mean, test_mean
+    trials = [{"study": study, "trial_id": f"{study}_t{i}", "status": status, "hp/module_logits_learning_rate": lr,
+               "validations": 3, "mean": val, "test_mean": test}
+              for study in ("reverse+upper", "copy+sort")
+              for i, (status, lr, val, test) in enumerate([("complete", 0.1, 55.0, 50.0), ("complete", 0.5, 77.5, 70.0),
+                                                           ("stopped", 1.0, 90.0, 10.0), ("complete", 1.0, 60.0, 61.0)])]
     with (sweep / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(trials[0]))
         writer.writeheader()
@@ -167,23 +169,24 @@ def test_finetune_tables_are_median_over_seeds_then_mean_over_tasks(built, repor
                    if ft == row["finetune_type"] and ev == row["evaluation"]]
         assert int(row["n_tasks"]) == 3
         assert float(row["mean"]) == pytest.approx(statistics.mean(medians))
-        assert float(row["std"]) == pytest.approx(statistics.stdev(medians))
+        assert float(row["std"]) == pytest.approx(statistics.pstdev(medians))
     text = (report / "report.md").read_text()
     z_test = statistics.mean(statistics.median(v) for (ft, ev, _), v in groups.items() if ft == "Z" and ev == "test")
     assert f"{z_test:.4g}" in text
     assert "### Per task: test, exact_match" in text
 
 
-def test_sweep_table_picks_the_best_trial_per_task(built, report):
+def test_sweep_table_picks_the_best_complete_trial_per_study(built, report):
     best = read_csv(report / "sweep_best.csv")
-    assert [r["task"] for r in best] == ["copy+sort", "reverse+upper"]
+    assert [r["study"] for r in best] == ["reverse+upper", "copy+sort"]
     for row in best:
-        trials = [t for t in built["trials"] if t["task"] == row["task"]]
-        top = max(trials, key=lambda t: t["mean"])
-        assert row["best_trial"] == top["trial_id"] == "t2"
-        assert float(row["best_mean"]) == pytest.approx(77.5)
-        assert float(row["median_trial_mean"]) == pytest.approx(statistics.median(t["mean"] for t in trials))
-        assert "module_logits_learning_rate=1.0" in row["best_settings"]
+        complete = [t for t in built["trials"] if t["study"] == row["study"] and t["status"] == "complete"]
+        top = max(complete, key=lambda t: t["mean"])  # the stopped trial's higher mean does not count
+        assert row["best_trial"] == top["trial_id"] == f"{row['study']}_t1"
+        assert (int(row["trials"]), int(row["complete"])) == (4, 3)
+        assert float(row["val_mean"]) == pytest.approx(77.5) and float(row["test_mean"]) == pytest.approx(70.0)
+        assert float(row["median_trial_val_mean"]) == pytest.approx(statistics.median(t["mean"] for t in complete))
+        assert row["hyper_parameters"] == "module_logits_learning_rate=0.5"
 
 
 def test_training_curves_and_summary(built, report):

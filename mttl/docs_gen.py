@@ -1,0 +1,152 @@
+"""Generates docs/configuration.md from `mttl/config.py`: every key's type, default, environment
+variable, help text and example, grouped by the section comments of `Config`, plus the accepted
+aliases and the reference's no-effect keys.
+
+    python -m mttl.docs_gen            # rewrite docs/configuration.md
+    python -m mttl.docs_gen --check    # exit 1 when the committed file is out of date
+
+Defaults are read from the source (the literal given to `_f`), not from a `Config()` instance,
+so keys whose default honours an environment variable document the default, not this shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from mttl import config as config_module
+from mttl.config import ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, REPO_ROOT, Config, atomic_write_text
+
+OUTPUT = REPO_ROOT / "docs" / "configuration.md"
+SECTION_COMMENT = re.compile(r"#\s*-{3,}\s*(?P<title>[^-].*?)\s*$")
+
+INTRO = """\
+# Configuration reference
+
+Generated from the help texts in `mttl/config.py` by `python -m mttl.docs_gen`; do not edit by
+hand (a test checks that this file matches the code).
+
+Every training command (`mttl pretrain`, `finetune`, `evaluate`, `sweep`, and the `jobs/*.py`
+entry points) reads one configuration, merged in this order:
+
+1. the defaults below;
+2. config files given with `-c a.json+b.json`, left to right (a name is looked up in the current
+   folder's `configs/`, then `jobs/configs/`, then the package's configs; `$CONFIG_PATH` first);
+3. `-k key=value …` overrides, parsed as Python literals (`1e-3`, `True`, `20_000`, `"['cb','rte']"`).
+
+`mttl configs` lists the ready-made files; `mttl configs -c FILE -k … --show` prints the merged
+result. Path keys expand `~` and `$VARIABLES`. A key set by a file or `-k` counts as overridden:
+fine-tuning takes architecture keys from the checkpoint's config unless you override them.
+Unknown keys are an error that names the closest known key.
+"""
+
+
+def _declared_defaults() -> dict[str, object]:
+    """Each field's default as written in the class body: the first argument of `_f(...)`."""
+    tree = ast.parse(inspect.getsource(Config))
+    defaults = {}
+    for node in tree.body[0].body:
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "_f"):
+            defaults[node.target.id] = ast.literal_eval(node.value.args[0])
+    return defaults
+
+
+def _sections() -> list[tuple[str, list[str]]]:
+    """(section title, field names) in source order, from the `# ---- title` comments."""
+    sections: list[tuple[str, list[str]]] = []
+    public = set(Config.field_names())
+    for line in inspect.getsource(Config).splitlines():
+        match = SECTION_COMMENT.search(line)
+        if match:
+            sections.append((match.group("title"), []))
+            continue
+        name = line.strip().split(":", 1)[0]
+        if sections and name in public and re.match(rf"\s+{name}\s*:", line):
+            sections[-1][1].append(name)
+    return [(title, names) for title, names in sections if names]
+
+
+def _code(value) -> str:
+    return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _row(f, default) -> str:
+    help_text = f.metadata.get("help", "")
+    description, _, example = help_text.partition("Example: ")
+    extras = []
+    if f.metadata.get("choices"):
+        extras.append("One of " + ", ".join(_code(c) for c in f.metadata["choices"]) + ".")
+    if f.metadata.get("path"):
+        extras.append("Path: `~` and `$VARS` expanded.")
+    cells = [
+        f"`{f.name}`",
+        f"`{f.type}`",
+        _code(default),
+        f"`{f.metadata['env']}`" if f.metadata.get("env") else "",
+        " ".join([description.strip(), *extras]),
+        f"`{example.strip()}`" if example else "",
+    ]
+    # GitHub tables split on any unescaped pipe, even inside code spans (regexes, `str | None`).
+    return "| " + " | ".join(_escape(cell) for cell in cells) + " |"
+
+
+def render() -> str:
+    by_name = {f.name: f for f in fields(Config)}
+    defaults = _declared_defaults()
+    out = [INTRO]
+    sections = _sections()
+    out.append("## Sections\n")
+    out += [f"- [{title}](#{re.sub(r'[^a-z0-9 -]', '', title.lower()).replace(' ', '-')})" for title, _ in sections]
+    out.append("")
+    for title, names in sections:
+        out.append(f"## {title}\n")
+        out.append("| key | type | default | env var | meaning | example |")
+        out.append("|---|---|---|---|---|---|")
+        out += [_row(by_name[name], defaults[name]) for name in names]
+        out.append("")
+    out.append("## Accepted aliases\n")
+    out.append("The reference system's key names keep working; each is read as the current key.\n")
+    out.append("| alias | read as |")
+    out.append("|---|---|")
+    for alias, target in sorted(ALIASES.items()):
+        meaning = f"`{target}`" if target else "`router_granularity`: `True` → `finegrained`, `False` → `coarsegrained`"
+        out.append(f"| `{alias}` | {meaning} |")
+    out.append("")
+    out.append("Values of `model_modifier`: " + ", ".join(
+        f"`{name}` → {_code(value)}" for name, value in sorted(MODIFIER_ALIASES.items())) + ".\n")
+    out.append("## Keys with no effect\n")
+    out.append("Keys the reference's configs carry that never did anything there either. They are accepted "
+               "with a warning and ignored, so the reference's config files load unchanged:\n")
+    out.append(", ".join(f"`{key}`" for key in sorted(NO_EFFECT_KEYS)) + ".\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mttl.docs_gen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help=f"compare with {OUTPUT.relative_to(REPO_ROOT)} instead of writing it; exit 1 when they differ")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = OUTPUT.read_text() if OUTPUT.is_file() else ""
+        if current != text:
+            print(f"{OUTPUT.relative_to(REPO_ROOT)} is out of date; run `python -m mttl.docs_gen`", file=sys.stderr)
+            return 1
+        return 0
+    atomic_write_text(OUTPUT, text)
+    print(f"wrote {OUTPUT.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
