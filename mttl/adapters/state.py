@@ -84,18 +84,20 @@ def load_adapters(model: torch.nn.Module, folder: str | os.PathLike) -> dict:
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read '{folder / TENSORS_FILE}': {err}") from None
     targets = adapter_tensors(model)
-    for name in targets:
+    for name, target in targets.items():
         if name not in saved:
             raise CheckpointError(f"tensor '{name}' is missing from '{folder / TENSORS_FILE}'; the model was "
                                   f"modified differently (modifier {current_cfg.modifier}, saved {saved_cfg.modifier})")
-    for name, tensor in saved.items():
+        if tuple(saved[name].shape) != tuple(target.shape):
+            raise CheckpointError(f"tensor '{name}' has shape {list(saved[name].shape)} in '{folder / TENSORS_FILE}' "
+                                  f"but {list(target.shape)} in the model (different n_tasks, rank, n_skills or "
+                                  f"n_splits?)")
+    described = description.get("tensors", {})
+    saved_in_model_order = [n for n in described if n in saved] + [n for n in saved if n not in described]
+    for name in saved_in_model_order:
         if name not in targets:
             raise CheckpointError(f"tensor '{name}' in '{folder / TENSORS_FILE}' has no place in the model; "
                                   f"modify the model with read_adapter_config('{folder}')")
-        if tuple(tensor.shape) != tuple(targets[name].shape):
-            raise CheckpointError(f"tensor '{name}' has shape {list(tensor.shape)} in '{folder / TENSORS_FILE}' but "
-                                  f"{list(targets[name].shape)} in the model (different n_tasks, rank, n_skills or "
-                                  f"n_splits?)")
     with torch.no_grad():
         for name, tensor in saved.items():
             targets[name].copy_(tensor)
