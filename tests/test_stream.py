@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def as_examples(records) -> Counter:
 
 
 def build(ni_dir, t5_tokenizer_path, tasks, split, **kwargs):
+    """build_dataset with the T5 vocabulary and this module's length limits."""
     return stream.build_dataset(ni_dir, split=split, tasks=tasks, task_to_row=stream.task_table(tasks),
                                 tokenizer_spec=str(t5_tokenizer_path), max_input_length=MAX_IN,
                                 max_output_length=MAX_OUT, **kwargs)
@@ -150,11 +152,10 @@ def test_capped_sample_is_seeded(ray_cluster, ni_dir, t5, t5_tokenizer_path):
     rows = shard_rows(ni_dir, "validation")
     want = {name: min(n, 20) for name, n in Counter(r["task_name"] for r in rows).items()}
     runs = [as_examples(build(ni_dir, t5_tokenizer_path, tasks, "validation", mixing="proportional",
-                              mixing_cap=20, seed=seed).take_all()) for seed in (0, 1, 0)]
+                              mixing_cap=20, seed=seed).take_all()) for seed in (0, 1)]
     for got in runs:
         check_mixture(got, rows, t5, tasks, want)
-    assert runs[0] != runs[1]  # a different seed draws different rows
-    assert runs[0] == runs[2]  # the same seed draws the same rows
+    assert runs[0] != runs[1]  # a different seed draws different rows (same seed: see the 2-worker test)
 
 
 def test_collate_pads_like_an_explicit_loop():
@@ -217,17 +218,21 @@ def _fit(dataset, out: Path, storage: Path):
 
 @pytest.mark.slow
 def test_two_train_workers_get_disjoint_rows_covering_the_dataset(ray_cluster, ni_dir, t5, t5_tokenizer_path, tmp_path):
+    # the worker loop lives in this test module, which Ray workers cannot import: ship it by value
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     tasks = sorted(TRAIN_TASKS)
     table = stream.task_table(tasks)
-    dataset = build(ni_dir, t5_tokenizer_path, tasks, "train", mixing="proportional", seed=5)  # 48 rows
-    want = Counter((ids, task) for ids, _, task in expected_examples(shard_rows(ni_dir, "train"), t5, table).elements())
+    mixed = dict(split="train", mixing="proportional", mixing_cap=20, seed=5)  # 20 of 24 rows per task
+    dataset = build(ni_dir, t5_tokenizer_path, tasks, **mixed)
+    examples = as_examples(dataset.take_all())
+    check_mixture(examples, shard_rows(ni_dir, "train"), t5, tasks, {name: 20 for name in tasks})
+    want = Counter((ids, task) for ids, _, task in examples.elements())
     first = _fit(dataset, tmp_path / "run1", tmp_path / "ray")
     for epoch in ("0", "1"):
         per_worker = [Counter((tuple(ids), task) for ids, task in ranks[epoch]) for ranks in first]
-        assert sum(sum(c.values()) for c in per_worker) == 48
         assert per_worker[0] + per_worker[1] == want  # disjoint, and together every row once
         assert sum(per_worker[0].values()) == sum(per_worker[1].values())
     assert {task for ranks in first for _, task in ranks["0"]} == set(table.values())
     assert all(ranks["0"] != ranks["1"] for ranks in first)  # reshuffled per epoch
-    # a second run (as after a restart) sees the same rows in the same order on each worker
-    assert _fit(dataset, tmp_path / "run2", tmp_path / "ray") == first
+    # a restarted run rebuilds the dataset: each worker sees the same rows in the same order again
+    assert _fit(build(ni_dir, t5_tokenizer_path, tasks, **mixed), tmp_path / "run2", tmp_path / "ray") == first

@@ -23,6 +23,7 @@ the trainer needs for step arithmetic.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import math
@@ -229,9 +230,11 @@ def data_config(datasets_to_split: Iterable[str] = ("train",)):
 
     Other datasets (e.g. "validation") reach every worker whole.
     """
+    from ray.data import DataContext
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
+    # the driver's options (resource limits included), with a fixed block order
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
     # Locality would make the row → worker assignment depend on where blocks happen to live.
     return DataConfig(datasets_to_split=list(datasets_to_split), execution_options=options,
