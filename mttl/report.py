@@ -414,8 +414,9 @@ def plot_curves(run: Run, path: Path) -> bool:
     return True
 
 
-def _heatmap(fig, axis, weights: np.ndarray, task_names: list[str], title: str, vmax: float):
-    image = axis.imshow(weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+def _heatmap(axis, weights: np.ndarray, task_names: list[str], title: str, limits: tuple[float, float]):
+    # Colours span the figure's own range (shown on the colour bar): routing near 1/K still shows its structure.
+    image = axis.imshow(weights, aspect="auto", cmap="viridis", vmin=limits[0], vmax=limits[1], interpolation="nearest")
     axis.set_title(title, fontsize=9)
     axis.set_xlabel("skill")
     axis.set_xticks(range(weights.shape[1]))
@@ -439,12 +440,13 @@ def plot_routing(run_name: str, routing: Routing, folder: Path, max_heads: int) 
     n_tasks = len(routing.task_names)
     height = min(2.0 + 0.22 * n_tasks, 14.0)
     groups = list(routing.groups.items())
-    vmax = max(float(w.max()) for _, w in groups)
+    head_means = {group: weights.mean(axis=1) for group, weights in groups}
+    limits = (min(float(m.min()) for m in head_means.values()), max(float(m.max()) for m in head_means.values()))
     fig = _figure(min(3.2 * len(groups) + 1.2, 22.0), height)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for axis, (group, weights) in zip(axes, groups):
-        image = _heatmap(fig, axis, weights.mean(axis=1), routing.task_names if axis is axes[0] else [],
-                         f"{group} (mean of {weights.shape[1]} head(s))", vmax)
+        image = _heatmap(axis, head_means[group], routing.task_names if axis is axes[0] else [],
+                         f"{group} (mean of {weights.shape[1]} head(s))", limits)
     fig.colorbar(image, ax=list(axes), label="routing weight", shrink=0.8)
     fig.suptitle(f"{run_name}: routing weights, task x skill (eval mode)")
     name = f"{run_name}_routing.png"
@@ -457,10 +459,10 @@ def plot_routing(run_name: str, routing: Routing, folder: Path, max_heads: int) 
         heads = head_selection(n_splits, max_heads)
         fig = _figure(min(2.6 * len(heads) + 1.2, 24.0), height)
         axes = fig.subplots(1, len(heads), squeeze=False)[0]
-        vmax = float(weights.max())
+        limits = (float(weights[:, heads].min()), float(weights[:, heads].max()))
         for axis, head in zip(axes, heads):
-            image = _heatmap(fig, axis, weights[:, head, :], routing.task_names if axis is axes[0] else [],
-                             f"head {head}", vmax)
+            image = _heatmap(axis, weights[:, head, :], routing.task_names if axis is axes[0] else [],
+                             f"head {head}", limits)
         fig.colorbar(image, ax=list(axes), label="routing weight", shrink=0.8)
         shown = "all heads" if len(heads) == n_splits else f"{len(heads)} of {n_splits} heads, evenly spaced"
         fig.suptitle(f"{run_name}: {group} ({shown})")
