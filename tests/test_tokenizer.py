@@ -45,3 +45,10 @@ def test_hub_name_offline_asks_for_local_path(monkeypatch):
     with pytest.raises(ConfigError, match="t5-small.*Hugging Face Hub.*local folder") as info:
         load_tokenizer("t5-small")
     assert "\n" not in str(info.value)
+
+
+def test_saved_byte_tokenizer_loads_back_from_a_backbone_folder(tmp_path):
+    """A run that trained a config-built backbone saves the byte tokenizer beside it."""
+    load_tokenizer("byte").save_pretrained(tmp_path / "backbone")
+    tokenizer = load_tokenizer(None, model=str(tmp_path / "backbone"))
+    assert isinstance(tokenizer, ByT5Tokenizer) and tokenizer("ok").input_ids == [ord("o") + 3, ord("k") + 3, 1]

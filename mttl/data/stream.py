@@ -122,14 +122,16 @@ def _sampling_plan(data_dir, split: str, sizes: dict[str, int], counts: dict[str
         names = np.asarray(table["task_name"].to_pylist(), dtype=object)
         for name in partial:
             task_keys = np.sort(keys[names == name])
-            extra = counts[name] % sizes[name]
-            plan[name] = (counts[name] // sizes[name], int(task_keys[extra]) if extra < len(task_keys) else 2 ** 64)
+            if len(task_keys) != sizes[name]:
+                raise DataError(f"{data_dir}: task '{name}' has {len(task_keys)} '{split}' rows but the manifest "
+                                f"says {sizes[name]}; run `mttl prepare check {data_dir}` and prepare it again")
+            plan[name] = (counts[name] // sizes[name], int(task_keys[counts[name] % sizes[name]]))
     return plan
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_tokenizer(spec: str | None, model: str | None):
-    # one load per Ray worker process, reused by every batch it tokenizes
+def cached_tokenizer(spec: str | None, model: str | None = None):
+    """`load_tokenizer`, loaded once per process (each Ray worker reuses it for every batch)."""
     from mttl.models.tokenizer import load_tokenizer
 
     return load_tokenizer(spec, model=model)
@@ -159,7 +161,7 @@ def _mix_and_tokenize(batch: pa.Table, *, tokenizer_spec, model, max_input_lengt
     kept_rows = sorted(set(keep.tolist()))
     position = {row: i for i, row in enumerate(kept_rows)}
     targets = batch["target"].to_pylist()
-    inputs, labels = tokenize_rows(_cached_tokenizer(tokenizer_spec, model), [sources[r] for r in kept_rows],
+    inputs, labels = tokenize_rows(cached_tokenizer(tokenizer_spec, model), [sources[r] for r in kept_rows],
                                    [targets[r] for r in kept_rows], max_input_length=max_input_length,
                                    max_output_length=max_output_length)
     return pa.Table.from_arrays([
