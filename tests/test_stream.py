@@ -107,6 +107,20 @@ def test_mixing_counts_follow_the_formulas():
         stream.mixing_counts(sizes, "bogus", cap=10)
 
 
+def test_bad_input_fails_in_the_driver_with_one_line(ni_dir, t5_tokenizer_path, tmp_path):
+    tasks = sorted(TRAIN_TASKS)
+    with pytest.raises(DataError, match="task_zzz.*manifest.json"):
+        build(ni_dir, t5_tokenizer_path, tasks + ["task_zzz"], "train")
+    with pytest.raises(DataError, match="no rows in split 'test'"):
+        build(ni_dir, t5_tokenizer_path, tasks, "test")
+    with pytest.raises(ConfigError, match="task_mixing='often'"):
+        build(ni_dir, t5_tokenizer_path, tasks, "train", mixing="often")
+    with pytest.raises(ConfigError, match="no-tokenizer.*does not exist"):
+        build(ni_dir, tmp_path / "no-tokenizer", tasks, "train")
+    with pytest.raises(DataError, match="manifest.json.*not found"):
+        build(tmp_path, t5_tokenizer_path, tasks, "train")
+
+
 @pytest.fixture(scope="module")
 def all_validation_rows(ray_cluster, ni_dir, t5_tokenizer_path):
     """Every validation row of the four tasks once (sizes 4, 4, 27, 42)."""

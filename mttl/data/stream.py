@@ -199,6 +199,8 @@ def build_dataset(data_dir: str | os.PathLike, *, split: str, tasks: list[str], 
 
     root = Path(data_dir)
     manifest = read_manifest(root)
+    if not tasks:
+        raise DataError(f"no tasks given to stream from {root}; select some with -k tasks=[...]")
     missing = sorted(set(tasks) - set(manifest["tasks"]))
     if missing:
         raise DataError(f"task(s) {missing} are not in {root / 'manifest.json'}; fix -k tasks=[...]")
@@ -210,6 +212,7 @@ def build_dataset(data_dir: str | os.PathLike, *, split: str, tasks: list[str], 
         raise DataError(f"{root}: the selected tasks have no rows in split '{split}' "
                         f"(e.g. {tasks[0]}: {manifest['tasks'][tasks[0]].get('rows')}); choose another split or tasks")
     counts = mixing_counts(sizes, mixing, cap=mixing_cap, temperature=mixing_temperature)
+    cached_tokenizer(tokenizer_spec, model)  # a bad tokenizer fails here as one line, not inside a Ray task
     plan = _sampling_plan(root, split, sizes, counts, seed)
     paths = [str(root / entry["path"]) for entry in manifest["files"]]
     with _ordered_execution():
