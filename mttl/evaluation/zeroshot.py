@@ -30,8 +30,8 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
     """Score `cfg.checkpoint` on `cfg.tasks` (default: the held-out tasks); returns (run folder, summary)."""
     from mttl.adapters import ops
     from mttl.adapters.inject import adapter_config
-    from mttl.data.fewshot import fewshot_split
-    from mttl.finetune.loop import num_shots, resolve_data_dir, run_dir_for, task_info, write_results
+    from mttl.data.fewshot import eval_rows
+    from mttl.finetune.loop import resolve_data_dir, run_dir_for, task_info, write_results
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import load_run
 
@@ -54,7 +54,8 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
         if not seen and learned_routing and not switched:
             ops.switch_to_average(loaded.model)
             switched = True
-        test_rows = fewshot_split(data_dir, task, num_shots(merged, infos[task], merged.seed), merged.seed)[2]
+        # the T-Few protocol: a task without a test split is scored on its validation split
+        test_rows = eval_rows(data_dir, task, "test" if infos[task]["rows"].get("test") else "validation")
         metric = task_metric(test_rows, infos[task].get("metric"))
         scores = evaluate_rows(loaded.model, loaded.tokenizer, test_rows, loaded.tasks.get(task, 0), metric, merged)
         rows.append({"task": task, "seed": merged.seed, "finetune_type": SEEN if seen else AVERAGE,
