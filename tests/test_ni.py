@@ -123,11 +123,15 @@ def test_length_in_tokenizer_tokens(tmp_path, t5_tokenizer_path):
     from transformers import AutoTokenizer
 
     repo = write_ni_repo(tmp_path / "ni")
-    prepare_ni(repo, tmp_path / "out", max_input_length=16, tokenizer=str(t5_tokenizer_path), num_pos_examples=2)
     tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_path)
-    sources = read_rows(tmp_path / "out", columns=["source"])["source"].to_pylist()
-    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sources]
-    assert max(lengths) == 16 and all(s.endswith("\nOutput:") for s in sources)
+    for limit in (16, 40):  # 16: every prompt is cut; 40: some fit whole, some lose examples or text
+        out = tmp_path / f"out{limit}"
+        prepare_ni(repo, out, max_input_length=limit, tokenizer=str(t5_tokenizer_path), num_pos_examples=2)
+        sources = read_rows(out, columns=["source"])["source"].to_pylist()
+        lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sources]
+        assert max(lengths) == limit and all(s.endswith("\nOutput:") for s in sources)
+        if limit == 40:
+            assert min(lengths) < limit - 8 and any("Positive Example 1" in s for s in sources)
 
 
 def test_real_subset_available_split(tmp_path):

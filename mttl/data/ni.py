@@ -80,27 +80,45 @@ def _truncate(text: str, limit: int, ends: Spans) -> str:
         budget -= 1
 
 
-def format_prompt(task: dict, task_name: str, instance_input: str, *, use_task_descriptions: bool,
-                  add_task_name: bool, num_pos_examples: int, num_neg_examples: int,
-                  max_input_length: int, ends: Spans = _word_ends) -> str:
-    """The model input for one instance of `task` (a loaded task JSON)."""
-    head = f"{task_name}. " if add_task_name else ""
-    definition = _definition(task)
-    if use_task_descriptions and definition:
-        head += f"Definition: {_sentence(definition)}\n\n"
-    query = f"Now complete the following example -\nInput: {_sentence(instance_input)}"
-    room = max_input_length - len(ends(query + SUFFIX))
-    for kind, key, limit in (("Positive", "Positive Examples", num_pos_examples),
-                             ("Negative", "Negative Examples", num_neg_examples)):
-        for i, example in enumerate((task.get(key) or [])[:limit], start=1):
-            if not isinstance(example, dict) or "input" not in example or "output" not in example:
-                continue
-            shown = (f"{kind} Example {i} -\nInput: {_sentence(example['input'])}\n"
-                     f"Output: {_sentence(_first(example['output']))}\n\n")
-            if len(ends(head + shown)) > room:
+class TaskPrompter:
+    """Formats the instances of one task; the task-level text is built and measured once.
+
+    Segment lengths are added up (they join at whitespace, so words add exactly and tokens all
+    but exactly); a prompt whose sum comes within `_JOINT_SLACK` units of the limit is measured
+    as a whole and cut exactly.
+    """
+
+    _JOINT_SLACK = 8
+
+    def __init__(self, task: dict, task_name: str, *, use_task_descriptions: bool, add_task_name: bool,
+                 num_pos_examples: int, num_neg_examples: int, max_input_length: int, ends: Spans = _word_ends):
+        self.limit, self.ends = max_input_length, ends
+        self.head = f"{task_name}. " if add_task_name else ""
+        definition = _definition(task)
+        if use_task_descriptions and definition:
+            self.head += f"Definition: {_sentence(definition)}\n\n"
+        self.examples = []
+        for kind, key, count in (("Positive", "Positive Examples", num_pos_examples),
+                                 ("Negative", "Negative Examples", num_neg_examples)):
+            shown = [e for e in (task.get(key) or []) if isinstance(e, dict) and "input" in e and "output" in e]
+            self.examples += [f"{kind} Example {i} -\nInput: {_sentence(e['input'])}\n"
+                              f"Output: {_sentence(_first(e['output']))}\n\n" for i, e in enumerate(shown[:count], 1)]
+        self.head_length = len(ends(self.head))
+        self.example_lengths = [len(ends(text)) for text in self.examples]
+
+    def __call__(self, instance_input: str) -> str:
+        """The model input for one instance: examples only while they fit next to this input."""
+        query = f"Now complete the following example -\nInput: {_sentence(instance_input)}"
+        used = self.head_length + len(self.ends(query + SUFFIX))
+        text = self.head
+        for example, length in zip(self.examples, self.example_lengths):
+            if used + length > self.limit:
                 break
-            head += shown
-    return _truncate(head + query, max_input_length, ends)
+            text += example
+            used += length
+        if used <= self.limit - self._JOINT_SLACK:
+            return text + query + SUFFIX
+        return _truncate(text + query, self.limit, self.ends)
 
 
 def _first(value) -> str:
@@ -204,12 +222,12 @@ def prepare_ni(source: str | Path, out: str | Path, *, split: str = "default", n
         else:
             chosen = [("test", x) for x in instances[:test_instances]]
             chosen += [("validation", x) for x in instances[test_instances:]]
+        prompter = TaskPrompter(task, name, use_task_descriptions=use_task_descriptions, add_task_name=add_task_name,
+                                num_pos_examples=num_pos_examples, num_neg_examples=num_neg_examples,
+                                max_input_length=max_input_length, ends=ends)
         for row_split, (instance_id, inst) in chosen:
-            prompt = format_prompt(task, name, inst["input"], use_task_descriptions=use_task_descriptions,
-                                   add_task_name=add_task_name, num_pos_examples=num_pos_examples,
-                                   num_neg_examples=num_neg_examples, max_input_length=max_input_length, ends=ends)
-            rows.append({"task_name": name, "split": row_split, "source": prompt, "target": inst["output"][0],
-                         "references": inst["output"], "instance_id": str(instance_id)})
+            rows.append({"task_name": name, "split": row_split, "source": prompter(inst["input"]),
+                         "target": inst["output"][0], "references": inst["output"], "instance_id": str(instance_id)})
     return write_prepared(out, rows, tasks, source="ni", args=args, fingerprint=fingerprint,
                           skipped={"missing_tasks": missing})
 
