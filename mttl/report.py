@@ -388,27 +388,41 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """(metrics key, title) of what a metrics.jsonl can plot: pre-training's `loss`/`val_loss`,
+    fine-tuning's `train/loss` and validation scores `val/<metric>`."""
+    panels = []
+    for key in dict.fromkeys(k for row in rows for k in row):
+        if key in ("loss", "train/loss"):
+            panels.append((key, "training loss"))
+        elif key == "val_loss":
+            panels.append((key, "validation loss"))
+        elif key.startswith("val/"):
+            panels.append((key, f"validation {key.removeprefix('val/')}"))
+    return panels
+
+
 def plot_curves(run: Run, path: Path) -> bool:
-    """Training loss and validation loss against step; False when the run logged neither."""
+    """One panel per curve against step, one line per (task, seed) when rows carry them;
+    False when the run logged nothing plottable."""
     groups = defaultdict(list)
     for row in run.metrics:
-        groups[tuple(row.get(k) for k in ("task", "seed") if k in row)].append(row)
-    panels = [(key, title) for key, title in (("loss", "training loss"), ("val_loss", "validation loss"))
-              if any(series(rows, key)[0] for rows in groups.values())]
+        groups[tuple(f"{k} {row[k]}" for k in ("task", "seed") if k in row)].append(row)
+    panels = curve_panels(run.metrics)
     if not panels:
         return False
-    fig = _figure(5.0 * len(panels), 3.6)
+    fig = _figure(min(5.0 * len(panels), 20.0), 3.6)
     for axis, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for label, rows in sorted(groups.items()):
             steps, values = series(rows, key)
             if steps:
                 axis.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3,
-                          label=" seed ".join(str(x) for x in label) if label else None)
+                          label=", ".join(label) or None)
         axis.set_title(f"{run.name}: {title}")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel(key)
         axis.grid(alpha=0.3)
-        if len(groups) > 1 and len(groups) <= 10:
+        if 1 < len(groups) <= 10:
             axis.legend(fontsize=7)
     fig.savefig(path)
     return True
@@ -569,26 +583,28 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
                   "the median validation mean over all complete trials. `sweep_best.csv` holds the same.\n")
         md.append(_markdown_table(sweeps))
 
-    curve_runs = [r for r in runs if r.metrics]
-    if curve_runs:
-        summaries = [curve_summary(r) for r in curve_runs]
+    # Pre-training runs (metrics, no results) get the summary tables; every run with metrics gets curves.
+    pretrain_runs = [r for r in runs if r.metrics and not r.results]
+    if pretrain_runs:
+        summaries = [curve_summary(r) for r in pretrain_runs]
         _write_csv(folder / "training_summary.csv", summaries)
-        curves = [{"run": r.name, "step": s, "loss": v} for r in curve_runs for s, v in zip(*series(r.metrics, "loss"))]
-        curves += [{"run": r.name, "step": s, "val_loss": v} for r in curve_runs for s, v in zip(*series(r.metrics, "val_loss"))]
+        curves = [{"run": r.name, "step": s, "loss": v} for r in pretrain_runs for s, v in zip(*series(r.metrics, "loss"))]
+        curves += [{"run": r.name, "step": s, "val_loss": v} for r in pretrain_runs for s, v in zip(*series(r.metrics, "val_loss"))]
         _write_csv(folder / "training_curves.csv", curves)
-        md.append("## Training curves\n")
+        md.append("## Pre-training\n")
         md.append("Losses as logged in `metrics.jsonl` (speeds are means over logged steps). "
                   "Curves as numbers: `training_curves.csv`.\n")
         md.append(_markdown_table(summaries))
-        task_losses = [row for r in curve_runs for row in per_task_val_loss(r)]
+        task_losses = [row for r in pretrain_runs for row in per_task_val_loss(r)]
         if task_losses:
             _write_csv(folder / "val_loss_per_task.csv", task_losses)
             md.append("\n### Validation loss per task (last evaluation)\n")
             md.append(_markdown_table(task_losses))
-        for run in curve_runs:
-            name = f"{run.name}_curves.png"
-            if plot_curves(run, folder / "figures" / name):
-                md.append(f"\n![{run.name}: learning curves](figures/{name})\n")
+    curve_figures = [(run, f"{run.name}_curves.png") for run in runs if run.metrics]
+    curve_figures = [(run, name) for run, name in curve_figures if plot_curves(run, folder / "figures" / name)]
+    if curve_figures:
+        md.append("## Learning curves\n")
+        md += [f"![{run.name}: learning curves](figures/{name})\n" for run, name in curve_figures]
 
     for run in runs:
         routing = read_routing(run)

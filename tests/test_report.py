@@ -119,6 +119,11 @@ def built(tmp_path_factory):
                     results.append({"task": task, "seed": seed, "finetune_type": finetune_type, "evaluation": evaluation,
                                     "metric": "exact_match", "value": round(rng.uniform(0, 100), 3), "step": 0, "epoch": 0})
     (ft / "results.jsonl").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    # mttl finetune's metrics rows: per seed, training loss and validation scores
+    ft_metrics = [{"seed": seed, "step": step, "epoch": step // 5, "train/loss": 3.0 - step / 100 - seed / 1000}
+                  for seed in (13, 42) for step in range(10, 60, 10)]
+    ft_metrics += [{"seed": seed, "step": step, "val/exact_match": step / 2} for seed in (13, 42) for step in (20, 40)]
+    (ft / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in ft_metrics) + "\n")
 
     sweep = tmp_path / "runs" / "sweep_z"
     sweep.mkdir()
@@ -190,7 +195,7 @@ def test_sweep_table_picks_the_best_complete_trial_per_study(built, report):
 
 
 def test_training_curves_and_summary(built, report):
-    (summary,) = read_csv(report / "training_summary.csv")
+    (summary,) = read_csv(report / "training_summary.csv")  # the fine-tuning run's curves are not pre-training
     loss_rows = [m for m in built["metrics"] if "loss" in m]
     assert float(summary["first_loss"]) == pytest.approx(5.0 - 10 / 50)
     assert float(summary["last_loss"]) == pytest.approx(2.5)  # the resumed row for step 100 wins
@@ -259,7 +264,7 @@ def test_figures_are_readable_pngs(report):
     text = (report / "report.md").read_text()
     figures = sorted((report / "figures").glob("*.png"))
     names = {f.name for f in figures}
-    assert "mhr_pre_routing.png" in names and "mhr_pre_curves.png" in names
+    assert {"mhr_pre_routing.png", "mhr_pre_curves.png", "mhr_ft_curves.png"} <= names
     # S=2: one per-head figure for each of the 5 groups
     assert len([n for n in names if n.startswith("mhr_pre_routing_")]) == 5
     for figure in figures:
