@@ -3,7 +3,7 @@
 Owns reading finished run folders (never a model): `metrics.jsonl` (learning curves),
 `final/adapters.safetensors` + `adapters.json` + `tasks.json` (routing heatmaps, read straight
 from the routing logits), `results.jsonl` (fine-tuning: median over seeds per task, then mean over
-tasks) and a sweep's `results.csv` (best trial per task). Writes `report.md`, CSV tables and PNG
+tasks) and a sweep's `results.csv` (best complete trial per study). Writes `report.md`, CSV tables and PNG
 figures (matplotlib, headless) into a temporary folder that is renamed onto `--out` at the end.
 """
 
@@ -47,6 +47,7 @@ EVALUATION_ORDER = ["zero_shot", "best_val", "test"]
 SUBLAYER_ORDER = ["self-attention", "cross-attention", "FFN"]
 CODER_ORDER = ["encoder", "decoder", "shared"]
 MARKDOWN_ROW_CAP = 50
+RESULT_FIELDS = {"task", "seed", "evaluation", "metric", "value"}
 
 
 # ---------------------------------------------------------------------------------- run reading
@@ -119,9 +120,11 @@ def read_run(path: str | os.PathLike) -> Run:
         run.adapters_file = path / "final" / "adapters.safetensors"
     if (path / "results.jsonl").is_file():
         run.results = _read_jsonl(path / "results.jsonl")
-        missing = {"task", "seed", "evaluation", "metric", "value"} - set().union(*(r.keys() for r in run.results or [{}]))
-        if run.results and missing:
-            raise DataError(f"{path / 'results.jsonl'} lacks the fields {sorted(missing)}; it must come from `mttl finetune`")
+        for number, row in enumerate(run.results, 1):
+            missing = RESULT_FIELDS - row.keys()
+            if missing:
+                raise DataError(f"{path / 'results.jsonl'} line {number} lacks {sorted(missing)}; the file must come "
+                                "from `mttl finetune` or `mttl evaluate`")
     if _is_sweep_csv(path / "results.csv"):
         with (path / "results.csv").open(newline="") as handle:
             run.trials = list(csv.DictReader(handle))
