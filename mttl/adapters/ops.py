@@ -117,7 +117,7 @@ def task_lora(model: nn.Module, task_id: int) -> dict[str, tuple[torch.Tensor, t
         if isinstance(layer, SkilledLoRALinear):
             with torch.no_grad():
                 a, b = layer.mixed_lora(_eval_weights(layer.selector, ids).to(layer.lora_a))
-            out[name] = (a[0].t().contiguous(), b[0].t().contiguous(), layer.scale * layer.warmup_factor())
+            out[name] = (a[0].clone(), b[0].t().contiguous(), layer.scale * layer.warmup_factor())
         elif isinstance(layer, LoRALinear):
             out[name] = (layer.lora_a.detach().clone(), layer.lora_b.detach().clone(),
                          layer.scale * layer.warmup_factor())

@@ -88,8 +88,8 @@ class PolySelector(Selector):
         if self.l2_norm:
             return F.normalize(logits, p=2.0, dim=-1)
         if self.training and self.relaxed_bernoulli:
-            probs = RelaxedBernoulli(temperature=torch.ones((), device=logits.device, dtype=logits.dtype),
-                                     logits=logits).rsample()
+            temperature = torch.ones((), device=logits.device, dtype=logits.dtype)
+            probs = RelaxedBernoulli(temperature, logits=logits, validate_args=False).rsample()
         elif self.straight_through:
             soft = torch.sigmoid(logits)
             probs = soft + (torch.round(soft) - soft).detach()
