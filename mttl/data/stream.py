@@ -87,9 +87,9 @@ def mixing_counts(sizes: dict[str, int], mixing: str | None, *, cap: int, temper
     if cap < 1:
         raise ConfigError(f"mixing_cap={cap} must be at least 1")
     capped = {name: min(n, cap) for name, n in sizes.items()}
-    if mixing == "proportional":
-        return capped
     total = sum(capped.values())
+    if mixing == "proportional" or total == 0:
+        return capped
     if mixing == "uniform":
         share = round(total / sum(1 for n in capped.values() if n))
         return {name: share if n else 0 for name, n in capped.items()}
