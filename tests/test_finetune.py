@@ -20,6 +20,7 @@ from mttl.cli import main
 from mttl.config import Config
 from mttl.errors import ConfigError
 from mttl.finetune.types import load_for_finetuning
+from mttl.models.backbone import load_backbone
 from mttl.models.run import build_routed_model
 from mttl.models.tokenizer import load_tokenizer
 
@@ -44,8 +45,19 @@ def make_checkpoint(root: Path, data_dir: Path, modifier: str | None, *, dataset
     (run / "tasks.json").write_text(json.dumps({f"pretrain_task_{i}": i for i in range(n_tasks)}))
     if modifier:
         save_adapters(model, run / "final")
-    model.hf_model.save_pretrained(run / "final" / "backbone")
+    # the backbone alone, as pretrain saves it (tiny-t5 weights depend on the seed only)
+    load_backbone("tiny-t5", vocab_size=len(load_tokenizer("byte")), tiny_d_model=TINY["tiny_d_model"],
+                  tiny_num_layers=TINY["tiny_num_layers"], seed=seed).save_pretrained(run / "final" / "backbone")
     return run
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids spinning threads fighting (~100× here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

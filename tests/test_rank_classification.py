@@ -20,6 +20,15 @@ ROWS = [
 TASK_IDS = [0, 1, 1, 0]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids spinning threads fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def routed_model():
     tokenizer = load_tokenizer("byte")

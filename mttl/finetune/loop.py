@@ -164,7 +164,7 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
             step += 1
             if log and step % run_cfg.log_every == 0:
                 log({"step": step, "seed": seed, "epoch": epoch,
-                     **{f"train/{k}": float(v) for k, v in out.items()}, "train/lr": scheduler.get_last_lr()[0]})
+                     **{f"train/{k}": v.item() for k, v in out.items()}, "train/lr": scheduler.get_last_lr()[0]})
             if step >= total_steps:
                 break
         if epoch % every == 0 or step >= total_steps:
