@@ -1,0 +1,43 @@
+"""Helpers shared by the pre-training tests: a prepared synthetic suite and tiny run configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mttl.config import Config
+
+# A few composition tasks keep every run short; their routing rows are 0..3 in this order.
+TASKS = ["caesar>reverse", "double>rotate", "novowel>upper", "reverse>swapfirst"]
+
+
+def tiny_config(data_dir: Path, output_dir: Path, run_name: str, **overrides) -> Config:
+    """A poly run of a few steps on a 32-wide, 1-layer T5 with byte tokens (seconds per step at most)."""
+    values = dict(
+        model="tiny-t5", tiny_d_model=32, tiny_num_layers=1, tokenizer="byte",
+        model_modifier="poly", n_skills=2, lora_rank=2, n_splits=1,
+        trainable_param_names=".*lora_[ab].*|.*module_logits.*",
+        data_dir=str(data_dir), tasks=TASKS, output_dir=str(output_dir), run_name=run_name,
+        cache_dir=str(output_dir / "cache"), max_input_length=16, max_output_length=16,
+        train_batch_size=8, predict_batch_size=50, num_workers=2, total_steps=12, warmup_steps=3,
+        learning_rate=1e-2, adapters_learning_rate=1e-2, module_logits_learning_rate=0.1,
+        log_every=1, eval_every=12, save_every=6, tensorboard=False, seed=7,
+    )
+    values.update(overrides)
+    cfg = Config()
+    cfg.update(values, source="test")
+    return cfg
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    """Training rows of metrics.jsonl, last occurrence per step (a restart may repeat steps)."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
