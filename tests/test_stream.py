@@ -128,6 +128,10 @@ def all_validation_rows(ray_cluster, ni_dir, t5_tokenizer_path):
 
 
 def test_every_row_once_tokenized_like_the_tokenizer(all_validation_rows, ni_dir, t5):
+    from ray.data.dataset import MaterializedDataset
+
+    # tokenized once: epochs read the materialized blocks, they do not run the tokenizer again
+    assert isinstance(all_validation_rows, MaterializedDataset)
     assert all_validation_rows.schema().names == ["input_ids", "labels", "task_ids"]
     records = all_validation_rows.take_all()
     table = stream.task_table(sorted(TRAIN_TASKS + TEST_TASKS))
