@@ -36,7 +36,8 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def add_to_weight(self, delta: torch.Tensor) -> None:
         """W += delta, with delta in [d_out, d_in] (nn.Linear) orientation."""
-        (self.weight.add_(delta.t().to(self.weight)) if self.conv1d else self.weight.add_(delta.to(self.weight)))
+        delta = delta.to(self.weight)
+        self.weight.add_(delta.t() if self.conv1d else delta)
 
     @torch.no_grad()
     def scale_output(self, scale: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Operations on a modified model's routing and adapters: routing rows for new tasks, switching to
 average routing, interpolation towards uniform, reading routing weights, collapsing one task's
-routed adapter into a plain LoRA, and merging it into the base weights."""
+routed adapter into a plain LoRA, merging it into the base weights, and removing adapters."""
 
 from __future__ import annotations
 
@@ -85,9 +85,7 @@ def _eval_weights(selector: Selector, task_ids: torch.Tensor | None) -> torch.Te
     was_training = selector.training
     selector.eval()
     try:
-        if isinstance(selector, AverageSelector):
-            return selector(task_ids).clone()
-        return selector(task_ids)
+        return selector(task_ids).clone()
     finally:
         selector.train(was_training)
 
@@ -139,22 +137,29 @@ def task_scales(model: nn.Module, task_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Put the plain layers back (with their current weights), dropping adapters and routing."""
+    hf_model = base_model(model)
+    for name, layer in adapted_layers(hf_model).items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(hf_model.get_submodule(parent_name), child_name, layer.to_plain())
+    set_adapter_config(hf_model, None)
+    return model
+
+
 def merge_task_into_base(model: nn.Module, task_id: int) -> nn.Module:
     """Fold `task_id`'s adapters into the base weights (W += scale·B A; (IA)³: W, b *= l) and put
     the plain layers back; the model then computes that task's outputs without adapters."""
     layers = adapted_layers(model)
     if not layers:
         raise ConfigError("merge_task_into_base: the model has no adapters")
-    loras = task_lora(model, task_id) if any(isinstance(l, (LoRALinear, SkilledLoRALinear)) for l in layers.values()) else {}
+    has_lora = any(isinstance(layer, (LoRALinear, SkilledLoRALinear)) for layer in layers.values())
+    loras = task_lora(model, task_id) if has_lora else {}
     scales = task_scales(model, task_id)
-    hf_model = base_model(model)
     for name, layer in layers.items():
         if name in loras:
             a, b, scale = loras[name]
             layer.add_to_weight(scale * (b @ a))
         else:
             layer.scale_output(scales[name])
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(hf_model.get_submodule(parent_name), child_name, layer.to_plain())
-    set_adapter_config(hf_model, None)
-    return model
+    return remove_adapters(model)
