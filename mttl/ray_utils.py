@@ -20,6 +20,10 @@ SAFE_ENV = {
     "RAY_AUTH_MODE": "token",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Ray reads these when it is imported, so they are set when this module is imported (before Ray
+# is, in every mttl entry point); values the user exported win.
+for _key, _value in SAFE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
@@ -40,8 +44,6 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    for key, value in SAFE_ENV.items():
-        os.environ.setdefault(key, value)
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")

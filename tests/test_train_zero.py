@@ -35,8 +35,8 @@ def zero3_run(suite, ray_cluster):
 
 # Three groups at three rates; routing logits at lr 0 must stay exactly at their initial values
 # under ZeRO-3 although gradients reach them. The backbone trains too, so the loss falls fast.
-GROUPS = dict(trainable_param_names=".*", learning_rate=3e-3, adapters_learning_rate=1e-2,
-              module_logits_learning_rate=0.0, weight_decay=0.0)
+GROUPS = dict(trainable_param_names=".*", learning_rate=1e-2, adapters_learning_rate=2e-2,
+              module_logits_learning_rate=0.0, weight_decay=0.0, total_steps=30, eval_every=30, save_every=15)
 
 
 def _linear_schedule(step: int, peak: float, warmup: int, total: int) -> float:
@@ -50,14 +50,15 @@ def test_zero3_loss_falls_and_groups_keep_their_rates(zero3_run):
     rows = train_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
     losses = [r["loss"] for r in rows]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     for row in rows:
-        assert row["lr/adapters"] == pytest.approx(_linear_schedule(row["step"], 1e-2, 3, cfg.total_steps))
-        assert row["lr/others"] == pytest.approx(_linear_schedule(row["step"], 3e-3, 3, cfg.total_steps))
+        assert row["lr/adapters"] == pytest.approx(_linear_schedule(row["step"], 2e-2, 3, cfg.total_steps))
+        assert row["lr/others"] == pytest.approx(_linear_schedule(row["step"], 1e-2, 3, cfg.total_steps))
         assert row["lr/module_logits"] == 0.0
         assert row["tokens_per_s"] > 0 and row["step_time_s"] > 0 and row["data_wait_s"] >= 0
 
-    initial = build_routed_model(cfg, load_tokenizer("byte"))
+    torch.manual_seed(cfg.seed)  # as every worker does before building the model
+    initial = build_routed_model(cfg.copy(n_tasks=len(TASKS)), load_tokenizer("byte"))
     initial_state = dict(initial.named_parameters())
     final = load_file(str(run_dir / "final" / "adapters.safetensors"))
     logits = [n for n in final if "module_logits" in n]

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -82,11 +83,12 @@ def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
 
 def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     """Run (or resume) one pre-training phase on the tasks of `roles`; returns the run folder."""
+    from mttl.ray_utils import init_ray, resources_per_worker  # first: sets Ray's environment before Ray loads
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from mttl.data.stream import data_config
-    from mttl.ray_utils import init_ray, resources_per_worker
 
     if not cfg.run_name:
         raise ConfigError("run_name is not set; pass -k run_name=NAME")
@@ -174,7 +176,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(engine, folder)
         if rank == 0:
-            print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", flush=True)
+            print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", file=sys.__stdout__,
+                  flush=True)
     # ranks sample routing (relaxed Bernoulli) and dropout independently, reproducibly
     torch.manual_seed(cfg.seed * 1000 + rank + state.step)
 
@@ -183,6 +186,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from mttl.tracking import MetricsLogger
 
         logger = MetricsLogger(run_dir, cfg)
+        if checkpoint is not None:
+            # steps after this one may appear twice in metrics.jsonl: once before a failure, once after
+            logger.log({"step": state.step, "resumed_from_step": state.step})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     micro = micro_batch_size(cfg, world)
@@ -291,8 +297,9 @@ class _Window:
 def _print_progress(row: dict, total: int, start_step: int, started: float) -> None:
     done = row["step"] - start_step
     eta = (time.perf_counter() - started) / max(done, 1) * (total - row["step"])
+    # the process's own stdout: Ray Train's print patch would both log and echo the line
     print(f"[mttl] step {row['step']}/{total}  loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tokens/s  "
-          f"ETA {_duration(eta)}", flush=True)
+          f"ETA {_duration(eta)}", file=sys.__stdout__, flush=True)
 
 
 def _duration(seconds: float) -> str:

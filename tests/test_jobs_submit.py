@@ -1,0 +1,84 @@
+"""`ray job submit` of jobs/pretrain.py to a real head started with `ray start` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mttl.data.synthetic import prepare_synthetic
+from train_support import TASKS
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Stop only the processes of this head (`ray stop` would stop every Ray cluster on the machine)."""
+    import psutil
+
+    ours = [p for p in psutil.process_iter(["cmdline"])
+            if any(str(temp_dir) in arg for arg in (p.info["cmdline"] or []))]
+    for proc in ours:
+        proc.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for proc in alive:
+        proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
+    data_dir = tmp_path / "synthetic"
+    prepare_synthetic(data_dir, seed=0)
+    out = tmp_path / "runs"  # absolute: the job runs in an uploaded copy of the working dir
+    temp_dir = Path("/tmp") / f"mttl-job-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    port, dashboard_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", DS_ACCELERATOR="cpu",
+               # the venv's bin first: the same ninja (and op cache) as everywhere else
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    subprocess.run([_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                    f"--port={port}", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        runtime_env = {"env_vars": {"RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                       "excludes": [".venv", ".git", "output", "cache", "benchmarks/out", "**/__pycache__"]}
+        submit = subprocess.run(
+            [_ray_cli(), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "jobs/pretrain.py", "-k", "model=tiny-t5", "tiny_d_model=32", "tiny_num_layers=1",
+             "model_modifier=poly", "n_skills=2", "lora_rank=2", f"data_dir={data_dir}", f"tasks={TASKS!r}",
+             f"output_dir={out}", "run_name=submitted", "max_input_length=16", "max_output_length=16",
+             "num_workers=2", "train_batch_size=8", "total_steps=6", "save_every=3", "eval_every=6",
+             "log_every=2", f"cache_dir={tmp_path / 'cache'}"],
+            env=env, capture_output=True, text=True, timeout=560)
+        assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
+        assert "SUCCEEDED" in submit.stdout
+    finally:
+        _stop_cluster(temp_dir)
+    run_dir = out / "submitted"
+    assert json.loads((run_dir / "config.json").read_text())["num_workers"] == 2
+    assert json.loads((run_dir / "tasks.json").read_text()) == {name: row for row, name in enumerate(TASKS)}
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+    assert (run_dir / "final" / "adapters.safetensors").is_file()
+    assert (run_dir / "final" / "backbone" / "config.json").is_file()  # tiny-t5 is built from a config
+    assert len(list(run_dir.glob("checkpoint_*"))) == 2

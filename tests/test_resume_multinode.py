@@ -1,0 +1,85 @@
+"""Two training workers on two Ray nodes; one node is removed mid-run and the run recovers.
+
+It needs a cluster of several nodes (`ray.cluster_utils.Cluster`), so it runs in its own Python
+process and never touches the test session's Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mttl.data.synthetic import prepare_synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    from pathlib import Path
+
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from mttl.train.loop import pretrain
+    from train_support import tiny_config
+
+    data_dir, out = Path(sys.argv[3]), Path(sys.argv[4])
+    # one training slot per node: the two workers must sit on two different nodes
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"slot": 1}})
+    nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    cfg = tiny_config(data_dir, out, "multinode", ray_address=cluster.address, total_steps=120, save_every=10,
+                      eval_every=None, log_every=5, max_failures=2,
+                      resources_per_worker={"CPU": 0.5, "slot": 1})
+    run_dir = out / "multinode"
+    errors = []
+    def run():
+        try:
+            pretrain(cfg)
+        except BaseException as err:
+            errors.append(repr(err))
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint_*/trainer_state.json")):
+        assert time.time() < deadline, "no checkpoint"
+        time.sleep(0.2)
+    worker_nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                             ("state", "=", "ALIVE")])}
+    victim = next(n for n in nodes if n.node_id in worker_nodes)
+    killed_at = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json"))
+    cluster.remove_node(victim)
+    thread.join(timeout=500)
+    (out / "report.json").write_text(json.dumps({"errors": errors, "alive": thread.is_alive(),
+                                                 "killed_at": killed_at, "worker_nodes": len(worker_nodes)}))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_run_recovers_when_a_node_is_removed(tmp_path):
+    prepare_synthetic(tmp_path / "synthetic", seed=0)
+    script = tmp_path / "multinode.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(REPO), str(TESTS), str(tmp_path / "synthetic"),
+                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "runs" / "report.json").read_text())
+    assert report["errors"] == [] and not report["alive"], report
+    assert report["worker_nodes"] == 2
+    run_dir = tmp_path / "runs" / "multinode"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
+    assert resumed and resumed[0] >= report["killed_at"]
+    final_state = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json"))
+    assert final_state == 120
+    assert (run_dir / "final" / "adapters.safetensors").is_file()
