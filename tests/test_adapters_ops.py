@@ -106,7 +106,6 @@ def test_task_lora_reproduces_each_layer_update(modifier):
     loras = task_lora(model, 2)
     layers = adapted_layers(model)
     assert set(loras) == set(layers)
-    x = torch.randn(2, 3, 64)
     for name, (a, b, scale) in loras.items():
         layer = layers[name]
         x_in = torch.randn(2, 3, layer.in_features)
@@ -114,7 +113,6 @@ def test_task_lora_reproduces_each_layer_update(modifier):
             update = layer(x_in) - layer.base_forward(x_in)
         assert a.shape == (2, layer.in_features) and b.shape == (layer.out_features, 2) and scale == 2.0
         torch.testing.assert_close(update, scale * x_in @ a.T @ b.T, rtol=1e-5, atol=1e-5)
-    del x
 
 
 def test_task_lora_loaded_into_peft_lora_gives_the_routed_logits():

@@ -62,8 +62,10 @@ class LoRALinear(WarmupMixin, AdaptedLinear):
         self.count_warmup_call()
         out = self.base_forward(x)
         h = F.dropout(x, self.dropout, training=self.training).to(self.lora_a.dtype)
-        update = F.linear(F.linear(h, self.lora_a), self.lora_b)
-        return out + (self.scale * self.warmup_factor()) * update.to(out.dtype)
+        down = F.linear(h, self.lora_a).to(out.dtype)
+        # Scale the small B rather than the update and add with addmm: two fewer passes over the output.
+        up = (self.lora_b.t() * (self.scale * self.warmup_factor())).to(out.dtype)
+        return torch.addmm(out.reshape(-1, self.out_features), down.reshape(-1, self.rank), up).reshape(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale}"
