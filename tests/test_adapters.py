@@ -328,3 +328,44 @@ def test_average_routing_needs_no_task_ids():
     assert all(isinstance(s, AverageSelector) for s in selectors(model).values())
     assert not any("module_probs" in n for n, _ in model.named_parameters())
     model(input_ids=torch.randint(2, VOCAB, (2, 5)), decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ init, warm-up
+def test_routed_lora_init_bounds():
+    torch.manual_seed(0)
+    d_in, d_out, n_splits = 64, 32, 4
+    bound = 1 / math.sqrt(3 * d_in)  # over the full d_in, not d_in / S
+    default = SkilledLoRALinear(nn.Linear(d_in, d_out), PolySelector(1, n_splits, 8), layer_name="l", rank=4,
+                                n_skills=8, n_splits=n_splits)
+    assert default.lora_a.abs().max() <= bound and default.lora_a.abs().max() > 0.95 * bound
+    assert torch.count_nonzero(default.lora_b) == 0
+    rand_b = SkilledLoRALinear(nn.Linear(d_in, d_out), PolySelector(1, n_splits, 8), layer_name="l", rank=4,
+                               n_skills=8, n_splits=n_splits, randb_init=True)
+    assert 0 < rand_b.lora_b.abs().max() <= bound
+    kaiming = SkilledLoRALinear(nn.Linear(d_in, d_out), PolySelector(1, n_splits, 8), layer_name="l", rank=4,
+                                n_skills=8, n_splits=n_splits, kaiming_init=True)
+    block_bound = 1 / math.sqrt(d_in // n_splits)  # kaiming-uniform(a=√5) over each r × (d_in/S) block
+    assert block_bound * 0.9 < kaiming.lora_a.abs().max() <= block_bound
+
+
+def test_warmup_scales_the_update_by_training_calls():
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(8, 4), rank=2, warmup=True)
+    assert torch.count_nonzero(lora.lora_b) > 0, "warm-up starts B random like randb_init"
+    x = torch.randn(3, 8)
+    base = x @ lora.weight.T + lora.bias
+    full = x @ lora.lora_a.T @ lora.lora_b.T * 0.5
+    for _ in range(3):
+        lora.train()(x)
+    torch.testing.assert_close(lora.eval()(x), base + full * (3 / 10_000))
+    torch.testing.assert_close(lora.eval()(x), base + full * (3 / 10_000))  # eval calls do not count
+
+
+def test_bfloat16_model_runs_both_paths():
+    model = _routed_tiny(trainable_param_names=TRAINABLE).to(torch.bfloat16).eval()
+    x = torch.randint(2, VOCAB, (3, 6))
+    dec = torch.randint(2, VOCAB, (3, 2))
+    mixed = model(task_ids=torch.tensor([0, 1, 2]), input_ids=x, decoder_input_ids=dec).logits
+    single = model(task_ids=torch.tensor([1, 1, 1]), input_ids=x, decoder_input_ids=dec).logits
+    assert mixed.dtype == single.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed[1], single[1], rtol=0.05, atol=0.05)
