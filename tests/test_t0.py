@@ -121,12 +121,16 @@ def test_prepare_again_is_a_noop_and_check_is_clean(heldout):
     assert again.get("unchanged") is True
 
 
-def test_storycloze_absent_without_dir(tmp_path, monkeypatch):
+def test_absent_parts_are_reported_not_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("STORYCLOZE_DIR", raising=False)
-    source = _link_source(tmp_path, "heldout_eval", "promptsource_templates")
-    manifest = prepare_t0(source, out=tmp_path / "out", tasks=None)
-    assert "STORYCLOZE_DIR" in manifest["skipped"]["absent"]["storycloze"]
-    assert {"cb", "rte", "copa", "wic", "wsc", "winogrande", "h-swag"} <= set(manifest["tasks"])
+    source = _link_source(tmp_path, "promptsource_templates")
+    (source / "heldout_eval").mkdir()
+    (source / "heldout_eval" / "super_glue_cb").symlink_to(shared_path("data", "t0", "heldout_eval", "super_glue_cb"))
+    manifest = prepare_t0(source, out=tmp_path / "out")
+    assert set(manifest["tasks"]) == {"cb"}
+    absent = manifest["skipped"]["absent"]
+    assert "STORYCLOZE_DIR" in absent["storycloze"]
+    assert {"rte", "copa", "wic", "wsc", "winogrande", "h-swag", "anli-r1", "anli-r2", "anli-r3"} <= set(absent)
 
 
 # --------------------------------------------------------------------- training tasks

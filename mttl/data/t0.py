@@ -349,11 +349,16 @@ def _plan_heldout(plan: _Plan, source: Path, template_files: dict[str, Path], re
             plan.heldout.append((task, spec, templates, chosen, rows, path, split))
 
 
-def _p3_index(template_files: dict[str, Path]) -> dict[str, tuple[str, Template]]:
-    """P3 task name (`<dataset>_<subset>_<template>`, non-word runs → `_`) → (dataset key, template)."""
+def _p3_index(template_files: dict[str, Path], names: set[str]) -> dict[str, tuple[str, Template]]:
+    """P3 task name (`<dataset>_<subset>_<template>`, non-word runs → `_`) → (dataset key, template).
+
+    Only the template files whose dataset is a prefix of one of `names` are read.
+    """
+    prefixes = {template_slug(key) + "_": key for key in template_files}
+    wanted = {key for prefix, key in prefixes.items() if any(name.startswith(prefix) for name in names)}
     index = {}
-    for key, path in template_files.items():
-        for template in load_templates(path).templates:
+    for key in sorted(wanted):
+        for template in load_templates(template_files[key]).templates:
             index[template_slug(f"{key}_{template.name}")] = (key, template)
     return index
 
@@ -362,25 +367,25 @@ def _plan_mixture(plan: _Plan, source: Path, template_files: dict[str, Path], pe
     """Already-rendered P3 rows: grouped into dataset (or dataset/template) training tasks."""
     root = source / TRAIN_MIXTURE
     files = sorted(root.glob("*.jsonl")) + sorted(root.glob("*.jsonl.gz")) if root.is_dir() else []
-    if not files:
-        return
-    index = _p3_index(template_files)
+    rows = []
     for path in files:
         for number, row in read_jsonl(path):
             missing = [k for k in ("template", "source", "target") if not isinstance(row.get(k), str)]
             if missing:
                 raise DataError(f"{path}: line {number} lacks {missing}; training-mixture rows are "
                                 "{template, source, target}")
-            if row["template"] not in index:
-                raise DataError(f"{path}: line {number}: unknown dataset/template {row['template']!r} "
-                                "(no matching promptsource template); check --templates")
-            key, template = index[row["template"]]
-            task = f"{key}/{template_slug(template.name)}" if per_template else key
-            if task not in plan.tasks:
-                plan.tasks[task] = _training_meta(key, template if per_template else None)
-            task_rows = plan.training.setdefault(task, [])
-            task_rows.append(_training_row(task, f"{path.name}:{number}", row["source"].strip(),
-                                           row["target"].strip(), None))
+            rows.append((path, number, row))
+    index = _p3_index(template_files, {row["template"] for _, _, row in rows})
+    for path, number, row in rows:
+        if row["template"] not in index:
+            raise DataError(f"{path}: line {number}: unknown dataset/template {row['template']!r} "
+                            "(no matching promptsource template); check --templates")
+        key, template = index[row["template"]]
+        task = f"{key}/{template_slug(template.name)}" if per_template else key
+        if task not in plan.tasks:
+            plan.tasks[task] = _training_meta(key, template if per_template else None)
+        plan.training.setdefault(task, []).append(
+            _training_row(task, f"{path.name}:{number}", row["source"].strip(), row["target"].strip(), None))
 
 
 def _training_meta(key: str, template: Template | None) -> dict:
