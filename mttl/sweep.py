@@ -67,6 +67,11 @@ def default_space_name(cfg: Config) -> str:
 # ------------------------------------------------------------------------------------ trials
 OBJECTIVE = "objective"  # running mean of the best validation scores (final: the seed mean)
 TIME_ATTR = "validation"  # ASHA's clock: validations done so far in the trial
+GRID_KEY = "grid_point"  # search=grid: the trial's preset point, a dict of config overrides
+
+
+def trial_overrides(config: dict) -> dict:
+    return config.get(GRID_KEY, config)
 
 
 def _trial(config: dict, base: Config, tasks: list[str]) -> None:
@@ -77,7 +82,7 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
 
     from mttl.finetune.loop import default_seeds, finetune_seed
 
-    cfg = base.copy(**config)
+    cfg = base.copy(**trial_overrides(config))
     cfg.do_zs = False  # the reference's search skips zero-shot scoring too
     best_val: dict[str, float] = {}
     test: dict[str, float] = {}
@@ -118,6 +123,8 @@ def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:
     """The config every trial starts from (space's finetune type and defaults unless set), the space, its name."""
     inherited = checkpoint_config_for(cfg)
     name = cfg.tune_space or default_space_name(inherited)
+    if name.endswith(".py"):  # trials and a resumed searcher load it again, maybe from another folder
+        name = str(Path(name).expanduser().resolve())
     module = load_space(name)
     base = cfg.copy()
     fixed = dict(getattr(module, "DEFAULTS", {}))
@@ -129,34 +136,40 @@ def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:
     return base, module, name
 
 
-def _define_by_run(module: ModuleType):
-    def define(trial):
-        values = module.space(trial)
+class DefineBySpace:
+    """Optuna define-by-run function of a space; picklable (Tune saves the searcher with it)."""
+
+    def __init__(self, space_name: str):
+        self.space_name = space_name
+
+    def __call__(self, trial) -> dict | None:
+        values = load_space(self.space_name).space(trial)
         # suggested values are already the trial's parameters; only fixed keys go back as constants
         return {k: v for k, v in values.items() if k not in trial.params} or None
-    return define
 
 
-def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType):
+def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, space_name: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     if tune.Tuner.can_restore(str(study_dir)):
         return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    if cfg.search == "grid":
-        search, scheduler, samples = BasicVariantGenerator(points_to_evaluate=list(module.GRID)), None, len(module.GRID)
+    param_space = {}
+    if cfg.search == "grid":  # every preset point once, no early stopping (as the reference)
+        search, scheduler, samples = None, None, 1
+        param_space = {GRID_KEY: tune.grid_search(list(module.GRID))}
     else:
         import optuna
 
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
-        search = OptunaSearch(space=_define_by_run(module), metric=OBJECTIVE, mode="max", sampler=sampler)
+        search = OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode="max", max_t=1_000_000,
                                   grace_period=cfg.asha_grace_period, reduction_factor=cfg.asha_reduction_factor)
         samples = cfg.num_samples
     return tune.Tuner(
         trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent), verbose=0),
@@ -169,7 +182,7 @@ def _trial_rows(study: str, results) -> list[dict]:
         metrics = result.metrics or {}
         row = {"study": study, "trial_id": metrics.get("trial_id") or Path(result.path).name,
                "status": "complete" if metrics.get("complete") else ("error" if result.error else "stopped"),
-               **{f"hp/{k}": v for k, v in sorted(result.config.items())},
+               **{f"hp/{k}": v for k, v in sorted(trial_overrides(result.config).items())},
                "validations": metrics.get(TIME_ATTR, 0), "mean": metrics.get(OBJECTIVE),
                "test_mean": metrics.get("test_mean")}
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))})
@@ -206,7 +219,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(checkpoint_config_for(base)))
     if not tasks:
         raise ConfigError("no held-out tasks to sweep: name them with -k tasks=['task_a']")
-    sweep_dir = (Path(cfg.output_dir) / (cfg.run_name or f"sweep_{space_name}")).resolve()
+    sweep_dir = (Path(cfg.output_dir) / (cfg.run_name or f"sweep_{Path(space_name).stem}")).resolve()
     base.save(sweep_dir)
     studies = {task: [task] for task in tasks} if cfg.study_per_task else {"all_tasks": tasks}
     init_ray(cfg)
@@ -215,7 +228,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     for study, study_tasks in studies.items():
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)
         study_dir = sweep_dir / _safe_name(study)
-        results = _study_tuner(study_dir, trainable, cfg, module).fit()
+        results = _study_tuner(study_dir, trainable, cfg, module, space_name).fit()
         rows = _trial_rows(study, results)
         complete = [r for r in rows if r["status"] == "complete"]
         if complete:

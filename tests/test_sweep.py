@@ -1,0 +1,123 @@
+"""Sweeps: Ray Tune + Optuna (TPE) + ASHA on T0 CB, the preset grid, and a killed sweep resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mttl.cli import main
+from test_finetune import make_checkpoint, t0_cb_subset
+
+REPO = Path(__file__).resolve().parent.parent
+# Full fine-tuning from 1e-4 (barely moves) to 1.0 (wrecks the model): trials differ enough for ASHA.
+WIDE_SPACE = '''
+FINETUNE_TYPE = "F"
+GRID = [{"learning_rate": 1e-4}, {"learning_rate": 0.3}]
+
+
+def space(trial):
+    return {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1.0, log=True)}
+'''
+FAST = ["tasks=['cb']", "seeds=[42]", "total_steps=4", "train_batch_size=4", "eval_every_epochs=1",
+        "predict_batch_size=8", "tensorboard=False", "max_input_length=96", "mc_loss=1", "unlikely_loss=1",
+        "length_norm=1", "max_concurrent_trials=1"]
+
+
+@pytest.fixture(scope="module")
+def cb_run(tmp_path_factory):
+    """T0 CB with an 8-row few-shot split (2 steps per epoch) and a tiny routed checkpoint."""
+    root = tmp_path_factory.mktemp("sweep")
+    data = t0_cb_subset(root, n_fewshot=8)
+    space = root / "wide_space.py"
+    space.write_text(WIDE_SPACE)
+    return make_checkpoint(root, data, "poly", dataset="t0"), space
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_optuna_asha_sweep_stops_poor_trials(ray_cluster, tmp_path, cb_run):
+    checkpoint, space = cb_run
+    assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}", "num_samples=4",
+                 f"output_dir={tmp_path}", "run_name=sw", *FAST]) == 0
+    sweep = tmp_path / "sw"
+    rows = _rows(sweep / "results.csv")
+    assert len(rows) == 4 and {r["study"] for r in rows} == {"cb"}
+    statuses = [r["status"] for r in rows]
+    assert "stopped" in statuses and "complete" in statuses
+    assert all(1e-4 <= float(r["hp/learning_rate"]) <= 1.0 for r in rows)
+    assert len({r["hp/learning_rate"] for r in rows}) == 4
+    best = json.loads((sweep / "cb" / "best.json").read_text())
+    complete = [r for r in rows if r["status"] == "complete"]
+    assert best["trial_id"] in {r["trial_id"] for r in complete}
+    assert best["mean"] == pytest.approx(max(float(r["mean"]) for r in complete))
+    for r in complete:  # the seed mean of one seed is that seed's best validation score
+        assert float(r["mean"]) == pytest.approx(float(r["val/cb/42"]))
+    assert json.loads((sweep / "config.json").read_text())["finetune_type"] == "F"  # from the space file
+    assert "| cb | 4 |" in (sweep / "summary.md").read_text()
+
+
+def test_grid_search_runs_the_reference_preset(ray_cluster, tmp_path, cb_run):
+    checkpoint, _ = cb_run
+    assert main(["sweep", "-k", f"checkpoint={checkpoint}", "tune_space=mhr_z", "search=grid",
+                 f"output_dir={tmp_path}", "run_name=grid", *FAST, "total_steps=2"]) == 0
+    rows = _rows(tmp_path / "grid" / "results.csv")
+    assert sorted(float(r["hp/module_logits_learning_rate"]) for r in rows) == [0.1, 0.5]
+    assert all(r["status"] == "complete" for r in rows)
+    assert json.loads((tmp_path / "grid" / "config.json").read_text())["finetune_type"] == "Z"
+
+
+def _state_has_terminated_trial(study: Path) -> bool:
+    return any("TERMINATED" in p.read_text() for p in study.glob("experiment_state-*.json"))
+
+
+def _complete_trial_reports(study: Path) -> dict[str, int]:
+    """trial dir -> number of reports, for trials whose last report marks them complete."""
+    out = {}
+    for result in study.glob("*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("complete"):
+            out[result.parent.name] = len(lines)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
+    checkpoint, space = cb_run
+    command = [sys.executable, str(REPO / "jobs" / "sweep.py"), "-k", f"checkpoint={checkpoint}",
+               f"tune_space={space}", "num_samples=2", f"output_dir={tmp_path}", "run_name=resume",
+               "asha_grace_period=100", *FAST]
+    # checkpoint the experiment state after every step so the kill lands after a saved finished trial
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    study = tmp_path / "resume" / "cb"
+    driver = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (_complete_trial_reports(study) and _state_has_terminated_trial(study)):
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        driver.wait()
+    finished_before = _complete_trial_reports(study)
+    assert not (tmp_path / "resume" / "results.csv").exists()
+
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = _rows(tmp_path / "resume" / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows)
+    after = _complete_trial_reports(study)
+    for trial, reports in finished_before.items():
+        assert after[trial] == reports  # kept as it was, not run again
