@@ -32,7 +32,7 @@ ROUTED_TRAINABLE = ".*lora_[ab].*|.*module_logits.*"
 
 
 def make_checkpoint(root: Path, data_dir: Path, modifier: str | None, *, dataset: str = "synthetic",
-                    n_tasks: int = 3, seed: int = 0) -> Path:
+                    n_tasks: int = 3, seed: int = 0, task_names: list[str] | None = None) -> Path:
     """A finished pre-training run folder for a tiny T5 with `modifier` adapters (random, non-zero B)."""
     run = root / f"ckpt_{modifier or 'full'}"
     cfg = Config().update({**TINY, "model_modifier": modifier, "n_tasks": n_tasks, "data_dir": str(data_dir),
@@ -42,7 +42,8 @@ def make_checkpoint(root: Path, data_dir: Path, modifier: str | None, *, dataset
     model = build_routed_model(cfg, load_tokenizer("byte"))
     (run / "final").mkdir(parents=True)
     cfg.save(run)
-    (run / "tasks.json").write_text(json.dumps({f"pretrain_task_{i}": i for i in range(n_tasks)}))
+    names = task_names or [f"pretrain_task_{i}" for i in range(n_tasks)]
+    (run / "tasks.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
     if modifier:
         save_adapters(model, run / "final")
     # the backbone alone, as pretrain saves it (tiny-t5 weights depend on the seed only)
@@ -165,20 +166,28 @@ def test_cli_prints_one_line_error(tmp_path, checkpoints, capsys):
     assert code == 2 and err.startswith("mttl: error:") and "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def t0_cb(tmp_path_factory):
-    """CB from the shared T0 folder with its T-Few few-shot splits, test rows thinned for 2 cores."""
+def t0_cb_subset(root: Path, n_fewshot: int | None = None) -> Path:
+    """CB from the shared T0 folder with its T-Few seed-42 split, test rows thinned for 2 cores.
+
+    With `n_fewshot`, only that many few-shot rows are kept (saved as `fewshot_k<n>_seed42`), so an
+    epoch is a couple of steps and a short run validates several times."""
     from mttl.data import shards
     from mttl.data.t0 import prepare_t0
 
-    full = tmp_path_factory.mktemp("t0_full")
-    manifest = prepare_t0(shared_path("data", "t0"), out=full, tasks=["cb"])
-    rows = shards.read_rows(full, tasks=["cb"], splits=["test", "fewshot_k32_seed42"]).to_pylist()
+    manifest = prepare_t0(shared_path("data", "t0"), out=root / "t0_full", tasks=["cb"])
+    rows = shards.read_rows(root / "t0_full", tasks=["cb"], splits=["test", "fewshot_k32_seed42"]).to_pylist()
     test_rows = [r for r in rows if r["split"] == "test"][::35]  # 24 of 840 rows, every template
     fewshot = [r for r in rows if r["split"] == "fewshot_k32_seed42"]
-    out = tmp_path_factory.mktemp("t0_cb") / "prepared"
-    shards.write_prepared(out, fewshot + test_rows, {"cb": manifest["tasks"]["cb"]}, source="t0-test-subset", args={})
-    return out
+    if n_fewshot:
+        fewshot = [{**r, "split": f"fewshot_k{n_fewshot}_seed42"} for r in fewshot[::len(fewshot) // n_fewshot][:n_fewshot]]
+    meta = {k: v for k, v in manifest["tasks"]["cb"].items() if k != "rows"}
+    shards.write_prepared(root / "t0_cb", fewshot + test_rows, {"cb": meta}, source="t0-test-subset", args={})
+    return root / "t0_cb"
+
+
+@pytest.fixture(scope="module")
+def t0_cb(tmp_path_factory):
+    return t0_cb_subset(tmp_path_factory.mktemp("t0"))
 
 
 def test_t0_cb_with_tfew_losses_every_type(tmp_path_factory, t0_cb):
