@@ -206,3 +206,15 @@ def test_t0_cb_with_tfew_losses_every_type(tmp_path_factory, t0_cb):
         assert [r["evaluation"] for r in rows] == ["zero_shot", "best_val", "test"]
         assert all(r["metric"] == "accuracy" and 0 <= r["value"] <= 100 for r in rows)
         assert {r["seed"] for r in rows} == {42}
+
+
+def test_rerun_keeps_finished_seeds_and_runs_the_rest(tmp_path, synthetic, checkpoints):
+    data_dir, task = synthetic
+    common = ["finetune", "-k", f"checkpoint={checkpoints['poly']}", f"finetune_task_name={task}",
+              f"output_dir={tmp_path}", "run_name=ft", "finetune_type=Z", *FAST]
+    assert main(common) == 0
+    first = _results(tmp_path / "ft")
+    assert main([*common, "seeds=[13,42]"]) == 0
+    rows = _results(tmp_path / "ft")
+    assert rows[:3] == first  # seed 13 kept as written, not run again
+    assert [(r["seed"], r["evaluation"]) for r in rows[3:]] == [(42, "zero_shot"), (42, "best_val"), (42, "test")]

@@ -204,19 +204,28 @@ def run_dir_for(cfg: Config, prefix: str) -> Path:
 
 
 def run_finetune(cfg: Config) -> Path:
-    """Every seed of `finetune_task_name`; returns the run folder holding the results."""
+    """Every seed of `finetune_task_name`; returns the run folder holding the results.
+
+    Rows already in the folder's results.jsonl are kept: a rerun of the same run_name skips the
+    seeds whose test row for this task and finetune type is there (an interrupted run resumes).
+    """
     from mttl.tracking import MetricsLogger
 
-    if not cfg.finetune_task_name:
+    task = cfg.finetune_task_name
+    if not task:
         raise ConfigError("set the held-out task to adapt to: -k finetune_task_name=TASK")
     run_dir = run_dir_for(cfg, "finetune")
     merged = checkpoint_finetune_config(cfg)
     merged.save(run_dir)
-    rows: list[dict] = []
+    kind = cfg.finetune_type or "Poly"
+    rows = read_results(run_dir)
+    done = {r["seed"] for r in rows if (r["task"], r["finetune_type"], r["evaluation"]) == (task, kind, "test")}
+    rows = [r for r in rows if (r["task"], r["finetune_type"]) != (task, kind) or r["seed"] in done]
     with MetricsLogger(run_dir, merged) as logger:
         for seed in default_seeds(merged):
-            rows += finetune_seed(cfg, cfg.finetune_task_name, seed, log=logger.log)
-            write_results(run_dir, rows)
+            if seed not in done:
+                rows += finetune_seed(cfg, task, seed, log=logger.log)
+                write_results(run_dir, rows)
     return run_dir
 
 
