@@ -29,6 +29,7 @@ from mttl.evaluation.metrics import (encode_choice_batch, encode_sources, encode
                                      is_multiple_choice, task_metric)
 from mttl.finetune.losses import lm_loss, multiple_choice_loss
 from mttl.finetune.types import checkpoint_finetune_config, load_for_finetuning
+from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
 T0_SEEDS, OTHER_SEEDS = [42, 1024, 0], [13, 42, 58]
 DEFAULT_SHOTS = 32
@@ -126,8 +127,6 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
         return row
 
     results = [evaluate(test_rows, "zero_shot", 0, 0)] if run_cfg.do_zs else []
-
-    from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
     accumulation = max(run_cfg.gradient_accumulation_steps, 1)
     micro_batch = max(run_cfg.train_batch_size // accumulation, 1)
