@@ -257,12 +257,9 @@ def skill_alignment(routing: Routing, task_meta: dict) -> dict | None:
         return None
     vectors = routing.per_task()
     n_skills = vectors.shape[1]
-    per_task = []
-    for task, prims in sorted(built.items()):
-        v = vectors[rows[task]]
-        top = [int(k) for k in np.argsort(-v, kind="stable")[:len(prims)]]
-        per_task.append({"task": task, "built_from": "+".join(prims),
-                         "top_skills": " ".join(f"{k} ({v[k]:.3f})" for k in top), "_top": top})
+    top = {t: [int(k) for k in np.argsort(-vectors[rows[t]], kind="stable")[:len(prims)]] for t, prims in built.items()}
+    per_task = [{"task": t, "built_from": "+".join(built[t]),
+                 "top_skills": " ".join(f"{k} ({vectors[rows[t]][k]:.3f})" for k in top[t])} for t in sorted(built)]
     by_primitive: dict[str, list[str]] = defaultdict(list)
     for task, prims in built.items():
         for prim in prims:
@@ -271,7 +268,7 @@ def skill_alignment(routing: Routing, task_meta: dict) -> dict | None:
     for prim, tasks in sorted(by_primitive.items()):
         mean = np.mean([vectors[rows[t]] for t in tasks], axis=0)
         dominant = int(np.argmax(mean))
-        hits = sum(dominant in row["_top"] for row in per_task if row["task"] in tasks)
+        hits = sum(dominant in top[t] for t in tasks)
         per_primitive.append({"primitive": prim, "tasks": len(tasks), "dominant_skill": dominant,
                               "mean_weight": round(float(mean[dominant]), 4),
                               "tasks_with_it_in_top": f"{hits}/{len(tasks)}"})
@@ -288,8 +285,6 @@ def skill_alignment(routing: Routing, task_meta: dict) -> dict | None:
     pairs = [{"pairs": label, "count": len(values),
               "mean_cosine": round(statistics.fmean(values), 4) if values else ""}
              for label, values in (("share a primitive", shared), ("share none", disjoint))]
-    for row in per_task:
-        del row["_top"]
     return {"per_task": per_task, "per_primitive": per_primitive, "pairs": pairs}
 
 
