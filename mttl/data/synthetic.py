@@ -93,16 +93,12 @@ def probe_inputs() -> list[str]:
     return [random_word(rng) for _ in range(N_PROBES)]
 
 
-def agreement(f: Callable[[str], str], g: Callable[[str], str], probes: list[str]) -> float:
-    """Fraction of probe inputs on which f and g give the same output."""
-    return _agreement(_outputs(f, probes), _outputs(g, probes))
-
-
 def _outputs(fn: Callable[[str], str], probes: list[str]) -> tuple[str, ...]:
     return tuple(fn(p) for p in probes)
 
 
 def _agreement(a: tuple[str, ...], b: tuple[str, ...]) -> float:
+    """Fraction of probe inputs on which two functions' outputs are equal."""
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
