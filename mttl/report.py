@@ -531,7 +531,7 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, max_
         raise MttlError(f"two run folders share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                         "report them separately or rename one")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "report.md").is_file():
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "report.md").is_file()):
         raise MttlError(f"--out '{out}' exists and is not a report folder; choose an empty or new folder")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -316,6 +316,8 @@ def test_output_folder_is_replaced_whole_or_left_alone(suite, capsys):
     assert main(["report", str(suite["ft"]), "--out", str(keep)]) == 2
     assert "not a report folder" in capsys.readouterr().err
     assert (keep / "thesis.tex").read_text() == "do not lose"
+    assert main(["report", str(suite["ft"]), "--out", str(keep / "thesis.tex")]) == 2
+    assert "not a report folder" in capsys.readouterr().err
 
 
 def test_mismatched_adapters_json_names_the_file(suite, tmp_path, capsys):
