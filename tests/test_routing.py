@@ -223,3 +223,13 @@ def test_fast_path_logits_equal_general_path_on_a_model():
     mixed = model(task_ids=torch.tensor([1, 1, 1, 1, 0]), input_ids=torch.cat([x, x[:1]]),
                   decoder_input_ids=torch.cat([dec, dec[:1]])).logits[:4]
     torch.testing.assert_close(fast, mixed, rtol=1e-5, atol=1e-5)
+
+
+def test_task_ids_outside_the_routing_table_are_reported_with_the_layer():
+    model = _tiny(n_tasks=3)
+    with pytest.raises(IndexError, match=r"task id 3 has no routing row in layer 'encoder\.block\.0.*add_task_rows"):
+        model(task_ids=torch.tensor([0, 3]), input_ids=torch.randint(2, VOCAB, (2, 4)),
+              decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(IndexError, match=">= 0"):
+        with routing_context([-1]):
+            pass

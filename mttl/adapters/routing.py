@@ -46,6 +46,10 @@ class Selector(nn.Module):
         """True when two calls with the same task id may give different weights (sampling)."""
         return False
 
+    def n_rows(self) -> int | None:
+        """How many task ids the selector can route (None: any)."""
+        return None
+
     def mixing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -75,15 +79,15 @@ class PolySelector(Selector):
     def n_tasks(self) -> int:
         return self.module_logits.shape[0]
 
+    def n_rows(self) -> int:
+        return self.n_tasks
+
     def is_stochastic(self) -> bool:
         sampling = self.relaxed_bernoulli and not self.l2_norm
         return self.training and (sampling or self.logits_dropout > 0)
 
     def mixing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         task_ids = task_ids.to(self.module_logits.device)
-        if task_ids.numel() and int(task_ids.max()) >= self.n_tasks:
-            raise IndexError(f"task id {int(task_ids.max())} has no routing row: the selector has "
-                             f"{self.n_tasks} rows (add rows with mttl.adapters.ops.add_task_rows)")
         logits = self.module_logits[task_ids].view(-1, self.n_splits, self.n_skills)
         if self.l2_norm:
             return F.normalize(logits, p=2.0, dim=-1)
@@ -126,9 +130,10 @@ class AverageSelector(Selector):
 class PrivateSelector(Selector):
     """One skill per task: one-hot weights over K = n_tasks skills, the same for every head."""
 
+    def n_rows(self) -> int:
+        return self.n_skills
+
     def mixing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
-        if task_ids.numel() and int(task_ids.max()) >= self.n_skills:
-            raise IndexError(f"task id {int(task_ids.max())} has no private skill: there are {self.n_skills}")
         one_hot = F.one_hot(task_ids, self.n_skills).to(torch.get_default_dtype())
         return one_hot.unsqueeze(1).expand(-1, self.n_splits, -1)
 
@@ -182,6 +187,7 @@ def group_key(layer_name: str, granularity: str) -> str:
 class _Routing:
     task_ids: torch.Tensor
     single_task: bool
+    max_id: int
     weights: dict = field(default_factory=dict)  # (selector, rows) -> weights
 
 
@@ -197,8 +203,11 @@ def routing_context(task_ids):
         ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("task_ids is empty")
-        single = bool((ids == ids[0]).all())
-        token = _ACTIVE.set(_Routing(ids, single))
+        # One host sync per call (not one per layer): the range and whether all ids are equal.
+        low, high = torch.stack(torch.aminmax(ids)).tolist()
+        if low < 0:
+            raise IndexError(f"task ids must be >= 0, got {ids.tolist()}")
+        token = _ACTIVE.set(_Routing(ids, low == high, high))
     try:
         yield
     finally:
@@ -219,6 +228,10 @@ def current_weights(selector: Selector, batch_size: int, layer_name: str) -> tup
     if routing is None:
         raise RuntimeError(f"routed layer '{layer_name}' was called without task ids; call the model through "
                            f"RoutedModel(...)(task_ids=..., ...) or inside routing_context(task_ids)")
+    n_rows = selector.n_rows()
+    if n_rows is not None and routing.max_id >= n_rows:
+        raise IndexError(f"task id {routing.max_id} has no routing row in layer '{layer_name}': its selector has "
+                         f"{n_rows} (add rows with mttl.adapters.ops.add_task_rows)")
     n_ids = len(routing.task_ids)
     if batch_size % n_ids:
         raise ValueError(f"routed layer '{layer_name}' got a batch of {batch_size} rows for {n_ids} task ids; "
