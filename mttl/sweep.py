@@ -212,7 +212,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
 
     from mttl.config import atomic_write_text
     from mttl.evaluation.zeroshot import held_out_tasks
-    from mttl.finetune.loop import resolve_data_dir
+    from mttl.finetune.loop import resolve_data_dir, safe_name
     from mttl.ray_utils import init_ray
 
     base, module, space_name = sweep_base_config(cfg)
@@ -227,7 +227,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     all_rows = []
     for study, study_tasks in studies.items():
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)
-        study_dir = sweep_dir / _safe_name(study)
+        study_dir = sweep_dir / safe_name(study)
         results = _study_tuner(study_dir, trainable, cfg, module, space_name).fit()
         rows = _trial_rows(study, results)
         complete = [r for r in rows if r["status"] == "complete"]
@@ -243,10 +243,6 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     atomic_write_text(sweep_dir / "summary.md", summary + "\n")
     print(summary)
     return sweep_dir, all_rows
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def summary_table(rows: list[dict]) -> str:

@@ -197,8 +197,13 @@ def write_results(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(run_dir / "results.csv", buffer.getvalue())
 
 
+def safe_name(name: str) -> str:
+    """A folder name without shell-hostile characters (task names hold '>', '/', …)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def run_dir_for(cfg: Config, prefix: str) -> Path:
-    name = cfg.run_name or f"{prefix}_{cfg.finetune_task_name or 'tasks'}_{cfg.finetune_type or 'Poly'}"
+    name = cfg.run_name or safe_name(f"{prefix}_{cfg.finetune_task_name or 'tasks'}_{cfg.finetune_type or 'Poly'}")
     return Path(cfg.output_dir) / name
 
 
