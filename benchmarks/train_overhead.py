@@ -41,7 +41,7 @@ def base_config(data_dir: Path, out: Path, steps: int, log_every: int) -> Config
                     data_dir=str(data_dir), tasks=TASKS, output_dir=str(out), cache_dir=str(out / "cache"),
                     max_input_length=32, max_output_length=32, train_batch_size=32, total_steps=steps,
                     warmup_steps=10, log_every=log_every, eval_every=None, save_every=None, tensorboard=False,
-                    max_grad_norm=1.0), source="benchmark")
+                    max_grad_norm=1.0, n_tasks=len(TASKS)), source="benchmark")
     return cfg
 
 

@@ -28,7 +28,8 @@ from mttl.config import Config, atomic_write_text
 from mttl.data.stream import LABEL_PAD
 from mttl.errors import ConfigError, DataError
 from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model
-from mttl.train.checkpoint import TrainerState, check_resume, gathered, load_checkpoint, save_adapter_tensors, save_checkpoint
+from mttl.train.checkpoint import (TRAINER_STATE, TrainerState, check_resume, gathered, load_checkpoint,
+                                   save_adapter_tensors, save_checkpoint)
 from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
@@ -103,6 +104,9 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     tasks = task_rows(cfg.data_dir, cfg, list(roles))
     cfg.n_tasks = len(tasks)
     run_dir = prepare_run_dir(cfg, tasks)
+    if (run_dir / FINAL_DIR).is_dir() and latest_checkpoint_step(run_dir) == cfg.total_steps:
+        print(f"[mttl] {run_dir} already finished {cfg.total_steps} steps; raise total_steps to continue it")
+        return run_dir
 
     init_ray(cfg)
     datasets = {split: _dataset(cfg, split, tasks) for split in ("train", "validation")}
@@ -122,6 +126,14 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     )
     trainer.fit()
     return run_dir
+
+
+def latest_checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint Ray Train kept in the run folder (0 when none)."""
+    steps = [0]
+    for path in run_dir.glob(f"checkpoint_*/{TRAINER_STATE}"):
+        steps.append(json.loads(path.read_text())["step"])
+    return max(steps)
 
 
 def _dataset(cfg: Config, split: str, tasks: dict[str, int]):
@@ -168,7 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps))
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state.warmup_steps = json.loads((Path(folder) / "trainer_state.json").read_text())["warmup_steps"]
+            state.warmup_steps = json.loads((Path(folder) / TRAINER_STATE).read_text())["warmup_steps"]
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
         lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
