@@ -17,8 +17,10 @@ import pkgutil
 from pathlib import Path
 from types import ModuleType
 
+from dataclasses import fields
+
 from mttl.config import Config
-from mttl.errors import ConfigError
+from mttl.errors import ConfigError, MttlError
 
 SPACES_PACKAGE = "tune_spaces"
 
@@ -122,6 +124,7 @@ def checkpoint_config_for(cfg: Config) -> Config:
 def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:
     """The config every trial starts from (space's finetune type and defaults unless set), the space, its name."""
     inherited = checkpoint_config_for(cfg)
+    cfg = with_absolute_paths(cfg)
     name = cfg.tune_space or default_space_name(inherited)
     if name.endswith(".py"):  # trials and a resumed searcher load it again, maybe from another folder
         name = str(Path(name).expanduser().resolve())
@@ -134,6 +137,16 @@ def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:
         if not cfg.was_overridden(key):
             setattr(base, key, value)
     return base, module, name
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy whose local path keys are absolute: trials run in their own working folders."""
+    out = cfg.copy()
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("path") and isinstance(value, str) and Path(value).exists():
+            setattr(out, f.name, str(Path(value).resolve()))
+    return out
 
 
 class DefineBySpace:
@@ -180,11 +193,12 @@ def _trial_rows(study: str, results) -> list[dict]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
+        error = str(result.error).strip().splitlines()[-1] if result.error else ""
         row = {"study": study, "trial_id": metrics.get("trial_id") or Path(result.path).name,
                "status": "complete" if metrics.get("complete") else ("error" if result.error else "stopped"),
                **{f"hp/{k}": v for k, v in sorted(trial_overrides(result.config).items())},
                "validations": metrics.get(TIME_ATTR, 0), "mean": metrics.get(OBJECTIVE),
-               "test_mean": metrics.get("test_mean")}
+               "test_mean": metrics.get("test_mean"), "error": error}
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))})
         rows.append(row)
     return rows
@@ -238,6 +252,10 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
                  "hyperparameters": {k[3:]: v for k, v in best.items() if k.startswith("hp/")},
                  "mean": best["mean"], "test_mean": best["test_mean"]}, indent=2, sort_keys=True) + "\n")
         all_rows += rows
+        if rows and all(r["status"] == "error" for r in rows):
+            _write_csv(sweep_dir / "results.csv", all_rows)
+            raise MttlError(f"every trial of study '{study}' failed, e.g.: {rows[0]['error']} "
+                            f"(tracebacks: the trial folders under {study_dir})")
         _write_csv(sweep_dir / "results.csv", all_rows)
     summary = summary_table(all_rows)
     atomic_write_text(sweep_dir / "summary.md", summary + "\n")
