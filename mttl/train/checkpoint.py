@@ -76,11 +76,36 @@ def save_checkpoint(engine, model: torch.nn.Module, folder: str | os.PathLike, s
                     cfg: Config, meta: dict, rank: int) -> None:
     """Every rank calls this (DeepSpeed's save and ZeRO-3 gathering are collectives)."""
     folder = Path(folder)
-    engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    with without_frozen_tensors(engine):
+        engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     if cfg.model_modifier:
         save_adapter_tensors(model, folder, meta, cfg.zero_stage, rank)
     if rank == 0:
         atomic_write_text(folder / TRAINER_STATE, json.dumps(asdict(state), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def without_frozen_tensors(engine):
+    """Keep every frozen tensor out of DeepSpeed's saved module state.
+
+    `exclude_frozen_parameters` drops frozen parameters by name only; a frozen tensor reachable
+    under a second name (T5's `shared` embedding is also `encoder.embed_tokens` and
+    `decoder.embed_tokens`) would still be written, so entries sharing a frozen tensor's storage go.
+    """
+    frozen = {p.data_ptr() for p in engine.module.parameters() if not p.requires_grad and p.numel()}
+    full_state = engine.module_state_dict
+
+    def trainable_state(*args, **kwargs):
+        state = full_state(*args, **kwargs)
+        for name in [n for n, t in state.items() if t.numel() and t.data_ptr() in frozen]:
+            del state[name]
+        return state
+
+    engine.module_state_dict = trainable_state
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # back to the class's method
 
 
 def save_adapter_tensors(model: torch.nn.Module, folder: Path, meta: dict, zero_stage: int, rank: int) -> None:

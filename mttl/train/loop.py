@@ -86,6 +86,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     """Run (or resume) one pre-training phase on the tasks of `roles`; returns the run folder."""
     from mttl.ray_utils import init_ray, resources_per_worker  # first: sets Ray's environment before Ray loads
 
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -109,6 +110,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         return run_dir
 
     init_ray(cfg)
+    # the console carries one progress line per log interval, not Ray Data's bars
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {split: _dataset(cfg, split, tasks) for split in ("train", "validation")}
     trainer = TorchTrainer(
         train_loop_per_worker,
