@@ -218,3 +218,19 @@ def test_rerun_keeps_finished_seeds_and_runs_the_rest(tmp_path, synthetic, check
     rows = _results(tmp_path / "ft")
     assert rows[:3] == first  # seed 13 kept as written, not run again
     assert [(r["seed"], r["evaluation"]) for r in rows[3:]] == [(42, "zero_shot"), (42, "best_val"), (42, "test")]
+
+
+def test_checkpoint_saved_with_average_routing(tmp_path, synthetic):
+    """A `switch_to_avg_modules` run: MuZ trains its averaged adapters; routing types are refused."""
+    from mttl.adapters import ops
+    from mttl.models.run import load_run
+
+    run = make_checkpoint(tmp_path, synthetic[0], "poly")
+    loaded = load_run(run)
+    ops.switch_to_average(loaded.model)
+    save_adapters(loaded.model, run / "final")
+    mu = load_for_finetuning(_cfg(run, finetune_type="MuZ")).model
+    assert all(isinstance(s, AverageSelector) for s in selectors(mu).values())
+    assert any(p.requires_grad for p in mu.parameters())
+    with pytest.raises(ConfigError, match="finetune_type=MuZ"):
+        load_for_finetuning(_cfg(run, finetune_type="Z"))

@@ -94,6 +94,7 @@ def checkpoint_finetune_config(cfg: Config) -> Config:
 def load_for_finetuning(cfg: Config) -> FinetuneModel:
     """The checkpoint's model prepared for `cfg.finetune_type`, with routing row 0 for the new task."""
     from mttl.adapters import load_adapters, ops
+    from mttl.adapters.inject import adapter_config
     from mttl.models.run import FINAL_DIR, backbone_source, build_routed_model, resolve_run_dir
     from mttl.models.tokenizer import load_tokenizer
 
@@ -113,10 +114,15 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
             raise CheckpointError(f"run folder '{run_dir}' has no {FINAL_DIR}/adapters.json; finish the run first")
         load_adapters(model, run_dir / FINAL_DIR)
     if merged.model_modifier in ROUTED_MODIFIERS:
+        learned = adapter_config(model).selector == "poly"  # a switch_to_avg_modules run saved the average
         if cfg.finetune_type == "MuZ":
-            ops.switch_to_average(model)
-        else:
+            if learned:
+                ops.switch_to_average(model)
+        elif learned:
             ops.resize_routing(model, 1)
+        elif adapter_config(model).selector == "average":
+            raise ConfigError(f"'{run_dir}' was saved with average routing (switch_to_avg_modules), so it has no "
+                              f"routing to train: use finetune_type=MuZ")
     set_trainable(model, merged.trainable_param_names, merged.non_trainable_param_names)
     return FinetuneModel(cfg=merged, model=model, tokenizer=tokenizer, run_dir=run_dir)
 
