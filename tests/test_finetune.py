@@ -100,6 +100,7 @@ def test_every_finetune_type_end_to_end_on_synthetic(tmp_path, synthetic, checkp
     assert {r["task"] for r in rows} == {task} and {r["seed"] for r in rows} == {13}
     assert {r["finetune_type"] for r in rows} == {finetune_type or "Poly"}
     assert all(r["metric"] == "exact_match" and 0 <= r["value"] <= 100 for r in rows)
+    assert all(r["value"] == r["exact_match"] and 0 <= r["rougeL"] <= 100 for r in rows)  # NI reports both
     best, test = rows[1], rows[2]
     assert (test["step"], test["epoch"]) == (best["step"], best["epoch"])  # the best validation weights are tested
     with open(run_dir / "results.csv") as f:

@@ -182,6 +182,7 @@ def row_references(row: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------ one task
 METRIC_KEYS = {"accuracy": "accuracy", "rouge": "rougeL", "exact_match": "exact_match"}
+SCORE_KEYS = ("accuracy", "rougeL", "exact_match")  # every score a result row carries besides `value`
 
 
 def task_metric(rows: Sequence[dict], declared: str | None = None) -> str:

@@ -14,7 +14,7 @@ from statistics import fmean
 
 from mttl.config import Config
 from mttl.errors import ConfigError
-from mttl.evaluation.metrics import evaluate_rows, task_metric
+from mttl.evaluation.metrics import SCORE_KEYS, evaluate_rows, task_metric
 
 SEEN, AVERAGE = "seen_routing", "average_routing"
 
@@ -60,7 +60,8 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
         scores = evaluate_rows(loaded.model, loaded.tokenizer, test_rows, loaded.tasks.get(task, 0), metric, merged)
         rows.append({"task": task, "seed": merged.seed, "finetune_type": SEEN if seen else AVERAGE,
                      "evaluation": "zero_shot", "metric": scores["metric"], "value": scores["value"],
-                     "step": 0, "epoch": 0, "category": infos[task].get("category")})
+                     "step": 0, "epoch": 0, "category": infos[task].get("category"),
+                     **{k: scores[k] for k in SCORE_KEYS if k in scores}})
     run_dir = run_dir_for(cfg.copy(run_name=cfg.run_name or f"evaluate_{loaded.run_dir.name}"), "evaluate")
     merged.save(run_dir)
     write_results(run_dir, rows)

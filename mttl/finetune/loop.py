@@ -25,7 +25,7 @@ import torch
 
 from mttl.config import Config, atomic_write_text
 from mttl.errors import ConfigError, DataError
-from mttl.evaluation.metrics import (encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
+from mttl.evaluation.metrics import (SCORE_KEYS, encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
                                      is_multiple_choice, task_metric)
 from mttl.finetune.losses import lm_loss, multiple_choice_loss
 from mttl.finetune.types import checkpoint_finetune_config, load_for_finetuning
@@ -121,7 +121,7 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     def evaluate(rows, evaluation, step, epoch) -> dict:
         scores = evaluate_rows(model, ft.tokenizer, rows, TASK_ID, metric, run_cfg)
         row = {**base, "evaluation": evaluation, "metric": scores["metric"], "value": scores["value"],
-               "step": step, "epoch": epoch}
+               "step": step, "epoch": epoch, **{k: scores[k] for k in SCORE_KEYS if k in scores}}
         if log:
             log({"step": step, "seed": seed, f"{evaluation}/{scores['metric']}": scores["value"]})
         return row
