@@ -235,3 +235,23 @@ def test_checkpoint_saved_with_average_routing(tmp_path, synthetic):
     assert any(p.requires_grad for p in mu.parameters())
     with pytest.raises(ConfigError, match="finetune_type=MuZ"):
         load_for_finetuning(_cfg(run, finetune_type="Z"))
+
+
+def test_ni_generation_task_scored_with_rouge(tmp_path):
+    """A held-out Super-NI task (thinned for 2 cores): beam search, Rouge-L as the metric, EM beside it."""
+    from mttl.data import shards
+    from mttl.data.ni import prepare_ni
+
+    manifest = prepare_ni(shared_path("data", "natural-instructions"), tmp_path / "ni_full", split="available",
+                          max_instances_per_task=8, test_instances=6, validation_per_task=4, tokenizer="byte",
+                          max_input_length=128)
+    task = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[0]
+    rows = shards.read_rows(tmp_path / "ni_full", tasks=[task]).to_pylist()
+    keep = [r for r in rows if r["split"] == "validation"][:14] + [r for r in rows if r["split"] == "test"][:6]
+    shards.write_prepared(tmp_path / "ni", keep, {task: manifest["tasks"][task]}, source="ni-test-subset", args={})
+    checkpoint = make_checkpoint(tmp_path, tmp_path / "ni", "poly", dataset="ni")
+    assert main(["finetune", "-k", f"checkpoint={checkpoint}", f"finetune_task_name={task}", f"output_dir={tmp_path}",
+                 "run_name=ni", *FAST, "num_beams=2", "max_output_length=8"]) == 0
+    rows = _results(tmp_path / "ni")
+    assert [r["evaluation"] for r in rows] == ["zero_shot", "best_val", "test"]
+    assert all(r["metric"] == "rougeL" and r["value"] == r["rougeL"] and "exact_match" in r for r in rows)
