@@ -53,6 +53,8 @@ def plain_loop(cfg: Config, steps: int, skip: int) -> dict:
     from mttl.models.tokenizer import load_tokenizer
     from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups
 
+    # one intra-op thread, as Ray gives a worker holding at most one CPU (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer("byte")
     table = read_rows(cfg.data_dir, tasks=TASKS, splits=["train"], columns=["task_name", "source", "target"])

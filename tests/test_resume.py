@@ -17,7 +17,7 @@ import torch
 from mttl.cli import main
 from mttl.data.synthetic import prepare_synthetic
 from mttl.train.loop import pretrain
-from train_support import TASKS, tiny_config, train_rows
+from train_support import TASKS, tiny_config, train_rows, train_worker_pids
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -90,8 +90,6 @@ def test_changed_config_is_refused_naming_the_keys(suite, capsys):
 
 
 def test_killed_worker_restarts_from_its_last_checkpoint(suite, ray_cluster):
-    from ray.util.state import list_actors
-
     cfg = tiny_config(suite / "synthetic", suite / "runs", "killed_worker", total_steps=150, save_every=10,
                       eval_every=None, log_every=5, max_failures=1)
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -99,9 +97,9 @@ def test_killed_worker_restarts_from_its_last_checkpoint(suite, ray_cluster):
     thread = threading.Thread(target=lambda: _capture(failure, pretrain, cfg))
     thread.start()
     killed_after = _wait_for_checkpoint(run_dir)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert workers
-    os.kill(workers[0].pid, signal.SIGKILL)
+    workers = train_worker_pids(os.getpid())
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
     thread.join(timeout=600)
     assert not thread.is_alive() and not failure, failure
     resumed = [r["resumed_from_step"] for r in _rows(run_dir) if "resumed_from_step" in r]

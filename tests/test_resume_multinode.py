@@ -26,11 +26,11 @@ SCRIPT = textwrap.dedent("""
 
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
+    from ray._private import ray_constants
 
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
     from mttl.train.loop import pretrain
-    from train_support import tiny_config
+    from train_support import tiny_config, train_worker_pids
 
     data_dir, out = Path(sys.argv[3]), Path(sys.argv[4])
     # one training slot per node: the two workers must sit on two different nodes
@@ -53,14 +53,16 @@ SCRIPT = textwrap.dedent("""
     while not list(run_dir.glob("checkpoint_*/trainer_state.json")):
         assert time.time() < deadline, "no checkpoint"
         time.sleep(0.2)
-    worker_nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                             ("state", "=", "ALIVE")])}
-    victim = next(n for n in nodes if n.node_id in worker_nodes)
+    def raylet_pid(node):
+        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    hosting = [n for n in [cluster.head_node, *nodes] if train_worker_pids(raylet_pid(n))]
+    worker_nodes = len(hosting)
+    victim = next(n for n in nodes if n in hosting)
     killed_at = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json"))
     cluster.remove_node(victim)
     thread.join(timeout=500)
     (out / "report.json").write_text(json.dumps({"errors": errors, "alive": thread.is_alive(),
-                                                 "killed_at": killed_at, "worker_nodes": len(worker_nodes)}))
+                                                 "killed_at": killed_at, "worker_nodes": worker_nodes}))
     ray.shutdown()
     cluster.shutdown()
 """)

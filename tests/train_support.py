@@ -41,3 +41,20 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 def eval_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+
+
+def train_worker_pids(root_pid: int) -> list[int]:
+    """PIDs of Ray Train worker processes below `root_pid` (a driver or a raylet started by this test).
+
+    Looking only below our own processes keeps other Ray clusters on the machine out of reach.
+    """
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return pids

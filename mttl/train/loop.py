@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from mttl.config import Config, atomic_write_text
 from mttl.data.stream import LABEL_PAD
-from mttl.errors import ConfigError, DataError
+from mttl.errors import ConfigError, DataError, MttlError
 from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model
 from mttl.train.checkpoint import (TRAINER_STATE, TrainerState, check_resume, gathered, load_checkpoint,
                                    save_adapter_tensors, save_checkpoint)
@@ -127,8 +127,23 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         # validation is split too: each rank scores its part and the sums are all-reduced
         dataset_config=data_config(("train", "validation")),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        raise user_error from None
     return run_dir
+
+
+def _user_error(err) -> MttlError | None:
+    """A worker's own MttlError (bad data, bad key), so the CLI reports it as one line."""
+    for failure in err.worker_failures.values():
+        failure = getattr(failure, "_base_exc", failure)  # Ray Train wraps it with its traceback text
+        if isinstance(failure, MttlError):
+            return type(failure)(str(failure))
+    return None
 
 
 def latest_checkpoint_step(run_dir: Path) -> int:
