@@ -122,14 +122,17 @@ def checkpoint_config_for(cfg: Config) -> Config:
 
 
 def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:
-    """The config every trial starts from (space's finetune type and defaults unless set), the space, its name."""
-    inherited = checkpoint_config_for(cfg)
-    cfg = with_absolute_paths(cfg)
-    name = cfg.tune_space or default_space_name(inherited)
+    """The config every trial starts from, the space, its name.
+
+    The base is `cfg` with the checkpoint's architecture and data keys (so seeds and validation
+    defaults follow the checkpoint's dataset), absolute paths, and the space's finetune type and
+    defaults where the user set none.
+    """
+    base = with_absolute_paths(checkpoint_config_for(cfg))
+    name = cfg.tune_space or default_space_name(base)
     if name.endswith(".py"):  # trials and a resumed searcher load it again, maybe from another folder
         name = str(Path(name).expanduser().resolve())
     module = load_space(name)
-    base = cfg.copy()
     fixed = dict(getattr(module, "DEFAULTS", {}))
     if hasattr(module, "FINETUNE_TYPE"):
         fixed["finetune_type"] = module.FINETUNE_TYPE
@@ -230,7 +233,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     from mttl.ray_utils import init_ray
 
     base, module, space_name = sweep_base_config(cfg)
-    tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(checkpoint_config_for(base)))
+    tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(base))
     if not tasks:
         raise ConfigError("no held-out tasks to sweep: name them with -k tasks=['task_a']")
     sweep_dir = (Path(cfg.output_dir) / (cfg.run_name or f"sweep_{Path(space_name).stem}")).resolve()

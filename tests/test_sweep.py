@@ -121,3 +121,18 @@ def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
     after = _complete_trial_reports(study)
     for trial, reports in finished_before.items():
         assert after[trial] == reports  # kept as it was, not run again
+
+
+def test_sweep_base_follows_the_checkpoint_and_the_space(cb_run, monkeypatch):
+    from mttl.config import Config
+    from mttl.finetune.loop import default_seeds, eval_every_epochs
+    from mttl.sweep import sweep_base_config
+
+    checkpoint, space = cb_run
+    monkeypatch.chdir(checkpoint.parent)
+    base, module, name = sweep_base_config(Config().update({"checkpoint": checkpoint.name, "tune_space": "mhr_z"}))
+    assert base.dataset == "t0" and default_seeds(base) == [42, 1024, 0] and eval_every_epochs(base) == 50
+    assert base.checkpoint == str(checkpoint) and base.finetune_type == "Z" and name == "mhr_z"
+    base, _, name = sweep_base_config(Config().update({"checkpoint": str(checkpoint), "tune_space": space.name,
+                                                       "finetune_type": "Poly"}))
+    assert name == str(space) and base.finetune_type == "Poly"  # the user's choice wins over the space's
