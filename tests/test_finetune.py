@@ -76,7 +76,7 @@ def synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, synthetic):
     root = tmp_path_factory.mktemp("runs")
-    return {kind: make_checkpoint(root, synthetic[0], kind) for kind in ("poly", None)}
+    return {kind: make_checkpoint(root, synthetic[0], kind) for kind in ("poly", "lora", None)}
 
 
 def _results(run_dir: Path) -> list[dict]:
@@ -143,6 +143,13 @@ def test_finetune_types_train_the_right_weights(checkpoints):
                                                "model_modifier": "ia3"})).model
     trained = [n for n, p in ia3.named_parameters() if p.requires_grad]
     assert trained and all(n.endswith("multi_lora_b") for n in trained)
+
+    from mttl.models.run import load_run
+
+    lora = load_for_finetuning(_cfg(checkpoints["lora"], finetune_type="A")).model  # the run's own LoRA, trained
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    saved = _adapter_state(load_run(checkpoints["lora"]).model)
+    assert trained == set(saved) and all(torch.equal(saved[k], _adapter_state(lora)[k]) for k in saved)
 
 
 def test_user_keys_win_over_the_checkpoint(checkpoints):
