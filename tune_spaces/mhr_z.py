@@ -1,3 +1,5 @@
 """MHR-z: routing logits only (per head), the same search as Poly-z."""
 
-from tune_spaces.poly_z import FINETUNE_TYPE, GRID, space  # noqa: F401  (same space, own name)
+from tune_spaces.poly_z import FINETUNE_TYPE, GRID, space
+
+__all__ = ["FINETUNE_TYPE", "GRID", "space"]  # the same space under its own name
