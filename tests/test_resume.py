@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from mttl.cli import main
 from mttl.data.synthetic import prepare_synthetic
 from mttl.train.loop import pretrain
-from train_support import TASKS, tiny_config, train_rows, train_worker_pids
+from train_support import TASKS, tiny_config, train_rows, train_worker_pids, wait_for_registered_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -42,16 +41,6 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
         except (json.JSONDecodeError, OSError):  # being written
             continue
     return sorted(steps)
-
-
-def _wait_for_checkpoint(run_dir: Path, timeout: float = 240) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = _checkpoint_steps(run_dir)
-        if steps:
-            return steps[-1]
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint appeared in {run_dir}")
 
 
 def test_finished_run_continues_to_a_larger_total(suite, ray_cluster):
@@ -96,7 +85,7 @@ def test_killed_worker_restarts_from_its_last_checkpoint(suite, ray_cluster):
     failure = []
     thread = threading.Thread(target=lambda: _capture(failure, pretrain, cfg))
     thread.start()
-    killed_after = _wait_for_checkpoint(run_dir)
+    killed_after = wait_for_registered_checkpoint(run_dir)
     workers = train_worker_pids(os.getpid())
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
@@ -127,7 +116,7 @@ def test_killed_driver_resumes_with_the_same_command(suite):
     first = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_checkpoint(run_dir, timeout=400)
+        wait_for_registered_checkpoint(run_dir, timeout=400)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

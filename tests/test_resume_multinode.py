@@ -21,7 +21,7 @@ TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, sys, threading
     from pathlib import Path
 
     import ray
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
 
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
     from mttl.train.loop import pretrain
-    from train_support import tiny_config, train_worker_pids
+    from train_support import tiny_config, train_worker_pids, wait_for_registered_checkpoint
 
     data_dir, out = Path(sys.argv[3]), Path(sys.argv[4])
     # one training slot per node: the two workers must sit on two different nodes
@@ -49,16 +49,12 @@ SCRIPT = textwrap.dedent("""
             errors.append(repr(err))
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoint_*/trainer_state.json")):
-        assert time.time() < deadline, "no checkpoint"
-        time.sleep(0.2)
+    killed_at = wait_for_registered_checkpoint(run_dir)
     def raylet_pid(node):
         return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     hosting = [n for n in [cluster.head_node, *nodes] if train_worker_pids(raylet_pid(n))]
     worker_nodes = len(hosting)
     victim = next(n for n in nodes if n in hosting)
-    killed_at = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json"))
     cluster.remove_node(victim)
     thread.join(timeout=500)
     (out / "report.json").write_text(json.dumps({"errors": errors, "alive": thread.is_alive(),

@@ -58,3 +58,28 @@ def train_worker_pids(root_pid: int) -> list[int]:
         except psutil.Error:  # exited meanwhile
             continue
     return pids
+
+
+def registered_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (and would resume from), oldest first.
+
+    A checkpoint folder appears on disk before the controller records it; only recorded ones
+    count for a restart.
+    """
+    try:
+        snapshot = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):  # not written yet, or being replaced
+        return []
+    return sorted(r["metrics"]["step"] for r in snapshot.get("checkpoint_results", []))
+
+
+def wait_for_registered_checkpoint(run_dir: Path, timeout: float = 300) -> int:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = registered_checkpoint_steps(run_dir)
+        if steps:
+            return steps[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"Ray Train registered no checkpoint in {run_dir} within {timeout} s")
