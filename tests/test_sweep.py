@@ -70,8 +70,10 @@ def test_optuna_asha_sweep_stops_poor_trials(ray_cluster, tmp_path, cb_run):
 def test_grid_search_runs_the_reference_preset(ray_cluster, tmp_path, cb_run):
     checkpoint, _ = cb_run
     assert main(["sweep", "-k", f"checkpoint={checkpoint}", "tune_space=mhr_z", "search=grid",
-                 f"output_dir={tmp_path}", "run_name=grid", *FAST, "total_steps=2"]) == 0
+                 f"output_dir={tmp_path}", "run_name=grid", *FAST, "total_steps=2", "study_per_task=False"]) == 0
     rows = _rows(tmp_path / "grid" / "results.csv")
+    assert {r["study"] for r in rows} == {"all_tasks"}  # one study over every task
+    assert json.loads((tmp_path / "grid" / "all_tasks" / "best.json").read_text())["tasks"] == ["cb"]
     assert sorted(float(r["hp/module_logits_learning_rate"]) for r in rows) == [0.1, 0.5]
     assert all(r["status"] == "complete" for r in rows)
     assert json.loads((tmp_path / "grid" / "config.json").read_text())["finetune_type"] == "Z"
