@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,16 @@ def _stop_cluster(temp_dir: Path) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _submit_when_ready(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's dashboard agent is still starting."""
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=560)
+        if "No available agent" not in done.stderr + done.stdout or time.time() > deadline:
+            return done
+        time.sleep(3)
+
+
 def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
     data_dir = tmp_path / "synthetic"
     prepare_synthetic(data_dir, seed=0)
@@ -61,15 +72,16 @@ def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
         runtime_env = {"env_vars": {"RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
                                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
                        "excludes": [".venv", ".git", "output", "cache", "benchmarks/out", "**/__pycache__"]}
-        submit = subprocess.run(
+        command = (
             [_ray_cli(), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
              "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
              "python", "jobs/pretrain.py", "-k", "model=tiny-t5", "tiny_d_model=32", "tiny_num_layers=1",
              "model_modifier=poly", "n_skills=2", "lora_rank=2", f"data_dir={data_dir}", f"tasks={TASKS!r}",
              f"output_dir={out}", "run_name=submitted", "max_input_length=16", "max_output_length=16",
              "num_workers=2", "train_batch_size=8", "total_steps=6", "save_every=3", "eval_every=6",
-             "log_every=2", f"cache_dir={tmp_path / 'cache'}"],
-            env=env, capture_output=True, text=True, timeout=560)
+             "log_every=2", f"cache_dir={tmp_path / 'cache'}"]
+        )
+        submit = _submit_when_ready(command, env)
         assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
         assert "SUCCEEDED" in submit.stdout
     finally:

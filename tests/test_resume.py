@@ -16,7 +16,8 @@ import torch
 from mttl.cli import main
 from mttl.data.synthetic import prepare_synthetic
 from mttl.train.loop import pretrain
-from train_support import TASKS, tiny_config, train_rows, train_worker_pids, wait_for_registered_checkpoint
+from train_support import (TASKS, registered_checkpoint_steps, tiny_config, train_rows, train_worker_pids,
+                           wait_for_registered_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ def test_killed_driver_resumes_with_the_same_command(suite):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    killed_at = _checkpoint_steps(run_dir)[-1]
+    killed_at = registered_checkpoint_steps(run_dir)[-1]  # what a restart can resume from
     assert killed_at < 200
     second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stderr[-3000:]
