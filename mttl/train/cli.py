@@ -16,6 +16,11 @@ from mttl.errors import ConfigError
 
 HELP = "pre-train routed adapters on many tasks (Ray Train workers, DeepSpeed ZeRO 0-3)"
 DESCRIPTION = __doc__ + """
+Phase one runs twice phase two's total_steps. The run folder $output_dir/$run_name holds config.json,
+tasks.json, metrics.jsonl, TensorBoard events, Ray Train checkpoints and final/. Running the same
+command again resumes from the last checkpoint; a larger total_steps continues a finished run; any
+other changed key is refused.
+
 examples:
   mttl pretrain                                     # synthetic suite, tiny T5, two phases
   mttl pretrain -k num_workers=2 zero_stage=3 train_batch_size=16
