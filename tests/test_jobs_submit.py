@@ -64,8 +64,13 @@ def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", DS_ACCELERATOR="cpu",
                # the venv's bin first: the same ninja (and op cache) as everywhere else
                PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    # every port this head opens is a free one: other Ray clusters may run on the machine (the
+    # default agent port 52365, once taken, leaves the head without a job agent)
+    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
     subprocess.run([_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                    f"--port={port}", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+                    f"--port={port}", f"--dashboard-port={dashboard_port}", *agent_ports, "--num-cpus=2",
                     "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
