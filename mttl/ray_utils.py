@@ -27,7 +27,10 @@ for _key, _value in SAFE_ENV.items():
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
-    """Environment for training workers (DeepSpeed picks its accelerator from DS_ACCELERATOR)."""
+    """Environment for training workers (DeepSpeed picks its accelerator from DS_ACCELERATOR).
+
+    Passed as the workers' runtime env, so it reaches them on any cluster, joined or started.
+    """
     env = dict(SAFE_ENV)
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -47,13 +50,13 @@ def init_ray(cfg: Config) -> None:
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env(cfg)}
+    # No runtime env here: inside a submitted job it would clash with the job's own; training
+    # workers get theirs from `worker_env` through the trainer's RunConfig.
     try:
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
-                     _node_ip_address="127.0.0.1")
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     except ConnectionError as err:
         raise ConfigError(f"cannot connect to the Ray cluster at ray_address={address!r}: {err}; "
                           "check the address or unset it to start a local cluster") from None

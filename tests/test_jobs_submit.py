@@ -88,7 +88,7 @@ def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
         )
         submit = _submit_when_ready(command, env)
         assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
-        assert "SUCCEEDED" in submit.stdout
+        assert "succeeded" in submit.stdout
     finally:
         _stop_cluster(temp_dir)
     run_dir = out / "submitted"

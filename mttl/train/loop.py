@@ -84,7 +84,7 @@ def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
 
 def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     """Run (or resume) one pre-training phase on the tasks of `roles`; returns the run folder."""
-    from mttl.ray_utils import init_ray, resources_per_worker  # first: sets Ray's environment before Ray loads
+    from mttl.ray_utils import init_ray, resources_per_worker, worker_env  # first: sets Ray's environment
 
     import ray.data
     import ray.train
@@ -122,7 +122,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=cfg.output_dir,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)}),
         datasets=datasets,
         # validation is split too: each rank scores its part and the sums are all-reduced
         dataset_config=data_config(("train", "validation")),
