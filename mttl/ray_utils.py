@@ -36,8 +36,6 @@ def worker_env(cfg: Config) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("HF_HUB_OFFLINE"):
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
-    # Workers JIT-build DeepSpeed's comm op once; the same PATH keeps the same ninja and cache.
-    env["PATH"] = os.environ.get("PATH", "")
     return env
 
 

@@ -98,4 +98,4 @@ def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
     assert steps[-1] == 6
     assert (run_dir / "final" / "adapters.safetensors").is_file()
     assert (run_dir / "final" / "backbone" / "config.json").is_file()  # tiny-t5 is built from a config
-    assert len(list(run_dir.glob("checkpoint_*"))) == 2
+    assert len(list(run_dir.glob("checkpoint_*/trainer_state.json"))) == 2
