@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mttl.errors import ConfigError
+from mttl.tracking import absolute_tracking_uri
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -164,8 +165,8 @@ class Config:
 
     # ---------------------------------------------------------------------------------- tracking
     tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
-    mlflow_tracking_uri: str | None = _f(None, "Log runs to MLflow at this URI. Example: -k mlflow_tracking_uri=file:./mlruns")
-    wandb_project: str | None = _f(None, "Log runs to Weights & Biases (needs WANDB_API_KEY and the wandb package). Example: -k wandb_project=mttl")
+    mlflow_tracking_uri: str | None = _f(None, "Log runs to MLflow at this URI (experiment `mttl`, one MLflow run per run folder); a relative local path is taken from the folder you run mttl in. Example: -k mlflow_tracking_uri=file:./mlruns")
+    wandb_project: str | None = _f(None, "Log runs to this Weights & Biases project (needs `pip install 'mttl[wandb]'` and WANDB_API_KEY, or WANDB_MODE=offline). Example: -k wandb_project=mttl")
 
     # ---------------------------------------------------------------------- bookkeeping (private)
     _overridden: set = field(default_factory=set, repr=False, compare=False, metadata={"help": "internal"})
@@ -198,6 +199,8 @@ class Config:
                 raise ConfigError(_unknown_key_message(raw_key, source, known))
             if known[key].metadata.get("path") and isinstance(value, str):
                 value = _expand(value, raw_key, source)
+            if key == "mlflow_tracking_uri" and isinstance(value, str):
+                value = absolute_tracking_uri(value)  # Ray workers run in other folders
             value = _coerce(key, value, known[key], source)
             setattr(self, key, value)
             self._overridden.add(key)
