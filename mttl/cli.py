@@ -29,14 +29,29 @@ COMMANDS = {
 }
 
 
+EPILOG = """\
+Run `mttl COMMAND --help` for the options and examples of a command.
+
+Examples:
+  mttl quickstart                                     # the whole pipeline on the synthetic suite
+  mttl pretrain                                       # pre-train Poly adapters on the synthetic suite
+  mttl evaluate -k checkpoint=output/synthetic_poly   # score it on the held-out tasks, no training
+  mttl report output/synthetic_poly --out report
+  mttl configs                                        # the ready-made config files for -c
+"""
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The `-c a.json+b.json -k key=value …` pair shared by every training command."""
     parser.add_argument("-c", "--config", dest="config_files", default=None, metavar="A.json+B.json",
-                        help="config files merged left to right; a name is looked up in jobs/configs/. "
-                             "Example: -c ni/pretrain.json+ni/mhr.json")
+                        help="JSON config files merged left to right (later files win); a name that is not a "
+                             "path is looked up in ./configs/, jobs/configs/ and the package's configs "
+                             "(`mttl configs` lists them). Example: -c ni/pretrain.json+ni/mhr.json")
     parser.add_argument("-k", "--kwargs", dest="kwargs", nargs="+", action="append", default=[],
                         metavar="KEY=VALUE",
-                        help="overrides, parsed as Python literals; may repeat. Example: -k learning_rate=1e-3 n_splits=16")
+                        help="config keys to set, after the -c files; values are Python literals (quote lists "
+                             "for the shell); every key is described in docs/configuration.md. "
+                             "Example: -k learning_rate=1e-3 n_splits=16 seeds=\"[13, 42]\"")
 
 
 def flat_kwargs(args: argparse.Namespace) -> list[str]:
@@ -56,8 +71,8 @@ def build_parser(load_all: bool = True, only: str | None = None) -> argparse.Arg
     parser = argparse.ArgumentParser(
         prog="mttl",
         description="Multi-task transfer learning with routed adapters (LoRA, (IA)3, Poly, MHR) on Ray.",
-        epilog="Run `mttl COMMAND --help` for the options of a command.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_debug(parser, "mttl --debug pretrain")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb, module_name in _available_commands().items():
         if only is not None and verb != only:
@@ -68,8 +83,16 @@ def build_parser(load_all: bool = True, only: str | None = None) -> argparse.Arg
         p = sub.add_parser(verb, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
+        if "--debug" not in p._option_string_actions:
+            _add_debug(p, f"mttl {verb} --debug")
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message "
+                             f"(or set MTTL_DEBUG=1). Example: {example}")
 
 
 def _module_help(module_name: str) -> str:

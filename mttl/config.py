@@ -351,11 +351,21 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
         elif type_name.startswith("dict") and not isinstance(value, dict):
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}' (from {source}) must be {type_name.split(' ')[0]}, got {value!r}") from None
+        expected = "True or False" if type_name.startswith("bool") else type_name.split(" ")[0]
+        raise ConfigError(f"config key '{key}' (from {source}) must be {expected}, got {value!r}{_example_hint(f)}") from None
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"config key '{key}' (from {source}) must be one of {[c for c in choices if c is not None]}, got {value!r}")
+        allowed = [c for c in choices if c is not None]
+        close = difflib.get_close_matches(str(value), [str(c) for c in allowed], n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else _example_hint(f)
+        raise ConfigError(f"config key '{key}' (from {source}) must be one of {allowed}, got {value!r}{hint}")
     return value
+
+
+def _example_hint(f: dataclasses.Field) -> str:
+    """'; example: -k key=value' from the field's help text (every field's help ends with one)."""
+    text = f.metadata.get("help", "")
+    return "; example: " + text.split("Example: ", 1)[1] if "Example: " in text else ""
 
 
 def parse_literal(text: str) -> Any:

@@ -36,6 +36,8 @@ def worker_env(cfg: Config) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("HF_HUB_OFFLINE"):
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    # tracking settings (W&B offline mode, credentials, MLflow options) reach rank 0, which logs
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "MLFLOW_"))})
     return env
 
 

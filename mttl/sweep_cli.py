@@ -8,12 +8,15 @@ from mttl.config import load_config
 HELP = "search fine-tuning hyper-parameters per held-out task with Ray Tune, Optuna (TPE) and ASHA"
 DESCRIPTION = HELP + """
 
-Example:
-  mttl sweep -k checkpoint=output/mhr_synthetic tune_space=mhr_z num_samples=8 run_name=sweep_z
+The space is a tune_spaces/ module (full, ia3, lora, mhr, mhr_mu, mhr_z, poly, poly_z) or a .py
+file; search=grid runs its preset grid instead. Running the same run_name again resumes the
+sweep. Writes results.csv, <study>/best.json and summary.md into $output_dir/$run_name/.
 
-The space is a tune_spaces/ module (or a .py file); search=grid runs its preset grid instead.
-Running the same run_name again resumes the sweep. Writes results.csv, <study>/best.json and
-summary.md into $output_dir/$run_name/."""
+Examples:
+  mttl sweep -k checkpoint=output/synthetic_poly tune_space=poly num_samples=8
+  mttl sweep -k checkpoint=output/t0_mhr tune_space=mhr_z tasks="['rte', 'cb']" run_name=sweep_t0_z
+  mttl sweep -k checkpoint=output/ni_mhr finetune_type=Z search=grid run_name=sweep_ni_mhr_z
+"""
 
 
 def add_arguments(parser) -> None:

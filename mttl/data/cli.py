@@ -29,6 +29,22 @@ SOURCES = {
     "xfit": "mttl.data.xfit",
     "synthetic": "mttl.data.synthetic",
 }
+# sub-command -> the examples block of its --help
+EXAMPLES = {
+    "ni": ["mttl prepare ni --source ../shared/data/natural-instructions --split available --out data/shards/ni",
+           "mttl prepare ni --source natural-instructions --num-pos-examples 2 --tokenizer ../shared/tokenizers/t5 "
+           "--out data/shards/ni_pos2"],
+    "t0": ["mttl prepare t0 --source ../shared/data/t0 --out data/shards/t0",
+           "mttl prepare t0 --source ../shared/data/t0 --tasks cb rte --storycloze-dir ~/storycloze --out data/shards/t0"],
+    "xfit": ["mttl prepare xfit --source data/crossfit --partition random.json --out data/shards/xfit"],
+    "synthetic": ["mttl prepare synthetic --out data/shards/synthetic",
+                  "mttl prepare synthetic --seed 1 --n-heldout 4 --out data/shards/synthetic_seed1"],
+    "check": ["mttl prepare check data/shards/ni"],
+}
+
+
+def _description(text: str, source: str) -> str:
+    return text + "\n\nExamples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[source])
 
 
 def _source_modules() -> dict:
@@ -47,16 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
     for name, module in _source_modules().items():
         # "resolve": the shared --out/--debug below win over a source that also defines them
-        p = sub.add_parser(name, help=module.SOURCE_HELP, description=module.SOURCE_HELP, conflict_handler="resolve")
+        p = sub.add_parser(name, help=module.SOURCE_HELP, description=_description(module.SOURCE_HELP, name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
         module.add_cli_arguments(p)
         p.add_argument("--out", required=True, metavar="DIR",
-                       help="output folder (created or atomically replaced). Example: --out data/shards/ni")
-        p.add_argument("--debug", action="store_true", help="show the full traceback on errors. Example: --debug")
+                       help=f"output folder (created or atomically replaced). Example: --out data/shards/{name}")
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of its one-line message. Example: --debug")
         p.set_defaults(_prepare=module.prepare_from_args)
     p = sub.add_parser("check", help="verify a prepared folder against its manifest (exit 1 on problems)",
-                       description="Verify files, sha256, row counts and Parquet readability against manifest.json.")
-    p.add_argument("dir", metavar="DIR", help="prepared folder. Example: mttl prepare check data/shards/ni")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors. Example: --debug")
+                       description=_description("Verify files, sha256, row counts and Parquet readability against "
+                                                "manifest.json; prints one line per problem and exits 1.", "check"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", metavar="DIR", help="a folder written by `mttl prepare SOURCE --out DIR`. "
+                                              "Example: mttl prepare check data/shards/ni")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of its one-line message. Example: --debug")
 
 
 def run(args: argparse.Namespace) -> int:

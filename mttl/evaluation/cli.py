@@ -8,10 +8,13 @@ from mttl.config import load_config
 HELP = "score a pre-trained run on tasks without training (average routing for unseen tasks)"
 DESCRIPTION = HELP + """
 
-Example:
-  mttl evaluate -k checkpoint=output/mhr_synthetic tasks="['upper>reverse']"
+Tasks default to the dataset's held-out tasks; tasks the run was not trained on are scored with
+average routing (MHR-mu). Results go to $output_dir/$run_name/results.csv.
 
-Tasks default to the dataset's held-out tasks; results go to $output_dir/$run_name/results.csv."""
+Examples:
+  mttl evaluate -k checkpoint=output/synthetic_poly
+  mttl evaluate -k checkpoint=output/t0_mhr tasks="['rte', 'cb']" run_name=t0_mhr_zero_shot
+"""
 
 
 def add_arguments(parser) -> None:

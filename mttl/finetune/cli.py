@@ -8,11 +8,17 @@ from mttl.config import load_config
 HELP = "few-shot adaptation of a pre-trained run to one held-out task (types F, A, Z, MuZ, PolyRand, Poly)"
 DESCRIPTION = HELP + """
 
-Example:
-  mttl finetune -c t0/finetune.json -k checkpoint=output/mhr_t0 finetune_task_name=cb finetune_type=Z
+Every seed of `seeds` is trained on num_shots examples of the task, validated every
+eval_every_epochs, and its best validation weights are tested. Architecture and data keys come
+from the checkpoint's config unless given here. Writes results.jsonl and results.csv (zero_shot,
+best_val, test per seed) into $output_dir/$run_name/ (default run_name: finetune_<task>_<type>);
+running the same command again skips the seeds already done.
 
-Architecture keys come from the checkpoint's config unless given here. Writes results.jsonl and
-results.csv (zero_shot, best_val, test per seed) into $output_dir/$run_name/."""
+Examples:
+  mttl finetune -k checkpoint=output/t0_mhr finetune_task_name=rte finetune_type=Z
+  mttl finetune -k checkpoint=output/t0_mhr finetune_task_name=cb finetune_type=MuZ length_norm=1 mc_loss=1
+  mttl finetune -k checkpoint=output/ni_mhr finetune_task_name=task1356_xlsum_title_generation seeds="[13]"
+"""
 
 
 def add_arguments(parser) -> None:
