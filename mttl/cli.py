@@ -72,7 +72,7 @@ def build_parser(load_all: bool = True, only: str | None = None) -> argparse.Arg
         prog="mttl",
         description="Multi-task transfer learning with routed adapters (LoRA, (IA)3, Poly, MHR) on Ray.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_debug(parser, "mttl --debug pretrain")
+    _add_debug(parser, "mttl --debug configs -c ni/mhr.json")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb, module_name in _available_commands().items():
         if only is not None and verb != only:
@@ -84,7 +84,7 @@ def build_parser(load_all: bool = True, only: str | None = None) -> argparse.Arg
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         if "--debug" not in p._option_string_actions:
-            _add_debug(p, f"mttl {verb} --debug")
+            _add_debug(p, "--debug")
         p.set_defaults(_run=module.run)
     return parser
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from mttl.errors import DataError, MttlError
-from mttl.evaluation.metrics import aggregate
 
 HELP = "write Markdown/CSV tables and PNG figures (routing heatmaps, learning curves) for runs"
 DESCRIPTION = """\
@@ -300,6 +299,8 @@ def method_label(run_name: str, finetune_type) -> str:
 def aggregate_results(runs: list[Run]) -> tuple[list[dict], list[dict]]:
     """Fine-tuning rows → (per task: median over seeds; per method: mean and population std over
     tasks of those medians), for each run × finetune_type × metric × evaluation."""
+    from mttl.evaluation.metrics import aggregate  # imports torch: kept out of `mttl report --help`
+
     groups = defaultdict(list)
     for run in runs:
         for row in run.results:
