@@ -16,12 +16,16 @@ TINY_T5 = "tiny-t5"
 def tiny_t5_config(vocab_size: int, d_model: int = 128, num_layers: int = 2) -> transformers.T5Config:
     """T5 v1.1 / LM-adapt FFN layout (gated-GELU: wi_0/wi_1/wo) at toy size. The output head is
     tied to the embedding, which makes T5 scale the decoder output by d_model^-0.5: freshly
-    initialised logits then start near ln(vocab) loss instead of ~sqrt(d_model) times larger."""
+    initialised logits then start near ln(vocab) loss instead of ~sqrt(d_model) times larger.
+
+    Dropout is off: trained from scratch on deterministic string skills, the tiny T5 with T5's
+    default 0.1 dropout was at 0.40 exact match after 3,000 steps, without it at 0.90 (batch 32,
+    lr 1e-3, same seed; measured on the synthetic warm-up tasks)."""
     if d_model % 4:
         raise ConfigError(f"tiny_d_model={d_model} must be divisible by 4 (4 attention heads)")
     return transformers.T5Config(
         vocab_size=vocab_size, d_model=d_model, d_ff=4 * d_model, num_heads=4, d_kv=d_model // 4,
-        num_layers=num_layers, num_decoder_layers=num_layers, feed_forward_proj="gated-gelu",
+        num_layers=num_layers, num_decoder_layers=num_layers, feed_forward_proj="gated-gelu", dropout_rate=0.0,
         tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )
 

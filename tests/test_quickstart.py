@@ -1,0 +1,62 @@
+"""`mttl quickstart`: prepare → two-phase pre-training (MHR) → every method on every held-out task →
+results table → report, checked against the run folders it leaves (tiny sizes, few steps)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from mttl.cli import main
+from mttl.data.shards import read_manifest
+from mttl.data.synthetic import prepare_synthetic
+
+pytestmark = pytest.mark.slow
+
+TINY = ["tiny_d_model=32", "tiny_num_layers=1", "max_input_length=16", "max_output_length=16",
+        "train_batch_size=8", "total_steps=4", "eval_every=None", "save_every=None", "log_every=2"]
+
+
+def test_quickstart_runs_every_method_and_reports(tmp_path, ray_cluster, capsys):
+    data_dir = tmp_path / "synthetic"
+    prepare_synthetic(data_dir, seed=0, n_heldout=2, rows_per_task=40, warmup_rows_per_task=40, validation_rows=8,
+                      heldout_pool=40, heldout_validation=8, heldout_test=8)
+    runs = tmp_path / "runs"
+    code = main(["quickstart", "-k", f"output_dir={runs}", f"data_dir={data_dir}", "run_name=qs", *TINY,
+                 "--finetune", "total_steps=2", "seeds=[13, 42]", "num_shots=4", "predict_batch_size=8"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    held_out = sorted(t for t, meta in read_manifest(data_dir)["tasks"].items() if meta["role"] == "test")
+
+    adapters = json.loads((runs / "qs" / "config.json").read_text())
+    assert adapters["model_modifier"] == "poly" and adapters["n_splits"] == 4 and adapters["n_skills"] == 8
+    assert adapters["model"] == str(runs / "qs-backbone" / "final" / "backbone")
+
+    expected = {"mhr": (None, "qs"), "mhr-z": ("Z", "qs"), "mhr-mu": ("MuZ", "qs"), "lora": ("A", "qs-backbone")}
+    table_row = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| **mean**")}
+    assert table_row, printed
+    means = []
+    for method, (finetune_type, checkpoint) in expected.items():
+        folder = runs / f"qs-ft-{method}"
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["finetune_type"] == finetune_type and cfg["checkpoint"] == str(runs / checkpoint)
+        rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        tests = [r for r in rows if r["evaluation"] == "test"]
+        assert sorted({r["task"] for r in tests}) == held_out
+        assert sorted((r["task"], r["seed"]) for r in tests) == sorted((t, s) for t in held_out for s in (13, 42))
+        medians = [statistics.median(r["value"] for r in tests if r["task"] == t) for t in held_out]
+        means.append(f"**{statistics.fmean(medians):.3f}**")
+    assert table_row["**mean**"].split("|")[2:-1] == [f" {m} " for m in means]
+    assert json.loads((runs / "qs-ft-lora" / "config.json").read_text())["model_modifier"] == "lora"
+    assert json.loads((runs / "qs-ft-mhr-z" / "config.json").read_text())["trainable_param_names"] == ".*module_logits.*"
+
+    report = (runs / "qs-report" / "report.md").read_text()
+    assert "## Routing: qs" in report and "## Fine-tuning results" in report
+    assert list((runs / "qs-report" / "figures").glob("*.png"))
+
+
+def test_quickstart_refuses_an_unknown_method(tmp_path, capsys):
+    assert main(["quickstart", "--methods", "mhr,adapterdrop", "-k", f"output_dir={tmp_path}"]) != 0
+    err = capsys.readouterr().err
+    assert "adapterdrop" in err and "mhr-z" in err and "Traceback" not in err
