@@ -67,8 +67,15 @@ def _available_commands() -> dict[str, str]:
     return out
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes print as one line pointing at the command's --help, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser(load_all: bool = True, only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="mttl",
         description="Multi-task transfer learning with routed adapters (LoRA, (IA)3, Poly, MHR) on Ray.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
