@@ -149,13 +149,23 @@ class _MlflowRun:
     """One MLflow run, through an explicit client (no process-wide active run: several loggers may coexist)."""
 
     def __init__(self, cfg: Config, name: str, run_dir: Path, run_id: str | None):
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         uri = absolute_tracking_uri(cfg.mlflow_tracking_uri)
         if urlparse(uri).scheme == "file":
             # Setting a file: URI is the user's choice of the file store, which MLflow 3 otherwise refuses
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            self._start(cfg, uri, name, run_dir, run_id)
+        except (MlflowException, OSError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ConfigError(f"cannot log to MLflow at mlflow_tracking_uri={uri!r} ({reason}); fix the URI "
+                              "(e.g. file:./mlruns or http://HOST:5000) or unset mlflow_tracking_uri") from None
+
+    def _start(self, cfg: Config, uri: str, name: str, run_dir: Path, run_id: str | None) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id if run_id and self._exists(run_id) else None
         if self.run_id is None:

@@ -138,6 +138,7 @@ MISTAKES = [
     (["configs", "-k", "learning_rat=1e-3"], ["learning_rat", "did you mean 'learning_rate'"]),
     (["configs", "-k", "n_skills=many"], ["n_skills", "must be int", "example: -k n_skills="]),
     (["configs", "-k", "model_modifier=polly"], ["model_modifier", "did you mean 'poly'"]),
+    (["prepare", "nii", "--out", "shards"], ["invalid choice: 'nii'", "see `mttl prepare --help`"]),
     (["configs", "-c", "t0/finetune.json"], ["t0/finetune.json", "not found", "mttl configs"]),
     (["configs", "-c", "mine.json"], ["mine.json", "not valid JSON", "line 1", "fix the file"]),
     (["pretrain", "-k", "model=tiny-t5", "data_dir=shards/ni", "output_dir=out"],
@@ -157,7 +158,7 @@ def test_a_mistake_is_one_line_naming_it_and_the_fix(newcomer, args, names):
     done = _mttl(args, newcomer)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("mttl: error: "), done.stderr
+    assert len(lines) == 1 and re.match(r"mttl( \w+)*: error: ", lines[0]), done.stderr
     assert "Traceback" not in done.stderr
     for name in names:
         assert name in lines[0], f"`mttl {shlex.join(args)}`: {lines[0]!r} lacks {name!r}"

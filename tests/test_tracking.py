@@ -81,6 +81,15 @@ def test_mlflow_file_store_holds_params_and_metric_histories(tmp_path):
     assert read_metrics(tmp_path / "run") == ROWS  # the run folder keeps every row as logged
 
 
+def test_an_unusable_mlflow_location_is_a_one_line_error(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder\n")
+    for uri in (f"file:{tmp_path / 'a_file' / 'mlruns'}", "ftp://127.0.0.1/mlruns"):
+        with pytest.raises(ConfigError) as err:
+            MetricsLogger(tmp_path / "run", _cfg(mlflow_tracking_uri=uri))
+        assert "\n" not in str(err.value) and "mlflow_tracking_uri=" in str(err.value)
+        assert "unset mlflow_tracking_uri" in str(err.value)
+
+
 def test_a_resumed_run_logs_into_the_same_mlflow_run(tmp_path):
     store = tmp_path / "mlruns"
     cfg = _cfg(mlflow_tracking_uri=f"file:{store}")
