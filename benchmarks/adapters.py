@@ -18,9 +18,12 @@ Training-mode Poly / MHR routing samples a relaxed Bernoulli per row (as PEFT an
 do), so even a single-task batch mixes its skills per row; only deterministic routing (the sigmoid
 variant, average routing) lets a single-task batch mix once.
 
-    python benchmarks/adapters.py --quick                      # CPU, 1 thread: a few minutes on 2 cores
+    python benchmarks/adapters.py --quick --clock cpu          # CPU, 1 thread: a few minutes on 2 cores
     python benchmarks/adapters.py                              # CPU, T5-base-sized stack with 12+12 layers
     python benchmarks/adapters.py --device cuda --dtype bf16   # GPU
+
+`--clock cpu` times this process's CPU time instead of wall time: on a machine shared with other
+jobs it keeps their load out of the ratios (one thread, so CPU time is the work done).
 
 Writes `benchmarks/out/adapters.json` and `benchmarks/out/adapters.md` (atomically) and prints the table.
 """
@@ -46,7 +49,6 @@ import transformers  # noqa: E402
 
 from mttl.adapters import AdapterConfig, modify_model  # noqa: E402
 from mttl.config import atomic_write_text  # noqa: E402
-from mttl.evaluation.metrics import IGNORE_INDEX, choice_token_logprobs  # noqa: E402
 from mttl.models.backbone import tiny_t5_config  # noqa: E402
 from mttl.models.routed import RoutedModel  # noqa: E402
 
@@ -112,19 +114,23 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(steps: dict, repeats: int, warmup: int, device: str) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved_medians(steps: dict, args) -> dict:
     """Median seconds of each step function; every repeat runs all of them, in a rotated order."""
+    clock = CLOCKS[args.clock]
     times = {name: [] for name in steps}
     names = list(steps)
-    for repeat in range(warmup + repeats):
+    for repeat in range(args.warmup + args.repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            synchronize(device)
-            start = time.perf_counter()
+            synchronize(args.device)
+            start = clock()
             steps[name]()
-            synchronize(device)
-            if repeat >= warmup:
-                times[name].append(time.perf_counter() - start)
+            synchronize(args.device)
+            if repeat >= args.warmup:
+                times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -145,6 +151,8 @@ def make_batch(vocab: int, batch_size: int, source_len: int, target_len: int, de
 
 def per_choice_logprobs(model, task_ids, input_ids, attention_mask, choice_labels) -> torch.Tensor:
     """The baseline: encoder and decoder run again for every choice."""
+    from mttl.evaluation.metrics import IGNORE_INDEX
+
     columns = []
     for c in range(choice_labels.shape[1]):
         labels = choice_labels[:, c].contiguous()
@@ -165,15 +173,29 @@ def bench_backbone(name: str, args, device: str, dtype: torch.dtype) -> dict:
     step_ms = {}
     for shape, task_ids in shapes.items():
         steps = {variant: train_step(model, batch, task_ids.to(device)) for variant, model in models.items()}
-        step_ms[shape] = {v: 1000 * s for v, s in interleaved_medians(steps, args.repeats, args.warmup, device).items()}
+        step_ms[shape] = {v: 1000 * s for v, s in interleaved_medians(steps, args).items()}
         print(f"[{name}] {shape}: " + ", ".join(f"{v} {ms:.1f} ms" for v, ms in step_ms[shape].items()), flush=True)
-    # Choice scoring (evaluation mode, no gradients), with the MHR model.
     mhr = models["MHR"].eval()
     del models
+    layers = config.num_layers
+    description = (f"tiny T5 (d_model 128, d_ff 512, 4 heads, {layers}+{layers} layers, vocab {BYTE_VOCAB})"
+                   if name == "tiny" else
+                   f"T5-base-sized (d_model 768, d_ff 2048, 12 heads, {layers}+{layers} layers, vocab {T5_VOCAB})")
+    result = {"backbone": description, "step_ms": step_ms}
+    if args.choices:
+        result["choice_scoring_ms"] = bench_choice_scoring(mhr, config, batch, args, dtype)
+    return result
+
+
+def bench_choice_scoring(mhr, config, batch: dict, args, dtype: torch.dtype) -> dict:
+    """Evaluation mode, no gradients, one single-task batch: encoder once vs per-choice recompute."""
+    from mttl.evaluation.metrics import choice_token_logprobs
+
+    device = args.device
     generator = torch.Generator().manual_seed(2)
     choice_labels = torch.randint(2, config.vocab_size, (args.batch, args.choices, args.choice_len),
                                   generator=generator).to(device)
-    task_ids = shapes["single-task"].to(device)
+    task_ids = torch.full((args.batch,), 1, dtype=torch.long, device=device)
     inputs = (task_ids, batch["input_ids"], batch["attention_mask"], choice_labels)
     with torch.no_grad():
         ours, recompute = choice_token_logprobs(mhr, *inputs), per_choice_logprobs(mhr, *inputs)
@@ -182,18 +204,13 @@ def bench_backbone(name: str, args, device: str, dtype: torch.dtype) -> dict:
             raise RuntimeError(f"choice scores disagree: max |diff| {(ours - recompute).abs().max().item():.2e}")
         scoring = interleaved_medians({"ours: encoder once": lambda: choice_token_logprobs(mhr, *inputs),
                                        "per-choice recompute": lambda: per_choice_logprobs(mhr, *inputs)},
-                                      args.repeats, args.warmup, device)
-    layers = config.num_layers
-    return {"backbone": (f"tiny T5 (d_model 128, d_ff 512, 4 heads, {layers}+{layers} layers, vocab {BYTE_VOCAB})"
-                         if name == "tiny" else
-                         f"T5-base-sized (d_model 768, d_ff 2048, 12 heads, {layers}+{layers} layers, vocab {T5_VOCAB})"),
-            "step_ms": step_ms, "choice_scoring_ms": {k: 1000 * v for k, v in scoring.items()}}
+                                      args)
+    return {k: 1000 * v for k, v in scoring.items()}
 
 
 def ratios(result: dict) -> dict:
     single, mixed = result["step_ms"]["single-task"], result["step_ms"]["mixed-task"]
-    scoring = result["choice_scoring_ms"]
-    return {
+    out = {
         "MHR ÷ LoRA, single-task": single["MHR"] / single["LoRA"],
         "MHR ÷ LoRA, mixed-task": mixed["MHR"] / mixed["LoRA"],
         "MHR sigmoid ÷ LoRA, single-task": single["MHR sigmoid"] / single["LoRA"],
@@ -201,8 +218,13 @@ def ratios(result: dict) -> dict:
         "PEFT ÷ ours, single-task, MHR": single["PEFT MHR"] / single["MHR"],
         "PEFT ÷ ours, mixed-task, Poly": mixed["PEFT Poly"] / mixed["Poly"],
         "PEFT ÷ ours, mixed-task, MHR": mixed["PEFT MHR"] / mixed["MHR"],
-        "per-choice recompute ÷ ours": scoring["per-choice recompute"] / scoring["ours: encoder once"],
+        # PEFT samples its routing in training, so this compares different routing, not like for like.
+        "PEFT MHR ÷ MHR sigmoid, single-task": single["PEFT MHR"] / single["MHR sigmoid"],
     }
+    scoring = result.get("choice_scoring_ms")
+    if scoring:
+        out["per-choice recompute ÷ ours"] = scoring["per-choice recompute"] / scoring["ours: encoder once"]
+    return out
 
 
 def verdict(ratio_name: str, value: float) -> str:
@@ -225,7 +247,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Adapter step time ({report['machine']}, {report['dtype']})", "",
              f"Forward + backward, training mode, batch {a['batch']}, source {a['source_len']} tokens, target "
              f"{a['target_len']} tokens, r={a['rank']}; median of {a['repeats']} interleaved repeats after "
-             f"{a['warmup']} warm-up. Load average before/after: {report['load_before']} / {report['load_after']}.",
+             f"{a['warmup']} warm-up; {a['clock']} clock. Load average before/after: {report['load_before']} / "
+             f"{report['load_after']}.",
              f"Command: `{report['command']}`", ""]
     variants = list(VARIANTS)
     lines += ["| backbone | batch | " + " | ".join(f"{v} ms" for v in variants) + " |",
@@ -233,12 +256,13 @@ def markdown(report: dict) -> str:
     for result in report["results"].values():
         for shape, row in result["step_ms"].items():
             lines.append(f"| {result['backbone']} | {shape} | " + " | ".join(f"{row[v]:.1f}" for v in variants) + " |")
-    lines += ["", f"Choice scoring (MHR, evaluation mode, {a['choices']} choices of {a['choice_len']} tokens, "
-                  "single-task batch):", "",
-              "| backbone | ours: encoder once ms | per-choice recompute ms |", "|---|---|---|"]
-    for result in report["results"].values():
-        s = result["choice_scoring_ms"]
-        lines.append(f"| {result['backbone']} | {s['ours: encoder once']:.1f} | {s['per-choice recompute']:.1f} |")
+    if a["choices"]:
+        lines += ["", f"Choice scoring (MHR, evaluation mode, {a['choices']} choices of {a['choice_len']} tokens, "
+                      "single-task batch):", "",
+                  "| backbone | ours: encoder once ms | per-choice recompute ms |", "|---|---|---|"]
+        for result in report["results"].values():
+            s = result["choice_scoring_ms"]
+            lines.append(f"| {result['backbone']} | {s['ours: encoder once']:.1f} | {s['per-choice recompute']:.1f} |")
     names = list(report["results"])
     lines += ["", "| ratio | " + " | ".join(names) + " | target |", "|---|" + "---|" * (len(names) + 1)]
     for ratio_name in next(iter(report["ratios"].values())):
@@ -264,10 +288,14 @@ def main() -> None:
     parser.add_argument("--source-len", type=int, default=None, help="input tokens (default 128; 64 with --quick)")
     parser.add_argument("--target-len", type=int, default=None, help="label tokens (default 32; 16 with --quick)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank r of every variant (default 4)")
-    parser.add_argument("--choices", type=int, default=4, help="answer choices C per input (default 4)")
+    parser.add_argument("--choices", type=int, default=4, help="answer choices C per input (default 4; 0 skips "
+                        "choice scoring)")
     parser.add_argument("--choice-len", type=int, default=4, help="tokens per answer choice (default 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first (default 2)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: this process's CPU time, steadier than wall time on a "
+                             "shared machine; CPU device with --threads 1 only")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(REPO)})")
     args = parser.parse_args()
     quick = {"base_layers": (12, 2), "batch": (16, 8), "source_len": (128, 64), "target_len": (32, 16),
@@ -280,6 +308,8 @@ def main() -> None:
         parser.error(f"--backbones takes tiny and/or base, got {args.backbones!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock cpu measures one CPU thread's work: use it with --device cpu --threads 1")
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     load_before = round(os.getloadavg()[0], 2)

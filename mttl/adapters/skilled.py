@@ -68,8 +68,15 @@ class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
         A is laid out like a linear layer's weight (out × in): on CPU, x·Aᵀ in that layout is
         several times faster than x·A with A as [d_in, r], since r is small."""
         rows = weights.shape[0]
-        a = torch.einsum("bqk,qkdr->brqd", weights, self.lora_a).reshape(rows, self.rank, self.in_features)
-        b = torch.einsum("bqk,qkre->brqe", weights, self.lora_b).reshape(rows, self.rank, self.out_features)
+        n_splits, n_skills, rank = self.n_splits, self.n_skills, self.rank
+        # One bmm per tensor, batched over the heads ([S, rows, K] @ [S, K, ·]); einsum would plan,
+        # permute and copy the same product with several more autograd nodes (measured ~0.4 ms a
+        # layer per step at d_model 128).
+        by_head = weights.transpose(0, 1)
+        a = torch.bmm(by_head, self.lora_a.reshape(n_splits, n_skills, -1))
+        b = torch.bmm(by_head, self.lora_b.reshape(n_splits, n_skills, -1))
+        a = a.view(n_splits, rows, -1, rank).permute(1, 3, 0, 2).reshape(rows, rank, self.in_features)
+        b = b.view(n_splits, rows, rank, -1).permute(1, 2, 0, 3).reshape(rows, rank, self.out_features)
         return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
