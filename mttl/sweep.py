@@ -70,6 +70,7 @@ def default_space_name(cfg: Config) -> str:
 OBJECTIVE = "objective"  # running mean of the best validation scores (final: the seed mean)
 TIME_ATTR = "validation"  # ASHA's clock: validations done so far in the trial
 GRID_KEY = "grid_point"  # search=grid: the trial's preset point, a dict of config overrides
+TRIAL_STEPS = "trial_steps"  # optimizer steps the trial has run so far, over all its tasks and seeds
 
 
 def trial_overrides(config: dict) -> dict:
@@ -88,7 +89,7 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
     cfg.do_zs = False  # the reference's search skips zero-shot scoring too
     best_val: dict[str, float] = {}
     test: dict[str, float] = {}
-    clock = {"validation": 0}
+    clock = {"validation": 0, "steps_before_seed": 0, "steps": 0}
     for task in tasks:
         for seed in default_seeds(cfg):
             key = f"{task}/{seed}"
@@ -96,16 +97,19 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
 
             def report(row: dict) -> None:
                 clock["validation"] += 1
+                clock["steps"] = clock["steps_before_seed"] + row["step"]
                 running["best"] = max(running["best"], row["value"])
                 tune.report({OBJECTIVE: fmean([*best_val.values(), running["best"]]), TIME_ATTR: clock["validation"],
-                             "task": task, "seed": seed, "val_value": row["value"]})
+                             TRIAL_STEPS: clock["steps"], "task": task, "seed": seed, "val_value": row["value"]})
 
             for row in finetune_seed(cfg, task, seed, on_validation=report):
                 if row["evaluation"] == "best_val":
                     best_val[key] = row["value"]
                 elif row["evaluation"] == "test":
                     test[key] = row["value"]
-    tune.report({OBJECTIVE: fmean(best_val.values()), TIME_ATTR: clock["validation"], "complete": True,
+            clock["steps_before_seed"] = clock["steps"]
+    tune.report({OBJECTIVE: fmean(best_val.values()), TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
+                 "complete": True,
                  "test_mean": fmean(test.values()), **{f"val/{k}": v for k, v in best_val.items()},
                  **{f"test/{k}": v for k, v in test.items()}})
 
@@ -200,7 +204,8 @@ def _trial_rows(study: str, results) -> list[dict]:
         row = {"study": study, "trial_id": metrics.get("trial_id") or Path(result.path).name,
                "status": "complete" if metrics.get("complete") else ("error" if result.error else "stopped"),
                **{f"hp/{k}": v for k, v in sorted(trial_overrides(result.config).items())},
-               "validations": metrics.get(TIME_ATTR, 0), "mean": metrics.get(OBJECTIVE),
+               "validations": metrics.get(TIME_ATTR, 0), "trial_steps": metrics.get(TRIAL_STEPS, 0),
+               "mean": metrics.get(OBJECTIVE),
                "test_mean": metrics.get("test_mean"), "error": error}
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))})
         rows.append(row)

@@ -63,6 +63,9 @@ def test_optuna_asha_sweep_stops_poor_trials(ray_cluster, tmp_path, cb_run):
     assert best["mean"] == pytest.approx(max(float(r["mean"]) for r in complete))
     for r in complete:  # the seed mean of one seed is that seed's best validation score
         assert float(r["mean"]) == pytest.approx(float(r["val/cb/42"]))
+    # 8 few-shot rows in batches of 4 = 2 steps per epoch, one validation per epoch, 4 steps in all
+    assert all(int(r["trial_steps"]) == 2 * int(r["validations"]) for r in rows)
+    assert {int(r["trial_steps"]) for r in complete} == {4}
     assert json.loads((sweep / "config.json").read_text())["finetune_type"] == "F"  # from the space file
     assert "| cb | 4 |" in (sweep / "summary.md").read_text()
 
@@ -115,6 +118,8 @@ def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
         driver.wait()
     finished_before = _complete_trial_reports(study)
     assert not (tmp_path / "resume" / "results.csv").exists()
+    # the searcher Tune saved before the kill loads and knows the finished trials with their scores
+    assert _searcher_trials(study, space) >= _finished_trials(study, finished_before)
 
     rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -123,6 +128,27 @@ def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
     after = _complete_trial_reports(study)
     for trial, reports in finished_before.items():
         assert after[trial] == reports  # kept as it was, not run again
+    searched = _searcher_trials(study, space)
+    assert searched >= _finished_trials(study, after) and len(searched) == 2  # the restored study went on
+
+
+def _finished_trials(study: Path, trials) -> set[tuple[float, float]]:
+    """(learning rate, final objective) of the given trial folders, read from Tune's files."""
+    out = set()
+    for trial in trials:
+        last = json.loads((study / trial / "result.json").read_text().splitlines()[-1])
+        out.add((json.loads((study / trial / "params.json").read_text())["learning_rate"], last["objective"]))
+    return out
+
+
+def _searcher_trials(study: Path, space: Path) -> set[tuple[float, float]]:
+    """(learning rate, value) of the completed trials in the Optuna study Tune saved into `study`."""
+    import optuna
+
+    searcher = _searcher(str(space))
+    searcher.restore_from_dir(str(study))
+    return {(t.params["learning_rate"], t.value) for t in searcher._ot_study.trials
+            if t.state == optuna.trial.TrialState.COMPLETE}
 
 
 def test_sweep_base_follows_the_checkpoint_and_the_space(cb_run, monkeypatch):
@@ -138,3 +164,37 @@ def test_sweep_base_follows_the_checkpoint_and_the_space(cb_run, monkeypatch):
     base, _, name = sweep_base_config(Config().update({"checkpoint": str(checkpoint), "tune_space": space.name,
                                                        "finetune_type": "Poly"}))
     assert name == str(space) and base.finetune_type == "Poly"  # the user's choice wins over the space's
+
+
+def _searcher(space: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mttl.sweep import OBJECTIVE, DefineBySpace
+
+    return OptunaSearch(space=DefineBySpace(space), metric=OBJECTIVE, mode="max",
+                        sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
+
+
+def test_searcher_state_survives_save_and_restore(tmp_path, cb_run):
+    """Tune pickles the searcher (with its define-by-run space) into the study folder; a restored
+    searcher holds the finished trials and keeps suggesting inside the space."""
+    from mttl.sweep import OBJECTIVE
+
+    _, space = cb_run
+    searcher = _searcher(str(space))
+    told = {}
+    for i in range(3):
+        config = searcher.suggest(f"t{i}")
+        assert set(config) == {"learning_rate"}
+        told[config["learning_rate"]] = float(i)
+        searcher.on_trial_complete(f"t{i}", {OBJECTIVE: float(i)})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    restored = _searcher(str(space))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    finished = {t.params["learning_rate"]: t.value for t in restored._ot_study.trials}
+    assert finished == told
+    config = restored.suggest("t3")
+    assert 1e-4 <= config["learning_rate"] <= 1.0 and config["learning_rate"] not in told
+    assert len(restored._ot_study.trials) == 4
