@@ -34,7 +34,7 @@ def test_default_trains_the_backbone_then_adapters_on_it(tmp_path, ray_cluster):
 
     one = json.loads((phase_one / "config.json").read_text())
     two = json.loads((phase_two / "config.json").read_text())
-    assert one["model"] == "tiny-t5" and one["model_modifier"] is None and one["total_steps"] == 8
+    assert one["model"] == "tiny-t5" and one["model_modifier"] is None and one["total_steps"] == 16
     assert two["model"] == str(phase_one / "final" / "backbone") and two["model_modifier"] == "poly"
     assert not (phase_two / "final" / "backbone").exists()  # the frozen backbone is not copied
 
