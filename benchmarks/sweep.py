@@ -34,17 +34,20 @@ for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "t
 
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
 from mttl.config import Config, atomic_write_text, load_config  # noqa: E402
-from mttl.sweep import OBJECTIVE, TRIAL_STEPS  # noqa: E402
+from mttl.sweep import OBJECTIVE, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100
 TARGET_RATIO = 0.4
 # Poly adapters + routing (the default checkpoint's finetune type): the reference grid is
 # learning_rate {1e-3, 1e-4} × module_logits_learning_rate {0.5, 0.1}, the largest preset grid.
-SWEEP_DEFAULTS = {"tune_space": "poly", "tasks": ["reverse>upper"], "seeds": [13], "num_beams": 1,
-                  "max_concurrent_trials": 1, "trial_resources": {"CPU": 1}, "study_per_task": False,
-                  "tensorboard": False}
-QUICK = {"total_steps": 120, "num_samples": 6}
+# All 200 training rows of the task as shots, validated every epoch (25 steps): with the default
+# 32 shots every grid point of the default checkpoint scores 0, and then any trial "reaches" the
+# grid's best. Greedy decoding for validation, in both searches alike.
+SWEEP_DEFAULTS = {"tune_space": "poly", "tasks": ["reverse>upper"], "seeds": [13], "num_shots": 200,
+                  "eval_every_epochs": 1, "num_beams": 1, "max_concurrent_trials": 1, "trial_resources": {"CPU": 1},
+                  "study_per_task": False, "tensorboard": False}
+QUICK = {"total_steps": 150, "num_samples": 6}
 FULL = {"total_steps": 400, "num_samples": 10, "seeds": [13, 42]}
 PRETRAIN_QUICK_STEPS = 200  # phase two of the default (phase one runs twice that)
 
@@ -67,12 +70,12 @@ def search_rows(study_dir: Path) -> list[dict]:
         reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if reports:
             params = json.loads((result.parent / "params.json").read_text())
-            trials.append({"trial_id": reports[0]["trial_id"], "params": params.get("grid_point", params),
+            trials.append({"trial_id": reports[0]["trial_id"], "params": trial_overrides(params),
                            "started": reports[0]["timestamp"] - reports[0]["time_total_s"],
                            "ended": reports[-1]["timestamp"], "reports": reports})
     trials.sort(key=lambda t: (t["started"], t["trial_id"]))
     return [{"trial_id": t["trial_id"], "params": t["params"], "ended": t["ended"],
-             "trial_steps": t["reports"][-1][TRIAL_STEPS], "validations": len(t["reports"]),
+             "trial_steps": t["reports"][-1][TRIAL_STEPS], "validations": t["reports"][-1][TIME_ATTR],
              "complete": bool(t["reports"][-1].get("complete")),
              "score": t["reports"][-1][OBJECTIVE] if t["reports"][-1].get("complete") else None}
             for t in trials]
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a shorter pre-training and {QUICK['total_steps']} steps per trial, "
                              f"{QUICK['num_samples']} TPE trials, one seed")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"folder for sweep.json and sweep.md (default {OUT})")
     add_config_arguments(parser)
     args = parser.parse_args()
     cfg = load_config(args.config_files, flat_kwargs(args), base={**SWEEP_DEFAULTS, **(QUICK if args.quick else FULL)})
@@ -149,12 +153,13 @@ def main() -> None:
         if cfg.checkpoint:
             checkpoint = f"given: {cfg.checkpoint}"
         else:
+            from mttl.train.cli import BACKBONE_STEP_FACTOR, DEFAULTS
+
             started = time.perf_counter()
             cfg.checkpoint = str(pretrained_checkpoint(tmp, args.quick))
-            steps = PRETRAIN_QUICK_STEPS if args.quick else None
-            checkpoint = (f"built here by the default `mttl pretrain` "
-                          f"({'2×' + str(steps) + ' + ' + str(steps) if steps else 'default'} steps, "
-                          f"{time.perf_counter() - started:.0f} s)")
+            steps = PRETRAIN_QUICK_STEPS if args.quick else DEFAULTS["total_steps"]
+            checkpoint = (f"built here by the default `mttl pretrain`, {BACKBONE_STEP_FACTOR * steps} + {steps} "
+                          f"steps ({time.perf_counter() - started:.0f} s)")
         runs = {search: run_search(cfg, tmp, search) for search in ("grid", "optuna")}
     for run in runs.values():
         run["total_steps"] = sum(t["trial_steps"] for t in run["trials"])
@@ -164,17 +169,17 @@ def main() -> None:
         run["steps_to_target"] = steps_to_reach(run["trials"], grid_best - WITHIN)
     reached = runs["optuna"]["steps_to_target"]
     report = {"tune_space": cfg.tune_space, "grid_points": grid_size, "tasks": cfg.tasks, "seeds": cfg.seeds,
-              "total_steps": cfg.total_steps, "num_shots": cfg.num_shots or "default (32)",
+              "total_steps": cfg.total_steps, "num_shots": cfg.num_shots,
               "num_samples": cfg.num_samples, "metric": "exact match", "checkpoint": checkpoint,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, one trial at a time, 1 CPU each",
               "within": WITHIN, "target_ratio": TARGET_RATIO,
               "ratio": None if reached is None else reached / runs["grid"]["total_steps"],
               "degenerate": grid_best <= WITHIN, "command": " ".join(["python", "benchmarks/sweep.py", *sys.argv[1:]]),
               **runs}
-    OUT.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(OUT / "sweep.json", json.dumps(report, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "sweep.json", json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    atomic_write_text(OUT / "sweep.md", f"`{report['command']}`\n\n{table}\n")
+    atomic_write_text(args.out / "sweep.md", f"`{report['command']}`\n\n{table}\n")
     print(table)
 
 
