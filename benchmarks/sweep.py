@@ -11,7 +11,7 @@ final seed mean is within 1 point of it, and its cost is every trial-step run un
 Without `-k checkpoint=PATH` a checkpoint is pre-trained first with the embedded default of
 `mttl pretrain` (shortened with --quick). Any other `-k key=value` applies to both searches.
 
-    python benchmarks/sweep.py --quick                        # ~ 10 minutes on 2 shared CPU cores
+    python benchmarks/sweep.py --quick        # ~ 10-15 minutes on 2 shared CPU cores, half of it pre-training
     python benchmarks/sweep.py -k checkpoint=output/synthetic_poly
 Writes benchmarks/out/sweep.json and .md.
 """
@@ -122,7 +122,9 @@ def markdown(report: dict) -> str:
                      f"{run['total_steps']} | {run['best_score']:.3f} | {spent} | {share} | {run['wall_s']:.0f} |")
     verdict = ("not reached" if ratio is None else
                f"{ratio:.2f} ({'meets' if ratio <= TARGET_RATIO else 'misses'} the ≤ {TARGET_RATIO} target)")
-    lines += ["", f"TPE + ASHA trial-steps ÷ grid trial-steps: {verdict}."]
+    grid_scores = [t["score"] for t in grid["trials"] if t["complete"]]
+    lines += ["", f"TPE + ASHA trial-steps ÷ grid trial-steps: {verdict}. "
+              f"Grid scores range {min(grid_scores, default=float('nan')):.1f}–{max(grid_scores, default=float('nan')):.1f}."]
     if report["degenerate"]:
         lines.append("Every grid trial scored within 1 point of 0: any trial reaches the grid's best, so this "
                      "ratio says nothing about the search (the checkpoint cannot solve the held-out task yet).")
