@@ -312,18 +312,21 @@ def main() -> None:
         parser.error("--clock cpu measures one CPU thread's work: use it with --device cpu --threads 1")
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    load_before = round(os.getloadavg()[0], 2)
-    results = {name: bench_backbone(name, args, args.device, dtype) for name in backbones}
     report = {"command": "python benchmarks/adapters.py " + " ".join(sys.argv[1:]),
               "machine": machine(args.device, args.threads), "dtype": args.dtype,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "peft": peft.__version__, "python": platform.python_version()},
-              "load_before": load_before, "load_after": round(os.getloadavg()[0], 2),
+              "load_before": round(os.getloadavg()[0], 2),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "results": results, "ratios": {name: ratios(r) for name, r in results.items()}}
-    atomic_write_text(args.out / "adapters.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    table = markdown(report)
-    atomic_write_text(args.out / "adapters.md", table)
+              "results": {}, "ratios": {}}
+    for name in backbones:
+        # Written after each backbone, so a run cut short still leaves what it measured.
+        report["results"][name] = result = bench_backbone(name, args, args.device, dtype)
+        report["ratios"][name] = ratios(result)
+        report["load_after"] = round(os.getloadavg()[0], 2)
+        atomic_write_text(args.out / "adapters.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        table = markdown(report)
+        atomic_write_text(args.out / "adapters.md", table)
     print(table)
 
 

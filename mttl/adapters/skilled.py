@@ -7,7 +7,9 @@ and the output dims of B; y = Wx + b + (alpha/r)·x A B.
 `SkilledIA3Linear` (routed (IA)³): lora_a [K, S, d_out/S] = 1; y = (Wx + b) ⊙ [Σ_k w[q,k] L[k,q]]_q.
 
 Both mix once per batch when the routing context says every example shares its weights (one task,
-deterministic routing) and otherwise mix per example with einsum and batched matmuls.
+deterministic routing) and otherwise mix per example with batched matmuls. Sampled routing (the
+relaxed Bernoulli in training, as in PEFT and the reference) draws per row, so a single-task
+training batch mixes per row too.
 """
 
 from __future__ import annotations
