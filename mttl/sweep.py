@@ -168,6 +168,11 @@ class DefineBySpace:
         return {k: v for k, v in values.items() if k not in trial.params} or None
 
 
+def random_trials(cfg: Config) -> int:
+    """Trials TPE samples at random before it models the scores."""
+    return min(10, max(2, cfg.num_samples // 3))
+
+
 def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, space_name: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -182,7 +187,9 @@ def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, sp
     else:
         import optuna
 
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+        # Optuna samples its first 10 trials at random; a sweep of num_samples=8 would never use TPE,
+        # so a third of the trials (at least 2) explore at random and the rest follow the model.
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=random_trials(cfg))
         search = OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode="max", max_t=1_000_000,
                                   grace_period=cfg.asha_grace_period, reduction_factor=cfg.asha_reduction_factor)

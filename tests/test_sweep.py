@@ -198,3 +198,11 @@ def test_searcher_state_survives_save_and_restore(tmp_path, cb_run):
     config = restored.suggest("t3")
     assert 1e-4 <= config["learning_rate"] <= 1.0 and config["learning_rate"] not in told
     assert len(restored._ot_study.trials) == 4
+
+
+@pytest.mark.parametrize("num_samples,random", [(4, 2), (8, 2), (12, 4), (30, 10), (100, 10)])
+def test_tpe_models_the_scores_after_a_third_of_the_trials(num_samples, random):
+    from mttl.config import Config
+    from mttl.sweep import random_trials
+
+    assert random_trials(Config().update({"num_samples": num_samples})) == random
