@@ -14,6 +14,7 @@ from mttl.data.synthetic import prepare_synthetic
 from mttl.models.run import load_run
 from mttl.models.backbone import load_backbone
 from mttl.models.tokenizer import load_tokenizer
+from mttl.train.cli import BACKBONE_STEP_FACTOR
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_default_trains_the_backbone_then_adapters_on_it(tmp_path, ray_cluster):
 
     one = json.loads((phase_one / "config.json").read_text())
     two = json.loads((phase_two / "config.json").read_text())
-    assert one["model"] == "tiny-t5" and one["model_modifier"] is None and one["total_steps"] == 16
+    assert one["model"] == "tiny-t5" and one["model_modifier"] is None and one["total_steps"] == 4 * BACKBONE_STEP_FACTOR
     assert two["model"] == str(phase_one / "final" / "backbone") and two["model_modifier"] == "poly"
     assert not (phase_two / "final" / "backbone").exists()  # the frozen backbone is not copied
 

@@ -15,7 +15,7 @@ from mttl.errors import CheckpointError, ConfigError
 from mttl.models.run import load_run
 from mttl.tracking import MetricsLogger, read_metrics
 from mttl.train.checkpoint import check_resume
-from mttl.train.cli import DEFAULTS, backbone_phase_config
+from mttl.train.cli import BACKBONE_STEP_FACTOR, DEFAULTS, backbone_phase_config
 from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +58,11 @@ def test_default_runs_a_full_backbone_phase_before_the_adapters():
     phase_one = backbone_phase_config(cfg)
     assert phase_one.model == "tiny-t5" and phase_one.model_modifier is None
     assert phase_one.trainable_param_names == ".*" and phase_one.run_name == "demo-backbone"
-    assert phase_one.total_steps == 4 * cfg.total_steps
+    assert phase_one.total_steps == BACKBONE_STEP_FACTOR * cfg.total_steps
     # a user's key wins over the phase's default
     user = load_config(None, ["learning_rate=0.02", "total_steps=10"], base=DEFAULTS)
     user.run_name = "demo"
-    assert backbone_phase_config(user).learning_rate == 0.02 and backbone_phase_config(user).total_steps == 40
+    assert backbone_phase_config(user).learning_rate == 0.02 and backbone_phase_config(user).total_steps == 10 * BACKBONE_STEP_FACTOR
 
 
 def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
