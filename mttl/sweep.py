@@ -83,13 +83,33 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
 
     from ray import tune
 
-    from mttl.finetune.loop import default_seeds, finetune_seed
+    from mttl.tracking import MetricsLogger
 
     cfg = base.copy(**trial_overrides(config))
     cfg.do_zs = False  # the reference's search skips zero-shot scoring too
     best_val: dict[str, float] = {}
     test: dict[str, float] = {}
     clock = {"validation": 0, "steps_before_seed": 0, "steps": 0}
+    context = tune.get_context()
+    # the trial's own curves (metrics.jsonl, TensorBoard, MLflow / W&B when configured) in its folder
+    logger = MetricsLogger(Path(context.get_trial_dir()), cfg,
+                           name=f"{base.run_name or 'sweep'}/{context.get_trial_name()}")
+    with logger:
+        _run_trial_seeds(cfg, tasks, best_val, test, clock, logger.log)
+    tune.report({OBJECTIVE: fmean(best_val.values()), TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
+                 "complete": True,
+                 "test_mean": fmean(test.values()), **{f"val/{k}": v for k, v in best_val.items()},
+                 **{f"test/{k}": v for k, v in test.items()}})
+
+
+def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, test: dict, clock: dict, log) -> None:
+    """Every task × seed of one trial, each validation reported to Tune (ASHA decides on it)."""
+    from statistics import fmean
+
+    from ray import tune
+
+    from mttl.finetune.loop import default_seeds, finetune_seed
+
     for task in tasks:
         for seed in default_seeds(cfg):
             key = f"{task}/{seed}"
@@ -102,16 +122,12 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
                 tune.report({OBJECTIVE: fmean([*best_val.values(), running["best"]]), TIME_ATTR: clock["validation"],
                              TRIAL_STEPS: clock["steps"], "task": task, "seed": seed, "val_value": row["value"]})
 
-            for row in finetune_seed(cfg, task, seed, on_validation=report):
+            for row in finetune_seed(cfg, task, seed, on_validation=report, log=log):
                 if row["evaluation"] == "best_val":
                     best_val[key] = row["value"]
                 elif row["evaluation"] == "test":
                     test[key] = row["value"]
             clock["steps_before_seed"] = clock["steps"]
-    tune.report({OBJECTIVE: fmean(best_val.values()), TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
-                 "complete": True,
-                 "test_mean": fmean(test.values()), **{f"val/{k}": v for k, v in best_val.items()},
-                 **{f"test/{k}": v for k, v in test.items()}})
 
 
 # ------------------------------------------------------------------------------------ driver

@@ -80,6 +80,14 @@ def test_grid_search_runs_the_reference_preset(ray_cluster, tmp_path, cb_run):
     assert sorted(float(r["hp/module_logits_learning_rate"]) for r in rows) == [0.1, 0.5]
     assert all(r["status"] == "complete" for r in rows)
     assert json.loads((tmp_path / "grid" / "config.json").read_text())["finetune_type"] == "Z"
+    # each trial's folder keeps its own curves: every validation Tune got is in its metrics.jsonl
+    trial_results = list((tmp_path / "grid" / "all_tasks").glob("*/result.json"))
+    assert len(trial_results) == 2
+    for result in trial_results:
+        reported = [json.loads(line) for line in result.read_text().splitlines()]
+        logged = [json.loads(line) for line in (result.parent / "metrics.jsonl").read_text().splitlines()]
+        validations = [[v for k, v in row.items() if k.startswith("val/")] for row in logged]
+        assert [r["val_value"] for r in reported if not r.get("complete")] == [v[0] for v in validations if v]
 
 
 def _state_has_terminated_trial(study: Path) -> bool:
