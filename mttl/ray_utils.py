@@ -56,7 +56,10 @@ def init_ray(cfg: Config) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+            # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
+            # cleaner polls every second: without it every run logs a warning a second.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1")
     except ConnectionError as err:
         raise ConfigError(f"cannot connect to the Ray cluster at ray_address={address!r}: {err}; "
                           "check the address or unset it to start a local cluster") from None
