@@ -21,20 +21,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu",
-                   "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(key, value)
+from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environment
 
 from mttl.config import Config, load_config  # noqa: E402
 from mttl.quickstart import FINETUNE, adapt_all, held_out  # noqa: E402
 from mttl.train import cli as pretrain_cli  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
 ROUTED = {"poly": {"n_splits": 1}, "mhr": {"n_splits": 4}}
 LORA = {"model_modifier": "lora", "trainable_param_names": ".*lora_[ab].*"}
 # column label → finetune_type, per pre-trained method

@@ -15,22 +15,17 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu",
-                   "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(key, value)
+from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environment
 
 import torch  # noqa: E402
 
 from mttl.config import Config  # noqa: E402
 from mttl.tracking import read_metrics  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
 TASKS = ["caesar>reverse", "double>rotate", "novowel>upper", "reverse>swapfirst", "rotate>double", "upper>swapfirst"]
 
 
