@@ -1,5 +1,9 @@
 """`mttl quickstart`: prepare → two-phase pre-training (MHR) → every method on every held-out task →
-results table → report, checked against the run folders it leaves (tiny sizes, few steps)."""
+results table → report, checked against the run folders it leaves (tiny sizes, few steps).
+
+The pre-training is `mttl pretrain`'s embedded default: phase one trains a tiny T5 whole on the
+warm-up tasks, phase two freezes that backbone and trains routed adapters on the composition tasks;
+this test checks both phases too (one run of the default serves both commands' tests)."""
 
 from __future__ import annotations
 
@@ -7,10 +11,15 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from mttl.cli import main
 from mttl.data.shards import read_manifest
 from mttl.data.synthetic import prepare_synthetic
+from mttl.models.backbone import load_backbone
+from mttl.models.run import load_run
+from mttl.models.tokenizer import load_tokenizer
+from mttl.train.cli import BACKBONE_STEP_FACTOR
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +39,8 @@ def test_quickstart_runs_every_method_and_reports(tmp_path, ray_cluster, capsys)
     held_out = sorted(t for t, meta in read_manifest(data_dir)["tasks"].items() if meta["role"] == "test")
 
     adapters = json.loads((runs / "qs" / "config.json").read_text())
-    assert adapters["model_modifier"] == "poly" and adapters["n_splits"] == 4 and adapters["n_skills"] == 8
-    assert adapters["model"] == str(runs / "qs-backbone" / "final" / "backbone")
+    assert adapters["n_splits"] == 4 and adapters["n_skills"] == 8
+    check_two_phases(data_dir, runs / "qs-backbone", runs / "qs")
 
     expected = {"mhr": (None, "qs"), "mhr-z": ("Z", "qs"), "mhr-mu": ("MuZ", "qs"), "lora": ("A", "qs-backbone")}
     table_row = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| **mean**")}
@@ -60,3 +69,29 @@ def test_quickstart_refuses_an_unknown_method(tmp_path, capsys):
     assert main(["quickstart", "--methods", "mhr,adapterdrop", "-k", f"output_dir={tmp_path}"]) != 0
     err = capsys.readouterr().err
     assert "adapterdrop" in err and "mhr-z" in err and "Traceback" not in err
+
+
+def check_two_phases(data_dir, phase_one, phase_two):
+    """Phase one: the whole tiny T5 on the warm-up tasks; phase two: routed adapters on the training
+    compositions, on phase one's backbone, which it leaves exactly as saved."""
+    manifest = read_manifest(data_dir)
+    roles = {name: meta["role"] for name, meta in manifest["tasks"].items()}
+    assert {roles[t] for t in json.loads((phase_one / "tasks.json").read_text())} == {"warmup"}
+    assert {roles[t] for t in json.loads((phase_two / "tasks.json").read_text())} == {"train"}
+    assert len(json.loads((phase_two / "tasks.json").read_text())) == sum(r == "train" for r in roles.values())
+
+    one = json.loads((phase_one / "config.json").read_text())
+    two = json.loads((phase_two / "config.json").read_text())
+    assert one["model"] == "tiny-t5" and one["model_modifier"] is None and one["trainable_param_names"] == ".*"
+    assert one["total_steps"] == BACKBONE_STEP_FACTOR * two["total_steps"]
+    assert two["model"] == str(phase_one / "final" / "backbone") and two["model_modifier"] == "poly"
+    assert not (phase_two / "final" / "backbone").exists()  # the frozen backbone is not copied
+
+    tokenizer = load_tokenizer("byte")
+    built = load_backbone("tiny-t5", vocab_size=len(tokenizer), tiny_d_model=one["tiny_d_model"],
+                          tiny_num_layers=one["tiny_num_layers"], seed=one["seed"])
+    trained = load_backbone(str(phase_one / "final" / "backbone"))
+    assert not torch.equal(built.shared.weight, trained.shared.weight)
+    routed = load_run(phase_two).model.hf_model.state_dict()
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, routed[name]), name
