@@ -45,8 +45,7 @@ METHODS = {
     "mhr": (None, "adapters", {}),
     "mhr-z": ("Z", "adapters", {}),
     "mhr-mu": ("MuZ", "adapters", {}),
-    "lora": ("A", "backbone", {"model_modifier": "lora", "lora_rank": 4,
-                               "trainable_param_names": ".*lora_[ab].*"}),
+    "lora": ("A", "backbone", {"model_modifier": "lora", "lora_rank": 4}),  # type A trains the adapters only
 }
 
 
@@ -108,13 +107,13 @@ def held_out(adapters_run: Path) -> list[str]:
     return held_out_tasks(resolve_data_dir(Config.load(adapters_run / "config.json")))
 
 
-def adapt_method(cfg: Config, tasks: list[str], threads: int = 1) -> str:
+def adapt_method(cfg: Config, tasks: list[str]) -> str:
     """Every held-out task with one method, sequentially into one run folder (rows are shared by tasks)."""
     import torch
 
     from mttl.finetune.loop import run_finetune
 
-    torch.set_num_threads(threads)  # one core per Ray task: the tiny model gains nothing from more
+    torch.set_num_threads(1)  # one core per Ray task: the tiny model gains nothing from more
     run_dir = None
     for task in tasks:
         start = time.monotonic()
