@@ -81,3 +81,50 @@ def test_run_recovers_when_a_node_is_removed(tmp_path):
     final_state = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/trainer_state.json"))
     assert final_state == 120
     assert (run_dir / "final" / "adapters.safetensors").is_file()
+
+
+LOST_BLOCKS_SCRIPT = textwrap.dedent("""
+    import json, sys
+
+    import ray
+    import ray.data
+    from ray.cluster_utils import Cluster
+
+    sys.path[:0] = [sys.argv[1]]
+    from mttl.data.stream import DatasetPerAttempt
+
+    # no CPU on the head: every block is computed on, and stored by, one of the two other nodes
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+
+    def build():  # 16 blocks of 256 KiB: over Ray's 100 KiB in-memory limit, so they sit in node stores
+        return ray.data.range_tensor(4000, shape=(128,), override_num_blocks=16).materialize()
+
+    original = build()
+    per_attempt = DatasetPerAttempt(original, build)
+    first_block = next(iter(original.iter_internal_ref_bundles())).block_refs[0]
+    holder = ray.experimental.get_object_locations([first_block])[first_block]["node_ids"]
+    report = {"first_is_original": per_attempt() is original and per_attempt() is original, "holder": holder}
+    cluster.remove_node(next(node for node in nodes if node.node_id in holder))
+    cluster.wait_for_nodes()
+    after = per_attempt()
+    report.update(rebuilds=per_attempt.rebuilds, rebuilt=after is not original, again_same=per_attempt() is after,
+                  rows=sorted(int(row["data"][0]) for row in after.iter_rows()))
+    print(json.dumps(report))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_blocks_lost_with_a_node_are_built_again(tmp_path):
+    script = tmp_path / "lost_blocks.py"
+    script.write_text(LOST_BLOCKS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(REPO)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["first_is_original"] and len(report["holder"]) == 1
+    assert report["rebuilt"] and report["rebuilds"] == 1 and report["again_same"]
+    assert report["rows"] == list(range(4000))

@@ -18,6 +18,12 @@ same cluster shape. `iter_epoch` shuffles within a window seeded by `seed + epoc
 the same for the same (seed, epoch) and differs across epochs, and `skip_batches` lets a resumed
 run continue from the batch it had reached. `batches_per_epoch` gives the per-worker batch count
 the trainer needs for step arithmetic.
+
+A materialized dataset loses the blocks that lived on a node when the node goes, and Ray cannot
+recompute them (Ray Data has freed the shuffle's inputs): restarted workers would wait on them
+until the fetch times out. `DatasetPerAttempt` is what the trainer is given instead of the
+dataset: Ray Train calls it at every worker-group start, and after a node loss it builds the
+dataset again (same seed, so the same rows in the same order).
 """
 
 from __future__ import annotations
@@ -228,6 +234,37 @@ def build_dataset(data_dir: str | os.PathLike, *, split: str, tasks: list[str], 
                    .random_shuffle(seed=seed)
                    .materialize())
     return dataset
+
+
+def alive_node_ids() -> set[str]:
+    import ray
+
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+class DatasetPerAttempt:
+    """The dataset for Ray Train's `datasets=`, called once per worker-group start (first and each restart).
+
+    It returns `dataset` (built by the driver) while every node that was up when it was built is
+    still up, and otherwise what `rebuild()` returns. A block's only copy may have gone with a
+    lost node, and the object directory cannot say so for blocks under 100 KiB (those read as
+    in-memory objects with no node either way), so any lost node triggers one rebuild.
+    """
+
+    def __init__(self, dataset, rebuild):
+        self.dataset, self.rebuild = dataset, rebuild
+        self.built_with = alive_node_ids()
+        self.rebuilds = 0
+
+    def __call__(self):
+        lost = self.built_with - alive_node_ids()
+        if lost:
+            print(f"[mttl] {len(lost)} node(s) left the cluster since the data was built; building it again",
+                  flush=True)
+            self.built_with = alive_node_ids()
+            self.dataset = self.rebuild()
+            self.rebuilds += 1
+        return self.dataset
 
 
 def data_config(datasets_to_split: Iterable[str] = ("train",)):

@@ -11,6 +11,7 @@ from a config).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -90,7 +91,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mttl.data.stream import data_config
+    from mttl.data.stream import DatasetPerAttempt, data_config
 
     if not cfg.run_name:
         raise ConfigError("run_name is not set; pass -k run_name=NAME")
@@ -112,7 +113,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     init_ray(cfg)
     # the console carries one progress line per log interval, not Ray Data's bars
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {split: _dataset(cfg, split, tasks) for split in ("train", "validation")}
+    datasets = {split: DatasetPerAttempt(_dataset(cfg, split, tasks), functools.partial(_dataset, cfg, split, tasks))
+                for split in ("train", "validation")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "overridden": sorted(cfg._overridden), "tasks": tasks,
