@@ -144,7 +144,7 @@ MISTAKES = [
     (["pretrain", "-k", "model=tiny-t5", "data_dir=shards/ni", "output_dir=out"],
      ["shards/ni", "manifest.json not found", "mttl prepare"]),
     (["finetune", "-k", "checkpoint=output/mhr_ni", "finetune_task_name=cb"],
-     ["output/mhr_ni", "not a run folder", "mttl pretrain"]),
+     ["output/mhr_ni", "does not exist", "mttl pretrain"]),
     (["export", "notes", "--format", "peft", "--out", "exported"], ["notes", "not a run folder", "mttl pretrain"]),
     (["report", "empty", "--out", "report"], ["empty", "not a run folder", "metrics.jsonl"]),
     (["prepare", "ni", "--source", "/nonexistent/natural-instructions", "--out", "shards"],

@@ -79,6 +79,8 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
 
 
 def test_load_run_names_what_is_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_run(tmp_path / "absent")
     with pytest.raises(CheckpointError, match="is not a run folder"):
         load_run(tmp_path)
     _cfg().save(tmp_path)

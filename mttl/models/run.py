@@ -63,6 +63,9 @@ def resolve_run_dir(path: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(str(path))).resolve()
     if path.name == FINAL_DIR and (path.parent / "config.json").is_file():
         path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"run folder '{path}' does not exist; give $output_dir/$run_name of a finished "
+                              "`mttl pretrain` run")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a run folder (no config.json); give $output_dir/$run_name "
                               "of a finished `mttl pretrain` run")
