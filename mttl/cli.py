@@ -23,7 +23,7 @@ COMMANDS = {
     "evaluate": "mttl.evaluation.cli",
     "sweep": "mttl.sweep_cli",
     "report": "mttl.report",
-    "export": "mttl.export",
+    "export": "mttl.export_cli",
     "quickstart": "mttl.quickstart",
     "configs": "mttl.config_cli",
 }

@@ -1,5 +1,4 @@
-"""`mttl export RUN_DIR --format peft|peft-lora|merged --out DIR [--task T]`: a finished run's
-adapters in formats other tools load.
+"""A finished run's adapters in formats other tools load (the command line is `export_cli.py`).
 
 - `peft`: the whole Poly/MHR inventory and routing as a PEFT `poly` adapter folder
   (`PeftModel.from_pretrained(base, DIR)`; call it with `task_ids=`).
@@ -12,7 +11,6 @@ Each export is written into a temporary folder beside `--out` and renamed onto i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -27,40 +25,7 @@ from mttl.adapters.ops import merge_task_into_base, remove_adapters, task_lora
 from mttl.adapters.routing import AverageSelector
 from mttl.errors import ConfigError
 
-HELP = "export a run's adapters as a PEFT poly or LoRA adapter, or as a merged backbone"
-DESCRIPTION = """\
-Export a finished run (a RUN_DIR written by `mttl pretrain` or its final/ folder).
-
-  --format peft       the Poly/MHR skills and routing as a PEFT `poly` adapter; load it with
-                      PeftModel.from_pretrained(base, DIR) and call it with task_ids=...
-  --format peft-lora  task T's routed adapter collapsed into a plain PEFT LoRA adapter (--task T)
-  --format merged     the backbone with task T's adapter merged into its weights, in
-                      save_pretrained layout with the tokenizer (--task T)
-
-T is a task name from the run's tasks.json or a routing row number. DIR must not exist yet.
-PEFT adapters record the run's backbone as base_model_name_or_path; for a `tiny-t5` backbone
-rebuild it with mttl.models.backbone.load_backbone (same vocab size and seed).
-
-Examples:
-  mttl export output/mhr_ni --format peft --out exports/mhr_ni_peft
-  mttl export output/mhr_ni --format peft-lora --task task1356_xlsum_title_generation --out exports/xlsum_lora
-  mttl export output/mhr_ni/final --format merged --task 0 --out exports/task0_merged
-"""
-
-FORMATS = ("peft", "peft-lora", "merged")
 TASKS_FILE = "tasks.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder (or its final/). Example: output/mhr_synthetic")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="what to write: peft (poly adapter), peft-lora (one task's LoRA), merged (backbone). "
-                             "Example: --format peft-lora")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="folder to create (must not exist). Example: --out exports/mhr_peft")
-    parser.add_argument("--task", default=None, metavar="T",
-                        help="task name from the run's tasks.json, or a routing row; needed by peft-lora and "
-                             "merged for routed runs. Example: --task cb")
 
 
 @contextlib.contextmanager
@@ -180,23 +145,3 @@ def resolve_task(task: str | None, tasks: dict[str, int], *, routed: bool, n_tas
         return int(task)
     names = ", ".join(list(tasks)[:5]) or "none recorded"
     raise ConfigError(f"--task {task!r} is neither a task of this run ({names}) nor a row below {n_tasks}")
-
-
-def run(args: argparse.Namespace) -> int:
-    from mttl.models.run import backbone_source, load_run
-
-    loaded = load_run(args.run_dir)
-    model = loaded.model
-    acfg = adapter_config(model)
-    backbone = backbone_source(loaded.cfg, loaded.run_dir)
-    if args.format == "peft":
-        export_peft_poly(model, args.out, base_model_name=backbone, tasks=loaded.tasks)
-    else:
-        routed = acfg is not None and acfg.routed and acfg.selector != "average"
-        task_id = resolve_task(args.task, loaded.tasks, routed=routed, n_tasks=acfg.n_tasks if acfg else 1)
-        if args.format == "peft-lora":
-            export_peft_lora(model, task_id, args.out, base_model_name=backbone)
-        else:
-            export_merged(model, task_id, args.out, tokenizer=loaded.tokenizer)
-    print(f"wrote {args.format} export to {args.out}")
-    return 0
