@@ -13,6 +13,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller collects reports every 2 s by default and a worker's next report waits
+# for the previous one to be collected; tests checkpoint every few tiny steps, so at the default
+# most of a test run is that wait (1.7 s of every checkpoint, measured). Propagated by Ray Train
+# to the controller, including in runs started by subprocesses and submitted jobs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MTTL_SHARED_DIR", REPO.parent / "shared")).resolve()
