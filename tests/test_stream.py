@@ -254,4 +254,3 @@ def test_two_train_workers_get_disjoint_rows_covering_the_dataset(ray_cluster, n
     assert all(ranks["0"] != ranks["1"] for ranks in first)  # reshuffled per epoch
     # a restarted run rebuilds the dataset: each worker sees the same rows in the same order again
     assert _fit(build(ni_dir, t5_tokenizer_path, tasks, **mixed), tmp_path / "run2", tmp_path / "ray") == first
-
