@@ -257,11 +257,12 @@ class DatasetPerAttempt:
         self.rebuilds = 0
 
     def __call__(self):
-        lost = self.built_with - alive_node_ids()
+        alive = alive_node_ids()
+        lost = self.built_with - alive
         if lost:
             print(f"[mttl] {len(lost)} node(s) left the cluster since the data was built; building it again",
                   flush=True)
-            self.built_with = alive_node_ids()
+            self.built_with = alive
             self.dataset = self.rebuild()
             self.rebuilds += 1
         return self.dataset
