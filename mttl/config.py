@@ -15,12 +15,13 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import os
 import string
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from mttl.errors import ConfigError
 from mttl.tracking import absolute_tracking_uri
@@ -325,20 +326,81 @@ def _expand(value: str, key: str, source: str) -> str:
         raise ConfigError(f"config key '{key}' (from {source}) has a bad $-expression in {value!r}: {err}") from None
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """A value check: `ok(value)` must hold; `must_be` completes "config key 'k' must be …"."""
+
+    ok: Callable[[Any], bool]
+    must_be: str
+
+
+def _at_least(low: float, *, or_value: float | None = None, meaning: str = "") -> _Rule:
+    also = f" (or {or_value}: {meaning})" if or_value is not None else ""
+    return _Rule(lambda v: v >= low or v == or_value, f"at least {low}{also}")
+
+
+def _above(low: float) -> _Rule:
+    return _Rule(lambda v: v > low, f"greater than {low}")
+
+
+def _plain_name(value: str) -> bool:
+    return value.strip() not in ("", ".", "..") and not any(c in value for c in ("/", "\\", "\0"))
+
+
+_DROPOUT = _Rule(lambda v: 0 <= v < 1, "in [0, 1)")
+_PROPORTION = _Rule(lambda v: 0 <= v <= 1, "in [0, 1]")
+_PLAIN_NAME = _Rule(_plain_name, "a plain folder name inside output_dir (no '/', not '.', '..' or empty)")
+_STR_LIST = _Rule(lambda v: all(isinstance(x, str) for x in v), "a list of names")
+_INT_LIST = _Rule(lambda v: len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                  "a non-empty list of integers")
+
+# Values a key may take beyond its type, checked whenever a value is set (-k, config files, code),
+# so a bad value fails before anything starts instead of inside a Ray worker. None (an optional
+# key left unset) is never checked. Learning rates: `learning_rate` (the default of every group)
+# must be > 0; the adapters' and routing logits' own rates may be 0, which holds that group fixed.
+VALUE_RULES: dict[str, _Rule] = {
+    "run_name": _PLAIN_NAME,
+    "tasks": _STR_LIST,
+    "seeds": _INT_LIST,
+    "num_workers": _at_least(1), "train_batch_size": _at_least(1), "predict_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1), "num_beams": _at_least(1), "num_samples": _at_least(1),
+    "lora_rank": _at_least(1), "n_skills": _at_least(1), "n_splits": _at_least(1), "n_tasks": _at_least(1),
+    "tiny_d_model": _at_least(1), "tiny_num_layers": _at_least(1),
+    "max_input_length": _at_least(1), "max_output_length": _at_least(1), "max_instances_per_task": _at_least(1),
+    "num_pos_examples": _at_least(0), "mixing_cap": _at_least(1), "mixing_temperature": _above(0),
+    "total_steps": _at_least(1, or_value=-1, meaning="from num_train_epochs"),
+    "num_train_epochs": _at_least(1, or_value=-1, meaning="unset"),
+    "warmup_steps": _at_least(0, or_value=-1, meaning="from warmup_proportion"),
+    "warmup_proportion": _PROPORTION,
+    "learning_rate": _above(0), "adapters_learning_rate": _at_least(0), "module_logits_learning_rate": _at_least(0),
+    "weight_decay": _at_least(0), "adapters_weight_decay": _at_least(0), "adam_epsilon": _above(0),
+    "max_grad_norm": _at_least(0), "lora_dropout": _DROPOUT, "module_logits_dropout": _DROPOUT,
+    "eval_every": _at_least(0), "save_every": _at_least(0), "log_every": _at_least(1), "num_to_keep": _at_least(1),
+    "max_failures": _at_least(0, or_value=-1, meaning="retry without limit"), "uniform_interp_steps": _at_least(0),
+    "num_shots": _at_least(1), "eval_every_epochs": _at_least(1), "max_concurrent_trials": _at_least(1),
+    "asha_grace_period": _at_least(1), "asha_reduction_factor": _at_least(2),
+    "mc_loss": _at_least(0), "unlikely_loss": _at_least(0), "length_norm": _at_least(0),
+}
+
+
 def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
-    """Light type checks so a wrong value fails at parse time with the key named."""
+    """Type and value checks so a wrong value fails at parse time with the key named."""
     if key == "precision":
         value = {"bf16-mixed": "bf16", "16-mixed": "16", "32-true": "32"}.get(str(value), str(value))
     type_name = str(f.type)
     if value is None:
         return value
     try:
-        if type_name.startswith("int") and not isinstance(value, bool):
+        if type_name.startswith(("int", "float")) and isinstance(value, bool):
+            raise ValueError  # True is an int to Python, never a count or a rate to a user
+        if type_name.startswith("int"):
             if isinstance(value, float) and value != int(value):
                 raise ValueError
             value = int(value)
-        elif type_name.startswith("float") and not isinstance(value, bool):
+        elif type_name.startswith("float"):
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
         elif type_name.startswith("bool"):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -346,12 +408,25 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
                 value = value.lower() in ("true", "1", "yes")
             else:
                 value = bool(value)
-        elif type_name.startswith("list") and isinstance(value, (str, tuple)):
-            value = [value] if isinstance(value, str) else list(value)
+        elif type_name.startswith("str"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)  # `-k run_name=2024` parses as a number
+            elif not isinstance(value, str):
+                raise ValueError
+        elif type_name.startswith("list"):
+            # one name stands for a one-element list (-k tasks=cb); a bare number is a mistake (seeds=5)
+            if isinstance(value, str):
+                value = [value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif not isinstance(value, list):
+                raise ValueError
         elif type_name.startswith("dict") and not isinstance(value, dict):
             raise ValueError
-    except (TypeError, ValueError):
-        expected = "True or False" if type_name.startswith("bool") else type_name.split(" ")[0]
+    except (TypeError, ValueError, OverflowError):
+        expected = {"bool": "True or False", "int": "an integer", "float": "a finite number", "list": "a list",
+                    "dict": "a dict", "str": "a string"}.get(
+            type_name.split(" ")[0], type_name.split(" ")[0])
         raise ConfigError(f"config key '{key}' (from {source}) must be {expected}, got {value!r}{_example_hint(f)}") from None
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
@@ -359,6 +434,9 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(c) for c in allowed], n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else _example_hint(f)
         raise ConfigError(f"config key '{key}' (from {source}) must be one of {allowed}, got {value!r}{hint}")
+    rule = VALUE_RULES.get(key)
+    if rule is not None and not rule.ok(value):
+        raise ConfigError(f"config key '{key}' (from {source}) must be {rule.must_be}, got {value!r}{_example_hint(f)}")
     return value
 
 
@@ -410,11 +488,15 @@ def find_config_file(name: str) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); fix the file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); give a JSON config file") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror}); give a readable JSON file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a JSON object of key: value pairs")
     return data
