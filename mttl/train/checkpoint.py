@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from mttl.config import Config, atomic_write_text
 from mttl.errors import CheckpointError
 
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
@@ -117,6 +119,39 @@ def save_adapter_tensors(model: torch.nn.Module, folder: Path, meta: dict, zero_
             save_adapters(model, folder, meta)
 
 
+def registered_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoints Ray Train has registered in `run_dir`, newest first."""
+    try:
+        snapshot = json.loads((Path(run_dir) / CHECKPOINT_SNAPSHOT).read_text())
+        results = snapshot.get("checkpoint_results", [])
+        found = [(int(r["metrics"]["step"]), Path(run_dir) / r["checkpoint_dir_name"]) for r in results]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # no snapshot yet, or one Ray Train will rewrite
+    return sorted(found, key=lambda item: item[0], reverse=True)
+
+
+def older_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
+    """Registered checkpoints other than `latest`, newest first: the fallbacks when it is damaged."""
+    return [folder for _, folder in registered_checkpoints(run_dir) if folder.name != Path(latest).name]
+
+
+def usable_checkpoint(candidates: list[Path], rank: int) -> tuple[Path, TrainerState]:
+    """The first candidate whose files all read back; says which damaged ones it skipped.
+
+    Every rank checks the same files and so reaches the same choice.
+    """
+    skipped = []
+    for folder in candidates:
+        try:
+            return folder, verify_checkpoint(folder)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            if rank == 0:
+                print(f"[mttl] warning: {err}; trying the previous checkpoint", file=sys.__stderr__, flush=True)
+    raise CheckpointError(f"no intact checkpoint to resume from ({'; '.join(skipped)}); "
+                          "remove the damaged run folder or start a new run_name")
+
+
 def load_checkpoint(engine, folder: str | os.PathLike) -> TrainerState:
     folder = Path(folder)
     state_file = folder / TRAINER_STATE
@@ -129,25 +164,62 @@ def load_checkpoint(engine, folder: str | os.PathLike) -> TrainerState:
     return TrainerState(**json.loads(state_file.read_text()))
 
 
-@contextlib.contextmanager
-def weights_only_loading(engine):
-    """Make DeepSpeed read its state files with `torch.load(weights_only=True)`.
+def deepspeed_safe_globals() -> list:
+    """Exactly the DeepSpeed classes its checkpoints pickle besides tensors and containers.
 
-    DeepSpeed's checkpoint engine unpickles arbitrary objects; its files only need tensors,
-    containers and a few DeepSpeed enums, which are allow-listed here.
+    ZeRO-1/2/3 optimizer states hold the loss scaler object (`LossScaler`, or `DynamicLossScaler`
+    under fp16), the stage enum and, for bf16 fragments, `fragment_address`. Anything else in a
+    state file is refused by `torch.load(weights_only=True)`.
     """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    checkpoint_engine = engine.checkpoint_engine
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
-    def load(path: str, map_location=None):
+
+def safe_load(path: str | os.PathLike, map_location=None):
+    """`torch.load` of a DeepSpeed state file with only tensors, containers and the allow-listed classes."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
 
-    original = checkpoint_engine.load
-    checkpoint_engine.load = load
+
+def verify_checkpoint(folder: str | os.PathLike) -> TrainerState:
+    """Read every state file of a checkpoint without applying it; CheckpointError when one is damaged.
+
+    Run before DeepSpeed loads anything, so a truncated file is found while the engine is still
+    untouched and the previous checkpoint can be used instead.
+    """
+    folder = Path(folder)
+    state_file = folder / TRAINER_STATE
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address]):
-            yield
+        state = TrainerState(**json.loads(state_file.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no {TRAINER_STATE}") from None
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {TRAINER_STATE} is damaged ({err})") from None
+    files = sorted((folder / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {folder} holds no DeepSpeed state under {DEEPSPEED_DIR}/{DEEPSPEED_TAG}/")
+    for path in files:
+        try:
+            safe_load(path, map_location="cpu")
+        except Exception as err:  # truncated zip, foreign pickle: all mean "do not use this one"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {folder}: {path.name} cannot be read ({first_line})") from None
+    return state
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine):
+    """Make DeepSpeed read its state files with `torch.load(weights_only=True)` and the allow-list above.
+
+    DeepSpeed's checkpoint engine would otherwise unpickle arbitrary objects from a run folder.
+    """
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.load
+    checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+    try:
+        yield
     finally:
         checkpoint_engine.load = original

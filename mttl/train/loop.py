@@ -11,6 +11,7 @@ from a config).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -29,8 +30,9 @@ from mttl.config import Config, atomic_write_text
 from mttl.data.stream import LABEL_PAD
 from mttl.errors import ConfigError, DataError, MttlError
 from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model
-from mttl.train.checkpoint import (TRAINER_STATE, TrainerState, check_resume, gathered, load_checkpoint,
-                                   save_adapter_tensors, save_checkpoint)
+from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
+                                   older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
+                                   usable_checkpoint)
 from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
@@ -63,7 +65,7 @@ def task_rows(data_dir: str, cfg: Config, roles: list[str]) -> dict[str, int]:
         if not path.is_file():
             raise ConfigError(f"custom_tasks_splits file '{path}' does not exist; give a file with one task name per line")
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    tasks = select_tasks(read_manifest(data_dir), roles=roles, names=names)
+    tasks = select_tasks(read_manifest(data_dir, verify=True), roles=roles, names=names)
     return dict(task_table(tasks))
 
 
@@ -106,6 +108,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     tasks = task_rows(cfg.data_dir, cfg, list(roles))
     cfg.n_tasks = len(tasks)
     run_dir = prepare_run_dir(cfg, tasks)
+    prune_unregistered_checkpoints(run_dir)
     if (run_dir / FINAL_DIR).is_dir() and latest_checkpoint_step(run_dir) == cfg.total_steps:
         print(f"[mttl] {run_dir} already finished {cfg.total_steps} steps; raise total_steps to continue it")
         return run_dir
@@ -150,11 +153,24 @@ def _user_error(err) -> MttlError | None:
 
 
 def latest_checkpoint_step(run_dir: Path) -> int:
-    """The step of the newest checkpoint Ray Train kept in the run folder (0 when none)."""
-    steps = [0]
-    for path in run_dir.glob(f"checkpoint_*/{TRAINER_STATE}"):
-        steps.append(json.loads(path.read_text())["step"])
-    return max(steps)
+    """The step of the newest checkpoint Ray Train registered in the run folder (0 when none)."""
+    return max([0] + [step for step, _ in registered_checkpoints(run_dir)])
+
+
+def prune_unregistered_checkpoints(run_dir: Path) -> None:
+    """Remove checkpoint folders Ray Train never registered (written while its driver died).
+
+    Such a folder may miss some ranks' files, and Ray Train neither resumes from it nor prunes it,
+    so it would only fill the disk.
+    """
+    if not (run_dir / CHECKPOINT_SNAPSHOT).is_file():
+        return
+    registered = {folder.name for _, folder in registered_checkpoints(run_dir)}
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        if folder.is_dir() and folder.name not in registered:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"[mttl] removed {folder.name}: written after its driver stopped, never registered by Ray Train",
+                  flush=True)
 
 
 def _dataset(cfg: Config, split: str, tasks: dict[str, int]):
@@ -198,28 +214,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
 
     checkpoint = ray.train.get_checkpoint()
-    state = TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps))
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state.warmup_steps = json.loads((Path(folder) / TRAINER_STATE).read_text())["warmup_steps"]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(engine, folder)
-        if rank == 0:
-            print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", file=sys.__stdout__,
-                  flush=True)
-    # ranks sample routing (relaxed Bernoulli) and dropout independently, reproducibly
-    torch.manual_seed(cfg.seed * 1000 + rank + state.step)
+    with contextlib.ExitStack() as stack:
+        resume_from, state = None, TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps))
+        if checkpoint is not None:
+            latest = Path(stack.enter_context(checkpoint.as_directory()))
+            resume_from, state = usable_checkpoint([latest] + older_checkpoints(run_dir, latest), rank)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
+        if resume_from is not None:
+            state = load_checkpoint(engine, resume_from)
+            if rank == 0:
+                print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", file=sys.__stdout__,
+                      flush=True)
 
     logger = None
     if rank == 0:
         from mttl.tracking import MetricsLogger
 
         logger = MetricsLogger(run_dir, cfg)
-        if checkpoint is not None:
+        if resume_from is not None:
             # steps after this one may appear twice in metrics.jsonl: once before a failure, once after
             logger.log({"step": state.step, "resumed_from_step": state.step})
     train_shard = ray.train.get_dataset_shard("train")
@@ -252,6 +266,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch in batches:
             consumed_any = True
             window.data_wait_s += time.perf_counter() - wait_from
+            # routing samples and dropout drawn from (seed, rank, position): a resumed run draws
+            # exactly what the uninterrupted one would have
+            torch.manual_seed(step_seed(cfg.seed, rank, state.epoch, state.batches_in_epoch))
             # Hugging Face T5 shifts `labels` right into the decoder inputs; -100 labels are ignored
             loss = engine(**batch).loss
             engine.backward(loss)
@@ -263,8 +280,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state.step += 1
                 window.steps += 1
                 row = None
-                if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
+                will_save = (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.total_steps
+                if state.step % cfg.log_every == 0 or will_save:
+                    # every rank sees the same reduced loss, so every rank stops at the same step and
+                    # a non-finite state never reaches a checkpoint
                     row = window.reduce(state.step, optimizer, group_names)
+                    if not math.isfinite(row["loss"]):
+                        raise ConfigError(
+                            f"run {cfg.run_name}: the training loss became {row['loss']} by step {state.step} "
+                            f"(after step {state.step - window.steps}); lower learning_rate / "
+                            "adapters_learning_rate or check the data, then run again (checkpoints before it are kept)")
                     if rank == 0:
                         logger.log(row)
                         _print_progress(row, cfg.total_steps, start_step, started)
@@ -275,7 +300,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         logger.log(val)
                     engine.train()
                     row = {**(row or {}), **val}
-                if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.total_steps:
+                if will_save:
                     checkpoint_and_report({k: v for k, v in (row or {}).items() if isinstance(v, (int, float))})
                 if state.step >= cfg.total_steps:
                     break
@@ -293,6 +318,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     write_final(engine, cfg, tokenizer, run_dir, meta, rank)
     if logger is not None:
         logger.close()
+
+
+def step_seed(seed: int, rank: int, epoch: int, batch_in_epoch: int) -> int:
+    """The torch seed of one micro batch; distinct per rank and position, the same on resume."""
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 1_000_000_007 + batch_in_epoch) % (2**63 - 1)
 
 
 class _Window:
