@@ -5,6 +5,10 @@ Owns reading finished run folders (never a model): `metrics.jsonl` (learning cur
 from the routing logits), `results.jsonl` (fine-tuning: median over seeds per task, then mean over
 tasks) and a sweep's `results.csv` (best complete trial per study). Writes `report.md`, CSV tables and PNG
 figures (matplotlib, headless) into a temporary folder that is renamed onto `--out` at the end.
+
+A report never deletes what it did not write: it lists its files in `--out`'s REPORT_MARKER; a
+later report into the same folder replaces those files one by one and leaves any other file there
+alone, and an existing non-empty folder without the marker is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 import statistics
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mttl.errors import DataError, MttlError
+from mttl.paths import check_out_dir
 
 HELP = "write Markdown/CSV tables and PNG figures (routing heatmaps, learning curves) for runs"
 DESCRIPTION = """\
@@ -47,6 +53,8 @@ SUBLAYER_ORDER = ["self-attention", "cross-attention", "FFN"]
 CODER_ORDER = ["encoder", "decoder", "shared"]
 MARKDOWN_ROW_CAP = 50
 RESULT_FIELDS = {"task", "seed", "evaluation", "metric", "value"}
+# In --out: the files the report there consists of, so the next report knows which files are its own.
+REPORT_MARKER = ".mttl-report.json"
 
 
 # ---------------------------------------------------------------------------------- run reading
@@ -71,21 +79,33 @@ class Run:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file (not UTF-8); fix or remove the file") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is not a JSON object; fix or remove that line")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); fix or remove the file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file (not UTF-8); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must hold a JSON object, got {type(data).__name__}; fix or remove the file")
+    return data
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -220,10 +240,11 @@ def read_routing(run: Run) -> Routing | None:
     groups = {g: np.mean(per_group[g], axis=0) for g in sorted(per_group, key=_group_sort_key)}
     n_tasks = next(iter(groups.values())).shape[0]
     names = [f"task {i}" for i in range(n_tasks)]
-    if (run.path / "tasks.json").is_file():
-        for task, row in _read_json(run.path / "tasks.json").items():
-            if 0 <= int(row) < n_tasks:
-                names[int(row)] = task
+    from mttl.models.run import read_tasks_file
+
+    for task, row in read_tasks_file(run.path).items():
+        if row < n_tasks:
+            names[row] = task
     return Routing(task_names=names, groups=groups)
 
 
@@ -531,24 +552,74 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, max_
     if len(set(names)) != len(names):
         raise MttlError(f"two run folders share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                         "report them separately or rename one")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "report.md").is_file()):
-        raise MttlError(f"--out '{out}' exists and is not a report folder; choose an empty or new folder")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "figures").mkdir(parents=True)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MttlError(f"--out '{out}' is a file, not a report folder; choose an empty or new folder")
+    out = check_out_dir(out, example="--out report")
+    previous = previous_report_files(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        (tmp / "figures").mkdir()
         _write_report(runs, tmp, max_heads)
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
+            _replace_files(tmp, out, written, previous or set())
         else:
+            _write_marker(tmp, written)
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the report is an ordinary folder
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "report.md"
+
+
+def previous_report_files(out: Path) -> set[str] | None:
+    """The files an earlier report wrote into `out` (None when `out` is new or empty); MttlError when
+    `out` holds files but no report marker: those are someone else's and are not to be mixed with."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    marker = out / REPORT_MARKER
+    if not marker.is_file():
+        example = next(p.name for p in sorted(out.iterdir()))
+        raise MttlError(f"--out '{out}' exists and is not a report folder (it holds {example} and no {REPORT_MARKER}); "
+                        "choose an empty or new folder")
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, list) or not all(isinstance(f, str) and _inside(f) for f in files):
+        raise MttlError(f"{marker} is damaged, so which files are the report's is unknown; delete the folder's "
+                        "report files and the marker by hand, or choose a new --out")
+    return set(files)
+
+
+def _inside(relative: str) -> bool:
+    return bool(relative) and not os.path.isabs(relative) and ".." not in Path(relative).parts
+
+
+def _write_marker(folder: Path, files: list[str]) -> None:
+    tmp = folder / f"{REPORT_MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    os.replace(tmp, folder / REPORT_MARKER)
+
+
+def _replace_files(staging: Path, out: Path, written: list[str], previous: set[str]) -> None:
+    """Move the new report's files into an existing `out`, file by file: the previous report's files
+    are replaced or (when this report has no such file) removed; no other file is touched."""
+    clash = [rel for rel in written if rel not in previous and (out / rel).exists()]
+    if clash:
+        raise MttlError(f"--out '{out}' already holds {clash[0]}, which mttl report did not write; move it away or "
+                        "choose another folder")
+    # The marker first names old and new files, so an interrupted replace still knows all of its own files.
+    _write_marker(out, sorted(previous | set(written)))
+    for rel in sorted(previous - set(written)):
+        (out / rel).unlink(missing_ok=True)
+    for rel in written:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    (out / "figures").mkdir(exist_ok=True)
+    _write_marker(out, written)
 
 
 def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
@@ -639,8 +710,9 @@ def add_arguments(parser) -> None:
                         help="run folders (pre-training, fine-tuning or sweep), or a folder of runs. "
                              "Example: output/mhr_synthetic output/mhr_synthetic_ft")
     parser.add_argument("--out", default="report", metavar="DIR",
-                        help="folder for report.md, the CSV tables and figures/ (replaced as a whole when it "
-                             "holds an earlier report). Default: report. Example: --out reports/ni_s8")
+                        help="folder for report.md, the CSV tables and figures/: new, empty, or an earlier "
+                             "report (whose files are replaced; other files are left alone). Default: report. "
+                             "Example: --out reports/ni_s8")
     parser.add_argument("--max-heads", type=int, default=8, metavar="N",
                         help="routing heatmaps show at most N heads per layer group (evenly spaced) when S > N. "
                              "Default: 8. Example: --max-heads 16")

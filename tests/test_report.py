@@ -301,14 +301,19 @@ def test_not_a_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_output_folder_is_replaced_whole_or_left_alone(suite, capsys):
+def test_report_replaces_only_its_own_files_or_leaves_the_folder_alone(suite, capsys):
     report = suite["tmp"] / "report"
     assert main(["report", str(suite["ft"]), str(suite["sweep"]), "--out", str(report)]) == 0
-    (report / "stale.csv").write_text("old")
+    (report / "notes.txt").write_text("mine")  # the user's file, next to the report's
     assert main(["report", str(suite["ft"]), "--out", str(report)]) == 0
-    assert not (report / "stale.csv").exists() and (report / "results_per_task.csv").is_file()
-    assert not (report / "sweep_best.csv").exists()
+    assert (report / "notes.txt").read_text() == "mine" and (report / "results_per_task.csv").is_file()
+    assert not (report / "sweep_best.csv").exists()  # the previous report's file this one does not write
     assert not list(report.parent.glob(".report.*"))
+    (report / "sweep_best.csv").write_text("mine too")  # a user file where the next report writes one
+    capsys.readouterr()
+    assert main(["report", str(suite["ft"]), str(suite["sweep"]), "--out", str(report)]) == 2
+    assert "sweep_best.csv, which mttl report did not write" in capsys.readouterr().err
+    assert (report / "sweep_best.csv").read_text() == "mine too"
     keep = suite["tmp"] / "precious"
     keep.mkdir()
     (keep / "thesis.tex").write_text("do not lose")

@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.source == "check":
         return _check(args.dir)
+    from mttl.data.shards import check_replaceable
+
+    check_replaceable(args.out)  # before any source file is read
     manifest = args._prepare(args)
     print(summary(manifest, args.out))
     return 0

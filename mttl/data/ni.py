@@ -145,6 +145,11 @@ def read_split(source: Path, split: str) -> tuple[list[str], list[str]]:
         if not path.is_file():
             raise DataError(f"{path} not found: a split folder needs train_tasks.txt and test_tasks.txt")
         names[role] = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        # a name becomes tasks/<name>.json: one with a path in it would read a file outside tasks/
+        odd = [n for n in names[role] if "/" in n or "\\" in n or n in (".", "..")]
+        if odd:
+            raise DataError(f"{path}: {odd[0]!r} is not a task name (names are files under tasks/, without a path); "
+                            "list task names only, e.g. task001_quoref_question_generation")
     both = sorted(set(names["train"]) & set(names["test"]))
     if both:
         raise DataError(f"{folder}: task(s) {both[:3]} are in both train_tasks.txt and test_tasks.txt; keep each in one")
@@ -159,7 +164,18 @@ def load_task(path: Path) -> dict:
         raise DataError(f"{path}: malformed JSON ({err}); fix or re-download the task file") from None
     if not isinstance(task, dict):
         raise DataError(f"{path}: expected a JSON object with 'Definition' and 'Instances'")
+    definition = task.get("Definition")
+    if not (isinstance(definition, str) or isinstance(definition, list) and all(isinstance(d, str) for d in definition)) \
+            or not _definition(task).strip():
+        raise DataError(f"{path}: task has no 'Definition' text (a string or a list of strings); fix or re-download "
+                        "the task file")
+    for key in ("Categories", "Positive Examples", "Negative Examples"):
+        if task.get(key) is not None and not isinstance(task[key], list):
+            raise DataError(f"{path}: '{key}' must be a list, got {type(task[key]).__name__}; fix the task file")
     instances = task.get("Instances")
+    if not isinstance(instances, list):
+        raise DataError(f"{path}: 'Instances' must be a list of {{input, output}} objects, "
+                        f"got {type(instances).__name__}; fix the task file")
     if not instances:
         raise DataError(f"{path}: task has no instances; remove it from the split's task list")
     for index, instance in enumerate(instances):
@@ -169,8 +185,9 @@ def load_task(path: Path) -> dict:
         output = instance.get("output")
         if isinstance(output, str):
             output = [output]
-        if not output or not all(isinstance(o, str) for o in output):
-            raise DataError(f"{path}: instance {ident} has no output; every instance needs a non-empty 'output' list")
+        if not isinstance(output, list) or not output or not all(isinstance(o, str) for o in output):
+            raise DataError(f"{path}: instance {ident} has no output strings; every instance needs a non-empty "
+                            "'output' list of strings")
         instance["output"] = output
     return task
 

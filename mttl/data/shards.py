@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mttl.errors import DataError
+from mttl.paths import check_out_dir
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -167,7 +168,7 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
     already carries the same `fingerprint`, nothing is written and the existing manifest is
     returned with `"unchanged": True`.
     """
-    out = Path(out_dir)
+    out = check_replaceable(out_dir)  # before the rows are generated, not after
     existing = unchanged_manifest(out, fingerprint)
     if existing is not None:
         return existing
@@ -210,13 +211,20 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
     return manifest
 
 
+def check_replaceable(out: str | os.PathLike) -> Path:
+    """`out` may receive a prepared folder: it is new, empty, or an earlier prepared folder."""
+    out = check_out_dir(out, example="--out data/shards/ni")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise DataError(f"{out} exists and is not a prepared folder (no {MANIFEST}); choose an empty or new --out")
+    return out
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
     """Rename the finished staging folder to `out`; an old `out` is moved aside first, then removed."""
     if not out.exists():
         os.replace(staging, out)
         return
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise DataError(f"{out} exists and is not a prepared folder (no {MANIFEST}); choose an empty or new --out")
+    check_replaceable(out)
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, old / "previous")
     try:
@@ -228,22 +236,57 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(data_dir: str | os.PathLike) -> dict:
-    """The manifest of a prepared folder; DataError saying how to make one when missing or invalid."""
+def read_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> dict:
+    """The manifest of a prepared folder; DataError saying how to make one when missing or invalid.
+
+    `verify=True` also checks the shards against it (`verify_shards`): for a driver about to
+    start a run on the data, so a changed or corrupt shard stops it before Ray starts.
+    """
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} not found: prepare the data first, e.g. `mttl prepare ni --source DIR --out {data_dir}`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err}); delete the folder and run `mttl prepare` again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict) \
-            or not isinstance(manifest.get("files"), list):
-        raise DataError(f"{path} lacks 'tasks' or 'files'; delete the folder and run `mttl prepare` again")
+        raise DataError(f"{path} is not valid JSON ({_one_line(err)}); delete the folder and run `mttl prepare` again") from None
+    _check_manifest_layout(path, manifest)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path} has schema_version {manifest.get('schema_version')!r}, this mttl reads "
                         f"{SCHEMA_VERSION}; run `mttl prepare` again")
+    if verify:
+        verify_shards(data_dir, manifest)
     return manifest
+
+
+def _check_manifest_layout(path: Path, manifest) -> None:
+    """The keys every reader relies on have the right types, and every listed file lies inside the folder."""
+    redo = "delete the folder and run `mttl prepare` again"
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} must hold a JSON object; {redo}")
+    tasks, files = manifest.get("tasks"), manifest.get("files")
+    if not isinstance(tasks, dict):
+        raise DataError(f"{path}: 'tasks' must be an object of task name -> meta, got {type(tasks).__name__}; {redo}")
+    if not tasks:
+        raise DataError(f"{path} lists no tasks: nothing to train or evaluate on; prepare a source that has tasks")
+    for name, meta in tasks.items():
+        rows = meta.get("rows", {}) if isinstance(meta, dict) else None
+        if not isinstance(rows, dict) or not all(_is_int(n) for n in rows.values()):
+            raise DataError(f"{path}: tasks[{name!r}] must be an object whose 'rows' maps split -> count; {redo}")
+    if not isinstance(files, list):
+        raise DataError(f"{path}: 'files' must be a list of {{path, rows, sha256}}, got {type(files).__name__}; {redo}")
+    for index, entry in enumerate(files):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise DataError(f"{path}: files[{index}] lacks a 'path' string; {redo}")
+        rel = entry["path"]
+        if os.path.isabs(rel) or ".." in Path(rel).parts or "\\" in rel:
+            raise DataError(f"{path}: files[{index}] path {rel!r} points outside {path.parent}; "
+                            f"shards must lie inside the prepared folder; {redo}")
+        if not _is_int(entry.get("rows")):
+            raise DataError(f"{path}: files[{index}] 'rows' must be an integer, got {entry.get('rows')!r}; {redo}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check(data_dir: str | os.PathLike) -> list[str]:
@@ -261,11 +304,12 @@ def check(data_dir: str | os.PathLike) -> list[str]:
     listed_rows = 0
     for entry in manifest["files"]:
         path = root / entry["path"]
-        if not path.is_file():
+        problem = _shard_problem(path, entry)
+        if problem == "missing":
             problems.append(f"{path}: missing (listed in {MANIFEST})")
             continue
-        if _file_sha256(path) != entry.get("sha256"):
-            problems.append(f"{path}: sha256 differs from {MANIFEST} (file changed or corrupt)")
+        if problem:
+            problems.append(f"{path}: {problem}")
         try:
             metadata = pq.read_metadata(path)
             pq.read_table(path, schema=SCHEMA)
@@ -279,6 +323,63 @@ def check(data_dir: str | os.PathLike) -> list[str]:
     if not problems and task_rows != listed_rows:
         problems.append(f"{root / MANIFEST}: tasks count {task_rows} rows but files hold {listed_rows}")
     return problems
+
+
+def _shard_problem(path: Path, entry: dict) -> str | None:
+    """"missing", the sha256 mismatch, or None when the file is what the manifest recorded."""
+    if not path.is_file():
+        return "missing"
+    if _file_sha256(path) != entry.get("sha256"):
+        return f"sha256 differs from {MANIFEST} (file changed or corrupt)"
+    return None
+
+
+# Beside the shards: (path, size, mtime) of files whose sha256 was found to match, so a large
+# prepared folder is hashed once, not on every run. Any change of size or mtime re-hashes.
+VERIFIED_CACHE = ".verified-sha256.json"
+
+
+def verify_shards(data_dir: str | os.PathLike, manifest: dict | None = None) -> dict:
+    """The manifest, after checking each listed shard exists and has its recorded sha256.
+
+    DataError names the first bad shard and says to prepare the data again. Cheaper than `check`
+    (no Parquet decoding: a shard with the sha256 `mttl prepare` recorded is the file it wrote),
+    and files already verified at the same size and mtime are not hashed again (VERIFIED_CACHE,
+    written only where the folder is writable).
+    """
+    root = Path(data_dir)
+    manifest = read_manifest(root) if manifest is None else manifest
+    cache_path = root / VERIFIED_CACHE
+    try:
+        cached = json.loads(cache_path.read_text(encoding="utf-8"))
+        cached = cached if isinstance(cached, dict) else {}
+    except (OSError, ValueError):
+        cached = {}
+    verified = {}
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        stamp = [stat.st_size, stat.st_mtime_ns, entry.get("sha256")] if stat else None
+        if stamp is not None and cached.get(entry["path"]) == stamp:
+            verified[entry["path"]] = stamp
+            continue
+        problem = _shard_problem(path, entry)
+        if problem:
+            raise DataError(f"{path}: {'missing' if problem == 'missing' else problem}, so the data no longer matches "
+                            f"{root / MANIFEST}; run `mttl prepare` again to rebuild {root} "
+                            f"(`mttl prepare check {root}` lists every problem)")
+        verified[entry["path"]] = stamp
+    if verified != cached:
+        tmp = cache_path.with_name(f"{VERIFIED_CACHE}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(verified) + "\n")
+            os.replace(tmp, cache_path)
+        except OSError:  # a read-only folder (shared data) is simply hashed each time
+            tmp.unlink(missing_ok=True)
+    return manifest
 
 
 def _one_line(err: BaseException) -> str:
