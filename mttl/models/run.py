@@ -4,6 +4,8 @@
 the pre-training workers and by `load_run`, so a run always reloads into the same architecture.
 `load_run(path)` reads `$output_dir/$run_name/` (or its `final/`): config, task table, tokenizer,
 the trained backbone when the run has one (`final/backbone/`), and the adapters.
+`read_run_json` / `read_tasks_file` read a run folder's JSON files, a damaged one as a one-line
+CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -75,12 +77,41 @@ def resolve_run_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_run_json(path: str | os.PathLike) -> dict:
+    """A JSON object file of a run folder (tasks.json, …); CheckpointError naming it when unreadable."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the run did not finish writing it, run the same command "
+                              "again or give another run folder") from None
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not readable JSON ({' '.join(str(err).split())[:200]}); restore it from "
+                              "the run's copy or run the same command again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}; restore it or run the "
+                              "same command again")
+    return data
+
+
+def read_tasks_file(run_dir: str | os.PathLike) -> dict[str, int]:
+    """The run's task name -> routing row table ({} when the run has none); CheckpointError when malformed."""
+    path = Path(run_dir) / TASKS_FILE
+    if not path.is_file():
+        return {}
+    tasks = read_run_json(path)
+    if not all(isinstance(row, int) and not isinstance(row, bool) and row >= 0 for row in tasks.values()):
+        raise CheckpointError(f"{path} must map task names to routing rows (integers >= 0); restore it or run the "
+                              "same command again")
+    return tasks
+
+
 def load_run(path: str | os.PathLike) -> LoadedRun:
     from mttl.models.tokenizer import load_tokenizer
 
     run_dir = resolve_run_dir(path)
     cfg = Config.load(run_dir / "config.json")
-    tasks = json.loads((run_dir / TASKS_FILE).read_text()) if (run_dir / TASKS_FILE).is_file() else {}
+    tasks = read_tasks_file(run_dir)
     backbone = backbone_source(cfg, run_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, model=backbone, cache_dir=cfg.cache_dir)
     model = build_routed_model(cfg, tokenizer, backbone=backbone)
