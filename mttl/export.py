@@ -24,6 +24,7 @@ from mttl.adapters.inject import adapted_layers, adapter_config, base_model
 from mttl.adapters.ops import merge_task_into_base, remove_adapters, task_lora
 from mttl.adapters.routing import AverageSelector
 from mttl.errors import ConfigError
+from mttl.paths import check_out_dir
 
 TASKS_FILE = "tasks.json"
 
@@ -31,7 +32,7 @@ TASKS_FILE = "tasks.json"
 @contextlib.contextmanager
 def _staged_folder(out: str | os.PathLike):
     """A temporary folder beside `out`, renamed onto `out` when the block succeeds."""
-    out = Path(out).expanduser()
+    out = check_out_dir(out, example="--out exports/mhr_peft")
     if out.exists():
         raise ConfigError(f"--out '{out}' already exists; choose a new folder (exports never overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)

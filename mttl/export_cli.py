@@ -41,9 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mttl.adapters.inject import adapter_config
+    from mttl.errors import ConfigError
     from mttl.export import export_merged, export_peft_lora, export_peft_poly, resolve_task
     from mttl.models.run import backbone_source, load_run
+    from mttl.paths import check_out_dir
 
+    # before the run is loaded: a bad --out should not cost a model load, nor fail after one
+    if check_out_dir(args.out, example="--out exports/mhr_peft").exists():
+        raise ConfigError(f"--out '{args.out}' already exists; choose a new folder (exports never overwrite)")
     loaded = load_run(args.run_dir)
     model = loaded.model
     acfg = adapter_config(model)
