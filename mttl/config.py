@@ -424,8 +424,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
         elif type_name.startswith("dict") and not isinstance(value, dict):
             raise ValueError
     except (TypeError, ValueError, OverflowError):
-        expected = {"bool": "True or False", "int": "an integer", "float": "a finite number", "list": "a list",
-                    "dict": "a dict", "str": "a string"}.get(
+        expected = {"bool": "True or False", "float": "a finite number", "list": "a list"}.get(
             type_name.split(" ")[0], type_name.split(" ")[0])
         raise ConfigError(f"config key '{key}' (from {source}) must be {expected}, got {value!r}{_example_hint(f)}") from None
     choices = f.metadata.get("choices")
