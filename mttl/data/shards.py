@@ -293,7 +293,8 @@ def check(data_dir: str | os.PathLike) -> list[str]:
     """Problems of a prepared folder against its manifest (empty list when all is well).
 
     Checks every listed file exists, has the recorded sha256, reads as Parquet with the row
-    schema and holds the recorded number of rows, and that per-task row counts add up.
+    schema and holds the recorded number of rows, and that per-task row counts add up. One
+    problem line per damaged file (`mttl prepare check` prints them, one per line).
     """
     root = Path(data_dir)
     try:
@@ -304,21 +305,21 @@ def check(data_dir: str | os.PathLike) -> list[str]:
     listed_rows = 0
     for entry in manifest["files"]:
         path = root / entry["path"]
+        listed_rows += entry["rows"]
         problem = _shard_problem(path, entry)
         if problem == "missing":
             problems.append(f"{path}: missing (listed in {MANIFEST})")
             continue
-        if problem:
-            problems.append(f"{path}: {problem}")
+        issues = [problem] if problem else []  # one line per damaged file, all of its problems on it
         try:
             metadata = pq.read_metadata(path)
             pq.read_table(path, schema=SCHEMA)
+            if metadata.num_rows != entry["rows"]:
+                issues.append(f"{metadata.num_rows} rows, {MANIFEST} says {entry['rows']}")
         except (pa.ArrowException, OSError) as err:
-            problems.append(f"{path}: unreadable Parquet ({_one_line(err)})")
-            continue
-        if metadata.num_rows != entry.get("rows"):
-            problems.append(f"{path}: {metadata.num_rows} rows, {MANIFEST} says {entry.get('rows')}")
-        listed_rows += entry.get("rows") or 0
+            issues.append(f"unreadable Parquet ({_one_line(err)})")
+        if issues:
+            problems.append(f"{path}: {'; '.join(issues)}")
     task_rows = sum(sum(meta.get("rows", {}).values()) for meta in manifest["tasks"].values())
     if not problems and task_rows != listed_rows:
         problems.append(f"{root / MANIFEST}: tasks count {task_rows} rows but files hold {listed_rows}")
