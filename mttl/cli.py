@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
-from mttl.errors import MttlError
+from mttl.errors import MttlError, interrupt_hint
 
 # verb -> module implementing it
 COMMANDS = {
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     debug = "--debug" in argv or os.environ.get("MTTL_DEBUG") == "1"
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         parser = build_parser(only=verb if verb in COMMANDS else "__none__")
         args = parser.parse_args(argv)
@@ -131,9 +135,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mttl: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mttl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"mttl: {getattr(stop, 'reason', 'interrupted')}; {interrupt_hint()}", file=sys.stderr)
+        return getattr(stop, "exit_code", 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (a batch scheduler or `kill` stopping the command)."""
+
+    reason = "terminated"
+    exit_code = 143
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

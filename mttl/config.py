@@ -79,7 +79,7 @@ class Config:
 
     # ---------------------------------------------------------------------------------- model
     model: str | None = _f(None, "Backbone: a Hugging Face seq2seq hub name, a local folder, a run folder (its trained backbone), or `tiny-t5` (a small T5 built from a config). Example: -k model=google/t5-xl-lm-adapt", path=True)
-    trust_remote_code: bool = _f(False, "Allow code from the hub when loading `model`. Off by default. Example: -k trust_remote_code=True")
+    trust_remote_code: bool = _f(False, "Allow the Python code a backbone folder or hub model ships (`auto_map`) to run when loading it. Off by default; only your own -c/-k of the command set it, never a run folder's config.json. Example: -k trust_remote_code=True")
     model_modifier: str | None = _f(None, "Adapter type: lora, ia3, poly (Poly/MHR routed LoRA; `poly_lora` accepted), poly_ia3, skilled (one private adapter per task), or none. Example: -k model_modifier=poly", choices=[None, "lora", "ia3", "poly", "poly_ia3", "skilled"])
     tiny_d_model: int = _f(128, "tiny-t5 backbone: hidden size. Example: -k tiny_d_model=64")
     tiny_num_layers: int = _f(2, "tiny-t5 backbone: encoder (and decoder) blocks. Example: -k tiny_num_layers=4")
@@ -138,6 +138,8 @@ class Config:
     log_every: int = _f(10, "Log a metrics row every N optimizer steps. Example: -k log_every=50")
     num_to_keep: int = _f(2, "Checkpoints kept by Ray Train. Example: -k num_to_keep=3")
     max_failures: int = _f(0, "Worker/node failures the run survives by restarting from its last checkpoint. Example: -k max_failures=3")
+    worker_start_timeout_s: float = _f(120.0, "Seconds Ray Train waits for its workers to get their resources before the run fails with a message (raise it for an autoscaling cluster that must add nodes first). Example: -k worker_start_timeout_s=900")
+    collective_timeout_s: float = _f(1800.0, "Seconds every worker waits for the others at a report or checkpoint before the run fails with a message instead of hanging. Example: -k collective_timeout_s=3600")
     seed: int = _f(42, "Random seed (data order, init, sampling). Example: -k seed=13")
     uniform_interp_steps: int = _f(0, "Anneal routing to uniform over the last N pre-training steps (α = cos(π/2·n/N)). Example: -k uniform_interp_steps=1000")
     switch_to_avg_modules: bool = _f(False, "Continue pre-training from `checkpoint` with average routing. Example: -k switch_to_avg_modules=True")
@@ -163,6 +165,7 @@ class Config:
     study_per_task: bool = _f(True, "One study per task (False: one study across all tasks). Example: -k study_per_task=False")
     asha_grace_period: int = _f(1, "ASHA: validations before a trial can be stopped. Example: -k asha_grace_period=2")
     asha_reduction_factor: int = _f(2, "ASHA: reduction factor. Example: -k asha_reduction_factor=3")
+    trust_sweep_state: bool = _f(False, "Resume a sweep whose Ray Tune state files (pickles) this machine's mttl did not sign, e.g. one started on another machine or by another user: only for a sweep folder whose every file you trust, as loading it runs code. Set only by your own -c/-k, never read from a saved config.json. Example: -k trust_sweep_state=True")
 
     # ---------------------------------------------------------------------------------- tracking
     tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
@@ -188,8 +191,11 @@ class Config:
     def was_default(self, key: str) -> bool:
         return not self.was_overridden(key)
 
-    def update(self, values: dict, source: str = "-k") -> "Config":
-        """Apply `values` (aliases resolved, paths expanded); unknown keys raise naming the closest."""
+    def update(self, values: dict, source: str = "-k", *, expand_env: bool = True) -> "Config":
+        """Apply `values` (aliases resolved, paths expanded); unknown keys raise naming the closest.
+
+        `expand_env=False` keeps `$VAR` and `~` in path keys as written (values read back from a
+        saved config.json were expanded when they were first set)."""
         known = {f.name: f for f in fields(self) if not f.name.startswith("_")}
         for raw_key, value in values.items():
             key, value = _resolve_alias(raw_key, value)
@@ -198,7 +204,7 @@ class Config:
                 continue
             if key not in known:
                 raise ConfigError(_unknown_key_message(raw_key, source, known))
-            if known[key].metadata.get("path") and isinstance(value, str):
+            if expand_env and known[key].metadata.get("path") and isinstance(value, str):
                 value = _expand(value, raw_key, source)
             if key == "mlflow_tracking_uri" and isinstance(value, str):
                 value = absolute_tracking_uri(value)  # Ray workers run in other folders
@@ -240,12 +246,19 @@ class Config:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
-        """Read a `config.json` written by `save` (overridden-key bookkeeping included)."""
+        """Read a `config.json` written by `save` (overridden-key bookkeeping included).
+
+        The file may come from a folder someone else wrote, so its `SECURITY_KEYS` are dropped
+        (they stay at their defaults) and its paths are not expanded: a `$VAR` in it would
+        otherwise copy this shell's environment, credentials included, into the configs saved
+        from it."""
         data = _read_json(Path(path))
         overridden = set(data.pop("_overridden", []))
+        for key in SECURITY_KEYS:
+            data.pop(key, None)
         cfg = cls()
-        cfg.update(data, source=str(path))
-        cfg._overridden = overridden
+        cfg.update(data, source=str(path), expand_env=False)
+        cfg._overridden = overridden - set(SECURITY_KEYS)
         return cfg
 
     def copy(self, **changes) -> "Config":
@@ -261,6 +274,11 @@ class Config:
         return {k: (getattr(self, k), getattr(other, k)) for k in self.field_names()
                 if k not in skip and getattr(self, k) != getattr(other, k)}
 
+
+# Keys that let code from outside mttl run (a backbone's own Python, Ray Tune's pickled sweep
+# state). They come only from the user's -c files and -k of the command being run, never from a
+# run or sweep folder's saved config.json, which anyone who can write that folder can change.
+SECURITY_KEYS = ("trust_remote_code", "trust_sweep_state")
 
 # Old names → current names. A value of None marks a key handled specially in _resolve_alias.
 ALIASES = {

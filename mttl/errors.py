@@ -20,3 +20,16 @@ class DataError(MttlError):
 
 class CheckpointError(MttlError):
     """A checkpoint or run folder that cannot be used as asked (missing, mismatched config)."""
+
+
+# What an interrupted command keeps and how to pick it up again; commands set it as they go, the
+# CLI prints it when Ctrl-C or SIGTERM stops them.
+_interrupt_hint = ["nothing was written"]
+
+
+def set_interrupt_hint(text: str) -> None:
+    _interrupt_hint[0] = text
+
+
+def interrupt_hint() -> str:
+    return _interrupt_hint[0]

@@ -1,41 +1,41 @@
 """Starting or joining Ray with safe defaults, and the per-worker resources of a training run.
 
-A cluster that mttl starts itself listens on 127.0.0.1 only and uses Ray's token
-authentication; an existing cluster is joined only when `ray_address` or `RAY_ADDRESS` says so.
-Every worker gets the environment DeepSpeed and Ray need (CPU accelerator when there is no GPU).
+A cluster that mttl starts itself listens on 127.0.0.1 only and uses Ray's token authentication
+(Ray's default for a local cluster); an existing cluster is joined only when `ray_address` or
+`RAY_ADDRESS` says so, and its authentication mode is the cluster's: workers inherit it from
+their node, never from this process. Each run names its own cluster explicitly, so several runs
+on one machine never look each other's clusters up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 
+import mttl  # noqa: F401  (sets the environment Ray reads on import)
 from mttl.config import Config
 from mttl.errors import ConfigError
 
-# Environment every Ray process of a run needs; set before ray.init so the local cluster inherits it.
-SAFE_ENV = {
-    # keep a local cluster on the loopback interface instead of the machine's public address
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    # CLI clients and the cluster must agree on token authentication
-    "RAY_AUTH_MODE": "token",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-# Ray reads these when it is imported, so they are set when this module is imported (before Ray
-# is, in every mttl entry point); values the user exported win.
-for _key, _value in SAFE_ENV.items():
-    os.environ.setdefault(_key, _value)
+# Seconds to wait for a TCP answer from `ray_address` before calling it unreachable (Ray itself
+# retries an unreachable address for minutes and does not stop on Ctrl-C meanwhile).
+CONNECT_TIMEOUT_S = 5.0
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
     """Environment for training workers (DeepSpeed picks its accelerator from DS_ACCELERATOR).
 
     Passed as the workers' runtime env, so it reaches them on any cluster, joined or started.
+    RAY_AUTH_MODE is left out on purpose: a worker must run in its cluster's mode.
     """
-    env = dict(SAFE_ENV)
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
+           "TOKENIZERS_PARALLELISM": "false"}
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("HF_HUB_OFFLINE"):
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
     # tracking settings (W&B offline mode, credentials, MLflow options) reach rank 0, which logs
     env.update({k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "MLFLOW_"))})
     return env
@@ -50,19 +50,62 @@ def init_ray(cfg: Config) -> None:
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    # No runtime env here: inside a submitted job it would clash with the job's own; training
-    # workers get theirs from `worker_env` through the trainer's RunConfig.
+    if address and address not in ("auto", "local"):
+        check_reachable(address)
+    from ray.exceptions import AuthenticationError
+
     try:
-        if address:
+        if address and address != "local":
+            # No runtime env here: inside a submitted job it would clash with the job's own; training
+            # workers get theirs from `worker_env` through the trainer's RunConfig.
             ray.init(address=address, log_to_driver=True)
         else:
-            # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
-            # cleaner polls every second: without it every run logs a warning a second.
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                     _node_ip_address="127.0.0.1")
+            _start_local_cluster(ray)
     except ConnectionError as err:
         raise ConfigError(f"cannot connect to the Ray cluster at ray_address={address!r}: {err}; "
                           "check the address or unset it to start a local cluster") from None
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        raise ConfigError(f"the Ray cluster at ray_address={address!r} refused this client's authentication "
+                          f"(RAY_AUTH_MODE={mode}); set RAY_AUTH_MODE (and RAY_AUTH_TOKEN) as the cluster was "
+                          "started with") from None
+
+
+def _start_local_cluster(ray) -> None:
+    """A local cluster on 127.0.0.1 whose dashboard port is chosen here.
+
+    Ray Train's placement-group cleaner asks Ray's state API (served by the dashboard) whether the
+    run's controller lives; without an address it looks the cluster up among every Ray instance on
+    the machine and fails when another run has one ("Found multiple active Ray instances"). The
+    dashboard port is picked before the start so every process of this run is told its address.
+    """
+    port = free_loopback_port()
+    api_server = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = api_server
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server}})
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds with one line when nothing answers at a `host:port` or `ray://host:port` address."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray_address={address!r} is not host:port (example: -k ray_address=10.0.0.5:6379, "
+                          "ray://head:10001 or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise ConfigError(f"no Ray cluster answers at ray_address={address!r} ({err.strerror or err}); start it "
+                          "with `ray start --head`, check the address and firewall, or unset ray_address to "
+                          "start a local cluster") from None
 
 
 def resources_per_worker(cfg: Config) -> dict:
@@ -80,3 +123,62 @@ def resources_per_worker(cfg: Config) -> dict:
     total = float(ray.cluster_resources().get("CPU", 1))
     share = max(0.1, min(1.0, total / (2 * cfg.num_workers)))
     return {"CPU": round(share, 2)}
+
+
+def run_in_background(fn, *args, **kwargs):
+    """Call `fn` in a daemon thread and wait for it in a way Ctrl-C and SIGTERM interrupt.
+
+    Ray Train's and Ray Tune's `fit()` take over SIGINT when called from the main thread (and may
+    end the process with status 0); from another thread they do not, so the CLI stops with 130
+    and the run's actors, owned by this driver, end with it. The checkpoints stay for a resume.
+    """
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name=f"mttl-{getattr(fn, '__name__', 'run')}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@contextlib.contextmanager
+def train_timeouts(cfg: Config):
+    """Ray Train's bounded waits for this run: worker start and collectives (reports, checkpoints).
+
+    Ray Train reads them from the driver's environment and hands them to its controller. A key set
+    in the config wins over an exported variable, which wins over the key's default.
+    """
+    keys = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "worker_start_timeout_s",
+            "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "collective_timeout_s"}
+    previous = {env: os.environ.get(env) for env in keys}
+    for env, key in keys.items():
+        if previous[env] is None or cfg.was_overridden(key):
+            os.environ[env] = f"{float(getattr(cfg, key)):g}"
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_reachable_cluster(cfg: Config) -> None:
+    """The address part of `init_ray`, run before anything is written."""
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("auto", "local"):
+        import ray
+
+        if not ray.is_initialized():
+            check_reachable(address)

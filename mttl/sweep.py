@@ -189,34 +189,67 @@ def random_trials(cfg: Config) -> int:
     return min(10, max(2, cfg.num_samples // 3))
 
 
+def _optuna_search(cfg: Config, space_name: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Optuna samples its first 10 trials at random; a sweep of num_samples=8 would never use TPE,
+    # so a third of the trials (at least 2) explore at random and the rest follow the model.
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=random_trials(cfg))
+    return OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
+
+
 def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, space_name: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from mttl.sweep_state import TUNER_FILE, SignStateCallback, sign_files
 
     if tune.Tuner.can_restore(str(study_dir)):
-        return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return _restored_tuner(study_dir, trainable, cfg, space_name)
     param_space = {}
     if cfg.search == "grid":  # every preset point once, no early stopping (as the reference)
         search, scheduler, samples = None, None, 1
         param_space = {GRID_KEY: tune.grid_search(list(module.GRID))}
     else:
-        import optuna
-
-        # Optuna samples its first 10 trials at random; a sweep of num_samples=8 would never use TPE,
-        # so a third of the trials (at least 2) explore at random and the rest follow the model.
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=random_trials(cfg))
-        search = OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
+        search = _optuna_search(cfg, space_name)
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode="max", max_t=1_000_000,
                                   grace_period=cfg.asha_grace_period, reduction_factor=cfg.asha_reduction_factor)
         samples = cfg.num_samples
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
-        run_config=tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent), verbose=0),
+        run_config=tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent), verbose=0,
+                                  callbacks=[SignStateCallback()]),
     )
+    sign_files(study_dir, [study_dir / TUNER_FILE])  # written by the Tuner just now; the rest is signed as saved
+    return tuner
+
+
+def _restored_tuner(study_dir: Path, trainable, cfg: Config, space_name: str):
+    """The study as Tune saved it, once its state files are known to be this user's (`mttl.sweep_state`)."""
+    from ray import tune
+
+    from mttl.sweep_state import SignStateCallback, adopt_state, check_restorable, verify_state
+
+    if cfg.trust_sweep_state:
+        adopt_state(study_dir)
+    else:
+        verify_state(study_dir)
+    check_restorable(study_dir, lambda: _optuna_search(cfg, space_name))
+    try:
+        tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    except Exception as err:  # a signed but damaged tuner.pkl, or one from another Ray version
+        text = " ".join(str(err).split())[:200] or "no details"
+        raise MttlError(f"the Ray Tune study in '{study_dir}' cannot be restored ({type(err).__name__}: {text}); "
+                        "move that folder away to run the study again from the start, or use a new run_name") from None
+    # a study saved before its state was signed: sign what it saves from now on
+    run_config = tuner._local_tuner.get_run_config() if getattr(tuner, "_local_tuner", None) else None
+    if run_config is not None and not any(isinstance(c, SignStateCallback) for c in run_config.callbacks or []):
+        run_config.callbacks = [*(run_config.callbacks or []), SignStateCallback()]
+    return tuner
 
 
 def _trial_rows(study: str, results) -> list[dict]:
@@ -258,7 +291,8 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     from mttl.config import atomic_write_text
     from mttl.evaluation.zeroshot import held_out_tasks
     from mttl.finetune.loop import resolve_data_dir, safe_name
-    from mttl.ray_utils import init_ray
+    from mttl.errors import set_interrupt_hint
+    from mttl.ray_utils import init_ray, run_in_background
 
     base, module, space_name = sweep_base_config(cfg)
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(base))
@@ -273,7 +307,9 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     for study, study_tasks in studies.items():
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)
         study_dir = sweep_dir / safe_name(study)
-        results = _study_tuner(study_dir, trainable, cfg, module, space_name).fit()
+        set_interrupt_hint(f"finished trials and the search state are kept in {sweep_dir}; run the same command "
+                           "again to resume the sweep")
+        results = run_in_background(_study_tuner(study_dir, trainable, cfg, module, space_name).fit)
         rows = _trial_rows(study, results)
         complete = [r for r in rows if r["status"] == "complete"]
         if complete:

@@ -54,6 +54,33 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None) -> t
     return RoutedModel(hf_model)
 
 
+def check_model_config(cfg: Config, tokenizer) -> None:
+    """Build the configured backbone and adapters on the meta device: no weights, milliseconds.
+
+    Adapter settings that do not fit the backbone (an `n_splits` that does not divide a layer, a
+    `modify_layers` that matches nothing) then fail on the driver with their one-line message,
+    before Ray starts workers that would each fail with a traceback. A backbone whose config
+    cannot be read here (a hub name not cached on this machine) is left to the workers.
+    """
+    import transformers
+
+    from mttl.adapters import AdapterConfig, modify_model
+    from mttl.models.backbone import TINY_T5
+
+    if cfg.model == TINY_T5:
+        with torch.device("meta"):
+            build_routed_model(cfg, tokenizer)
+        return
+    try:
+        config = transformers.AutoConfig.from_pretrained(os.path.expanduser(cfg.model),
+                                                         trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return
+    with torch.device("meta"):
+        hf_model = transformers.AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        modify_model(hf_model, AdapterConfig.from_config(cfg))
+
+
 def backbone_source(cfg: Config, run_dir: Path) -> str:
     """The trained backbone saved with the run, else the backbone the config names."""
     saved = run_dir / FINAL_DIR / BACKBONE_DIR
@@ -106,11 +133,13 @@ def read_tasks_file(run_dir: str | os.PathLike) -> dict[str, int]:
     return tasks
 
 
-def load_run(path: str | os.PathLike) -> LoadedRun:
+def load_run(path: str | os.PathLike, *, trust_remote_code: bool = False) -> LoadedRun:
+    """The run folder's model; `trust_remote_code` is the caller's (the user's) choice, never the run's."""
     from mttl.models.tokenizer import load_tokenizer
 
     run_dir = resolve_run_dir(path)
     cfg = Config.load(run_dir / "config.json")
+    cfg.trust_remote_code = trust_remote_code
     tasks = read_tasks_file(run_dir)
     backbone = backbone_source(cfg, run_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, model=backbone, cache_dir=cfg.cache_dir)

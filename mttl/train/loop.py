@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from mttl.config import Config, atomic_write_text
 from mttl.data.stream import LABEL_PAD
-from mttl.errors import ConfigError, DataError, MttlError
-from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model
+from mttl.errors import ConfigError, DataError, MttlError, set_interrupt_hint
+from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model, check_model_config
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
@@ -87,7 +87,9 @@ def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
 
 def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     """Run (or resume) one pre-training phase on the tasks of `roles`; returns the run folder."""
-    from mttl.ray_utils import init_ray, resources_per_worker, worker_env  # first: sets Ray's environment
+    from mttl.models.tokenizer import load_tokenizer
+    from mttl.ray_utils import (check_reachable_cluster, init_ray, resources_per_worker, run_in_background,
+                                train_timeouts, worker_env)
 
     import ray.data
     import ray.train
@@ -107,6 +109,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     cfg.data_dir = resolve_data_dir(cfg)
     tasks = task_rows(cfg.data_dir, cfg, list(roles))
     cfg.n_tasks = len(tasks)
+    check_model_config(cfg, load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir))
+    check_reachable_cluster(cfg)
     run_dir = prepare_run_dir(cfg, tasks)
     prune_unregistered_checkpoints(run_dir)
     if (run_dir / FINAL_DIR).is_dir() and latest_checkpoint_step(run_dir) == cfg.total_steps:
@@ -127,20 +131,50 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=cfg.output_dir,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # a worker group that cannot start counts against the same budget as a failed worker, so a
+            # request no node can meet ends the run (ray's default retries it forever)
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=cfg.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)}),
         datasets=datasets,
         # validation is split too: each rank scores its part and the sums are all-reduced
         dataset_config=data_config(("train", "validation")),
     )
+    set_interrupt_hint(f"the checkpoints of {run_dir} are kept; run the same command again to resume")
     try:
-        trainer.fit()
+        with train_timeouts(cfg):
+            run_in_background(trainer.fit)
     except ray.train.WorkerGroupError as err:
         user_error = _user_error(err)
         if user_error is None:
             raise
         raise user_error from None
+    except ray.train.ControllerError as err:
+        raise _controller_error(err, cfg) from None
     return run_dir
+
+
+def _controller_error(err, cfg: Config) -> MttlError:
+    """Ray Train's controller giving up (workers that never got their resources) as one line."""
+    import ray
+
+    text = str(err)
+    if "startup timed out" not in text:
+        first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+        return MttlError(f"Ray Train stopped the run: {first}")
+    wanted = resources_per_worker_text(cfg)
+    have = {k: (f"{v / 2**30:.1f} GiB" if k == "memory" else v) for k, v in ray.cluster_resources().items()
+            if k in ("CPU", "GPU", "memory")}
+    return ConfigError(f"the {cfg.num_workers} training workers did not get {wanted} each within "
+                       f"worker_start_timeout_s={cfg.worker_start_timeout_s:g} s (the cluster has {have}); "
+                       "lower resources_per_worker / num_workers, check use_gpu, or raise worker_start_timeout_s "
+                       "for an autoscaling cluster")
+
+
+def resources_per_worker_text(cfg: Config) -> str:
+    from mttl.ray_utils import resources_per_worker
+
+    return str(resources_per_worker(cfg))
 
 
 def _user_error(err) -> MttlError | None:
