@@ -30,8 +30,8 @@ def check_out_dir(out: str | os.PathLike, *, flag: str = "--out", example: str =
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{flag} '{raw}': '{parent}' is a file, not a folder; choose a folder under an "
-                                  f"existing folder, e.g. {example}")
+                raise ConfigError(f"{flag} '{raw}': '{parent}' is a file, not a folder, so nothing can be created "
+                                  f"under it; choose another {flag}, e.g. {example}")
             break
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} '{raw}' is a file; give a folder, e.g. {example}")
