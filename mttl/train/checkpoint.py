@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mttl.config import Config, atomic_write_text
+from mttl.config import SECURITY_KEYS, Config, atomic_write_text
 from mttl.errors import CheckpointError
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
@@ -48,7 +48,8 @@ class TrainerState:
 
 def check_resume(saved: Config, cfg: Config, saved_path: Path) -> None:
     """Refuse to continue a run under a config that differs in anything but growing total_steps."""
-    differing = saved.diff(cfg, ignore=RESUMABLE_KEYS + ("total_steps",))
+    # a saved config never carries security keys (Config.load drops them): this command's own decide
+    differing = saved.diff(cfg, ignore=RESUMABLE_KEYS + SECURITY_KEYS + ("total_steps",))
     if differing:
         keys = ", ".join(f"{k} ({a!r} → {b!r})" for k, (a, b) in sorted(differing.items()))
         raise CheckpointError(f"run folder {saved_path.parent} was started with a different config: {keys}; "
