@@ -255,6 +255,8 @@ ROWS = [
         manifest_edit(lambda m: m["files"][0].update(path="../elsewhere.parquet")), 1),
     Row("check-manifest-path-absolute", ("prepare", "check", "data"), "points outside",
         manifest_edit(lambda m: m["files"][0].update(path="/etc/passwd")), 1),
+    Row("check-manifest-sha-missing", ("prepare", "check", "data"), "files[0] 'sha256' must be 64 hex digits",
+        manifest_edit(lambda m: m["files"][0].pop("sha256")), 1),
     Row("check-manifest-rows-text", ("prepare", "check", "data"), "'rows' must be an integer",
         manifest_edit(lambda m: m["files"][0].update(rows="4")), 1),
     # ---- `mttl prepare ni`
