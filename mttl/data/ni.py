@@ -165,8 +165,8 @@ def load_task(path: Path) -> dict:
     if not isinstance(task, dict):
         raise DataError(f"{path}: expected a JSON object with 'Definition' and 'Instances'")
     definition = task.get("Definition")
-    if not (isinstance(definition, str) or isinstance(definition, list) and all(isinstance(d, str) for d in definition)) \
-            or not _definition(task).strip():
+    texts = [definition] if isinstance(definition, str) else definition
+    if not isinstance(texts, list) or not all(isinstance(d, str) for d in texts) or not _definition(task).strip():
         raise DataError(f"{path}: task has no 'Definition' text (a string or a list of strings); fix or re-download "
                         "the task file")
     for key in ("Categories", "Positive Examples", "Negative Examples"):

@@ -248,7 +248,8 @@ def read_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({_one_line(err)}); delete the folder and run `mttl prepare` again") from None
+        raise DataError(f"{path} is not valid JSON ({_one_line(err)}); delete the folder and run "
+                        "`mttl prepare` again") from None
     _check_manifest_layout(path, manifest)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path} has schema_version {manifest.get('schema_version')!r}, this mttl reads "
