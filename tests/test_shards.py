@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -169,3 +170,24 @@ def test_read_manifest_errors_say_how_to_fix(tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         shards.read_manifest(tmp_path)
     assert "not valid JSON" in shards.check(tmp_path)[0]
+
+
+def test_verify_shards_hashes_each_file_once_per_size_and_mtime(tmp_path, monkeypatch):
+    out = tmp_path / "prep"
+    manifest = _write(out, rows_per_file=5)
+    hashed = []
+    real = shards._file_sha256
+    monkeypatch.setattr(shards, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    assert shards.verify_shards(out) == manifest
+    assert len(hashed) == len(manifest["files"]) and (out / shards.VERIFIED_CACHE).is_file()
+    shards.read_manifest(out, verify=True)
+    assert len(hashed) == len(manifest["files"])  # unchanged files: not hashed again
+
+    first = out / manifest["files"][0]["path"]
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    stat = first.stat()
+    first.write_bytes(bytes(data))
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(DataError, match=f"{first}: sha256 differs.*run `mttl prepare` again"):
+        shards.verify_shards(out)
