@@ -25,6 +25,7 @@ from mttl.adapters.ops import merge_task_into_base, remove_adapters, task_lora
 from mttl.adapters.routing import AverageSelector
 from mttl.errors import ConfigError
 from mttl.paths import check_out_dir
+from mttl.staging import make_staging, remove_stale_staging
 
 TASKS_FILE = "tasks.json"
 
@@ -36,9 +37,8 @@ def _staged_folder(out: str | os.PathLike):
     if out.exists():
         raise ConfigError(f"--out '{out}' already exists; choose a new folder (exports never overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    remove_stale_staging(out)
+    staging = make_staging(out)
     try:
         yield staging
         os.replace(staging, out)

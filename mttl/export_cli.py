@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, metavar="T",
                         help="task name from the run's tasks.json, or a routing row; needed by peft-lora and "
                              "merged for routed runs. Example: --task cb")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the backbone's own Python code (`auto_map` in its config.json) run while loading "
+                             "it; off by default, and never taken from the run folder's config.json. "
+                             "Example: --trust-remote-code")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     # before the run is loaded: a bad --out should not cost a model load, nor fail after one
     if check_out_dir(args.out, example="--out exports/mhr_peft").exists():
         raise ConfigError(f"--out '{args.out}' already exists; choose a new folder (exports never overwrite)")
-    loaded = load_run(args.run_dir)
+    loaded = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
     model = loaded.model
     acfg = adapter_config(model)
     backbone = backbone_source(loaded.cfg, loaded.run_dir)

@@ -5,7 +5,8 @@ trial fine-tunes one held-out task with every configured seed, reporting after e
 so ASHA can stop poor trials early, and ends with the seed mean of the best validation scores.
 One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or one for all
 tasks with `study_per_task=False`); running the same `run_name` again restores it (finished
-trials kept, searcher state kept, unfinished trials run again). Results: `results.csv` (one row
+trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep_state` has
+found every pickled state file signed by this user's mttl. Results: `results.csv` (one row
 per trial), `best.json` (per task), `summary.md` and a printed table.
 """
 
@@ -228,17 +229,29 @@ def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, sp
     return tuner
 
 
-def _restored_tuner(study_dir: Path, trainable, cfg: Config, space_name: str):
-    """The study as Tune saved it, once its state files are known to be this user's (`mttl.sweep_state`)."""
+def check_saved_study(study_dir: Path, cfg: Config, space_name: str) -> None:
+    """A study that will be resumed: its Tune state must be this user's (`mttl.sweep_state`) and readable.
+
+    Run for every study before Ray starts, so a refused or damaged one stops the sweep at once."""
     from ray import tune
 
-    from mttl.sweep_state import SignStateCallback, adopt_state, check_restorable, verify_state
+    from mttl.sweep_state import adopt_state, check_restorable, verify_state
 
+    if not tune.Tuner.can_restore(str(study_dir)):
+        return
     if cfg.trust_sweep_state:
         adopt_state(study_dir)
     else:
         verify_state(study_dir)
     check_restorable(study_dir, lambda: _optuna_search(cfg, space_name))
+
+
+def _restored_tuner(study_dir: Path, trainable, cfg: Config, space_name: str):
+    """The study as Tune saved it; `check_saved_study` has passed on it."""
+    from ray import tune
+
+    from mttl.sweep_state import SignStateCallback
+
     try:
         tuner = tune.Tuner.restore(str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     except Exception as err:  # a signed but damaged tuner.pkl, or one from another Ray version
@@ -299,8 +312,10 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     if not tasks:
         raise ConfigError("no held-out tasks to sweep: name them with -k tasks=['task_a']")
     sweep_dir = (Path(cfg.output_dir) / (cfg.run_name or f"sweep_{Path(space_name).stem}")).resolve()
-    base.save(sweep_dir)
     studies = {task: [task] for task in tasks} if cfg.study_per_task else {"all_tasks": tasks}
+    for study in studies:
+        check_saved_study(sweep_dir / safe_name(study), cfg, space_name)
+    base.save(sweep_dir)
     init_ray(cfg)
     resources = cfg.trial_resources or {"CPU": 1}
     all_rows = []

@@ -215,7 +215,7 @@ def check_restorable(study_dir: Path, fresh_searcher: Callable[[], object]) -> N
                                allow_cloudpickle=True)
             if not isinstance(state, dict) or not isinstance(state.get("trial_data"), list):
                 raise ValueError(f"{states[-1].name} holds no trial list")
-        searcher = fresh_searcher()
+        searcher = _quietly(fresh_searcher)
         for generator in (SearchGenerator(searcher), BasicVariantGenerator()):  # search=optuna, search=grid
             if generator.has_checkpoint(str(study_dir)):
                 generator.restore_from_dir(str(study_dir))
@@ -226,6 +226,18 @@ def check_restorable(study_dir: Path, fresh_searcher: Callable[[], object]) -> N
         raise CheckpointError(f"the Ray Tune state in '{study_dir}' cannot be restored ({type(err).__name__}: "
                               f"{text}); move that folder away to run the study again from the start, or use "
                               f"a new run_name") from None
+
+
+def _quietly(make: Callable[[], object]) -> object:
+    """`make()` without Optuna's log line about the (throwaway) study it creates."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return make()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _check_searcher(searcher) -> None:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 
 from mttl.errors import DataError
 from mttl.paths import check_out_dir
+from mttl.staging import make_staging, remove_stale_staging
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -169,14 +169,14 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
     returned with `"unchanged": True`.
     """
     out = check_replaceable(out_dir)  # before the rows are generated, not after
+    remove_stale_staging(out)  # left by a killed earlier run: nothing else would ever remove them
     existing = unchanged_manifest(out, fingerprint)
     if existing is not None:
         return existing
 
     task_ids = _assign_task_ids(tasks)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary shared folder
+    staging = make_staging(out)
     try:
         writer = _ShardWriter(staging, rows_per_file)
         counts: dict[str, Counter] = defaultdict(Counter)
@@ -225,7 +225,7 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         os.replace(staging, out)
         return
     check_replaceable(out)
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = make_staging(out, "old")
     os.replace(out, old / "previous")
     try:
         os.replace(staging, out)

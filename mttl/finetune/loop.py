@@ -18,9 +18,11 @@ import io
 import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from mttl.config import Config, atomic_write_text
@@ -28,7 +30,7 @@ from mttl.errors import ConfigError, DataError
 from mttl.evaluation.metrics import (SCORE_KEYS, encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
                                      is_multiple_choice, task_metric)
 from mttl.finetune.losses import lm_loss, multiple_choice_loss
-from mttl.finetune.types import checkpoint_finetune_config, load_for_finetuning
+from mttl.finetune.types import FinetuneModel, checkpoint_finetune_config, load_for_finetuning
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
 T0_SEEDS, OTHER_SEEDS = [42, 1024, 0], [13, 42, 58]
@@ -100,22 +102,50 @@ def _trainable_state(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[[dict], None] | None = None,
-                  log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Fine-tune `task` with one seed; returns its result rows (zero_shot if do_zs, best_val, test)."""
+@dataclass
+class SeedSetup:
+    """One seed's model and rows, ready to train: everything the user's input can make fail."""
+    ft: FinetuneModel
+    train_rows: list[dict]
+    val_rows: list[dict]
+    test_rows: list[dict]
+    metric: str
+    rng_state: tuple  # (python, numpy, torch) right after loading, where training starts from
+
+
+def prepare_seed(cfg: Config, task: str, seed: int, merged: Config | None = None) -> SeedSetup:
+    """The task's k-shot rows (DataError when the task or its rows are missing), then the seeded model."""
     from mttl.data.fewshot import fewshot_split
     from transformers import set_seed
 
-    set_seed(seed)
-    ft = load_for_finetuning(cfg)
-    model, run_cfg = ft.model, ft.cfg
-    data_dir = resolve_data_dir(run_cfg)
+    merged = merged or checkpoint_finetune_config(cfg)  # what load_for_finetuning merges, without the model
+    data_dir = resolve_data_dir(merged)
     info = task_info(data_dir, task)
-    train_rows, val_rows, test_rows = fewshot_split(data_dir, task, num_shots(run_cfg, info, seed), seed)
+    train_rows, val_rows, test_rows = fewshot_split(data_dir, task, num_shots(merged, info, seed), seed)
     if not train_rows or not val_rows or not test_rows:
         raise DataError(f"task '{task}' in {data_dir} has {len(train_rows)} training, {len(val_rows)} validation and "
                         f"{len(test_rows)} test rows for seed {seed}; every one is needed")
     metric = task_metric(test_rows, info.get("metric"))
+    set_seed(seed)
+    ft = load_for_finetuning(cfg)
+    rng_state = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    return SeedSetup(ft, train_rows, val_rows, test_rows, metric, rng_state)
+
+
+def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[[dict], None] | None = None,
+                  log: Callable[[dict], None] | None = None, setup: SeedSetup | None = None) -> list[dict]:
+    """Fine-tune `task` with one seed; returns its result rows (zero_shot if do_zs, best_val, test).
+
+    `setup` is this seed's `prepare_seed`, when the caller made it earlier."""
+    setup = setup or prepare_seed(cfg, task, seed)
+    # whatever ran since the setup (writing the run folder, opening loggers), training draws the same numbers
+    python_state, numpy_state, torch_state = setup.rng_state
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.random.set_rng_state(torch_state)
+    ft, metric = setup.ft, setup.metric
+    train_rows, val_rows, test_rows = setup.train_rows, setup.val_rows, setup.test_rows
+    model, run_cfg = ft.model, ft.cfg
     base = {"task": task, "seed": seed, "finetune_type": cfg.finetune_type or "Poly"}
 
     def evaluate(rows, evaluation, step, epoch) -> dict:
@@ -220,16 +250,20 @@ def run_finetune(cfg: Config) -> Path:
         raise ConfigError("set the held-out task to adapt to: -k finetune_task_name=TASK")
     run_dir = run_dir_for(cfg, "finetune")
     merged = checkpoint_finetune_config(cfg)
-    merged.save(run_dir)
     kind = cfg.finetune_type or "Poly"
     rows = read_results(run_dir)
     done = {r["seed"] for r in rows if (r["task"], r["finetune_type"], r["evaluation"]) == (task, kind, "test")}
     rows = [r for r in rows if (r["task"], r["finetune_type"]) != (task, kind) or r["seed"] in done]
+    pending = [seed for seed in default_seeds(merged) if seed not in done]
+    # Unknown task, missing rows, unreadable checkpoint, keys that do not fit it: all fail here,
+    # before the run folder is created or touched (the first seed's setup is then used, not redone).
+    setup = prepare_seed(cfg, task, pending[0], merged) if pending else None
+    merged.save(run_dir)
     with MetricsLogger(run_dir, merged) as logger:
-        for seed in default_seeds(merged):
-            if seed not in done:
-                rows += finetune_seed(cfg, task, seed, log=logger.log)
-                write_results(run_dir, rows)
+        for seed in pending:
+            rows += finetune_seed(cfg, task, seed, log=logger.log, setup=setup)
+            setup = None
+            write_results(run_dir, rows)
     return run_dir
 
 

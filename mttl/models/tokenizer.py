@@ -32,18 +32,32 @@ def _from_folder(folder: Path, *, key: str):
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ConfigError(f"{key} folder '{folder}' holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
                           f"set -k tokenizer=PATH to a folder that has them, or -k tokenizer={BYTE}")
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        # never the folder's own Python (`auto_map`); unset, transformers would ask on a terminal
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except ValueError as err:
+        raise ConfigError(f"{key} folder '{folder}': cannot load a tokenizer from it: "
+                          f"{_first_line(err)}; give -k tokenizer=PATH to a plain tokenizer or -k tokenizer={BYTE}") from None
 
 
 def _from_hub(name: str, *, key: str, cache_dir):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=None if cache_dir is None else str(cache_dir))
+        return AutoTokenizer.from_pretrained(name, cache_dir=None if cache_dir is None else str(cache_dir),
+                                             trust_remote_code=False)
+    except ValueError as err:
+        raise ConfigError(f"{key} '{name}': cannot load a tokenizer from it: "
+                          f"{_first_line(err)}; give -k tokenizer=PATH to a plain tokenizer or -k tokenizer={BYTE}") from None
     except OSError as err:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ConfigError(f"{key} '{name}' is no local folder and could not be loaded from the Hugging Face Hub{offline}: "
                           f"{str(err).splitlines()[0]}; give a local folder (-k tokenizer=PATH) or -k tokenizer={BYTE}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_tokenizer(spec: str | None, *, model: str | None = None, cache_dir: str | os.PathLike | None = None):
