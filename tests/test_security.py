@@ -214,7 +214,8 @@ def _sweep_argv(tmp_path: Path, run: Path, task: str) -> list[str]:
     space = tmp_path / "space.py"
     space.write_text('FINETUNE_TYPE = "Z"\nGRID = [{"module_logits_learning_rate": 0.1}]\n\n\n'
                      'def space(trial):\n'
-                     '    return {"module_logits_learning_rate": trial.suggest_float("module_logits_learning_rate", 0.01, 1.0, log=True)}\n')
+                     '    rate = trial.suggest_float("module_logits_learning_rate", 0.01, 1.0, log=True)\n'
+                     '    return {"module_logits_learning_rate": rate}\n')
     return ["sweep", "-k", f"checkpoint={run}", f"tune_space={space}", "num_samples=1", f"output_dir={tmp_path}",
             "run_name=sw", f"tasks=['{task}']", "seeds=[13]", "total_steps=2", "train_batch_size=4",
             "eval_every_epochs=1", "num_shots=8", "num_beams=1", "predict_batch_size=16", "tensorboard=False",

@@ -37,7 +37,8 @@ def _from_folder(folder: Path, *, key: str):
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except ValueError as err:
         raise ConfigError(f"{key} folder '{folder}': cannot load a tokenizer from it: "
-                          f"{_first_line(err)}; give -k tokenizer=PATH to a plain tokenizer or -k tokenizer={BYTE}") from None
+                          f"{_first_line(err)}; give -k tokenizer=PATH to a plain tokenizer or "
+                          f"-k tokenizer={BYTE}") from None
 
 
 def _from_hub(name: str, *, key: str, cache_dir):
@@ -48,7 +49,8 @@ def _from_hub(name: str, *, key: str, cache_dir):
                                              trust_remote_code=False)
     except ValueError as err:
         raise ConfigError(f"{key} '{name}': cannot load a tokenizer from it: "
-                          f"{_first_line(err)}; give -k tokenizer=PATH to a plain tokenizer or -k tokenizer={BYTE}") from None
+                          f"{_first_line(err)}; give -k tokenizer=PATH to a plain tokenizer or "
+                          f"-k tokenizer={BYTE}") from None
     except OSError as err:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ConfigError(f"{key} '{name}' is no local folder and could not be loaded from the Hugging Face Hub{offline}: "
