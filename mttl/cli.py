@@ -133,11 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     except MttlError as err:
         if debug:
             raise
+        _disconnect_ray()
         print(f"mttl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
+        _disconnect_ray()
         print(f"mttl: {getattr(stop, 'reason', 'interrupted')}; {interrupt_hint()}", file=sys.stderr)
         return getattr(stop, "exit_code", 130)
+
+
+def _disconnect_ray() -> None:
+    """Leave Ray before the closing line, so no worker log line streamed by the driver follows it.
+
+    A second Ctrl-C while disconnecting is ignored: the line still comes, and the exit code."""
+    if "ray" not in sys.modules:
+        return
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except (KeyboardInterrupt, Exception):  # the command is ending either way
+        pass
 
 
 class Terminated(KeyboardInterrupt):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Only what a user's shell would not have: the CLI and mttl set their own Ray environment (tests of
+# plain-shell behaviour strip even these; see cluster_support.plain_env).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

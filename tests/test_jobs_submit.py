@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,34 +12,11 @@ from pathlib import Path
 import pytest
 
 from mttl.data.synthetic import prepare_synthetic
+from cluster_support import ray_cli as _ray_cli, start_head, stop_cluster as _stop_cluster
 from train_support import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_cli() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
-def _stop_cluster(temp_dir: Path) -> None:
-    """Stop only the processes of this head (`ray stop` would stop every Ray cluster on the machine)."""
-    import psutil
-
-    ours = [p for p in psutil.process_iter(["cmdline"])
-            if any(str(temp_dir) in arg for arg in (p.info["cmdline"] or []))]
-    for proc in ours:
-        proc.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=15)
-    for proc in alive:
-        proc.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit_when_ready(command: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -59,20 +34,11 @@ def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
     prepare_synthetic(data_dir, seed=0)
     out = tmp_path / "runs"  # absolute: the job runs in an uploaded copy of the working dir
     temp_dir = Path("/tmp") / f"mttl-job-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    port, dashboard_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", DS_ACCELERATOR="cpu",
                # the venv's bin first: the same ninja (and op cache) as everywhere else
                PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    # every port this head opens is a free one: other Ray clusters may run on the machine (the
-    # default agent port 52365, once taken, leaves the head without a job agent)
-    agent_ports = [f"--{flag}={_free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]
-    subprocess.run([_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                    f"--port={port}", f"--dashboard-port={dashboard_port}", *agent_ports, "--num-cpus=2",
-                    "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    _, dashboard_port = start_head(temp_dir, env)
     try:
         runtime_env = {"env_vars": {"RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
                                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},

@@ -96,6 +96,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     from ray.train.torch import TorchTrainer
 
     from mttl.data.stream import DatasetPerAttempt, data_config
+    from mttl.train.process_group import LocalTorchConfig
 
     if not cfg.run_name:
         raise ConfigError("run_name is not set; pass -k run_name=NAME")
@@ -124,6 +125,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
                 for split in ("train", "validation")}
     trainer = TorchTrainer(
         train_loop_per_worker,
+        # loopback-only process group on a local cluster; collectives time out instead of hanging
+        torch_config=LocalTorchConfig(timeout_s=int(cfg.collective_timeout_s)),
         train_loop_config={"cfg": cfg.to_dict(), "overridden": sorted(cfg._overridden), "tasks": tasks,
                            "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
