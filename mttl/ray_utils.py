@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 
 import mttl  # noqa: F401  (sets the environment Ray reads on import)
 from mttl.config import Config
@@ -54,6 +56,9 @@ def init_ray(cfg: Config) -> None:
         check_reachable(address)
     from ray.exceptions import AuthenticationError
 
+    # Ray's core worker installs a C-level SIGTERM handler that aborts the process (exit -6, a stack
+    # dump); the command's own handler (a clean exit 143 with a resume hint) is put back after init.
+    sigterm_handler = signal.getsignal(signal.SIGTERM) if _on_main_thread() else None
     try:
         if address and address != "local":
             # No runtime env here: inside a submitted job it would clash with the job's own; training
@@ -69,6 +74,13 @@ def init_ray(cfg: Config) -> None:
         raise ConfigError(f"the Ray cluster at ray_address={address!r} refused this client's authentication "
                           f"(RAY_AUTH_MODE={mode}); set RAY_AUTH_MODE (and RAY_AUTH_TOKEN) as the cluster was "
                           "started with") from None
+    finally:
+        if callable(sigterm_handler):
+            signal.signal(signal.SIGTERM, sigterm_handler)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _start_local_cluster(ray) -> None:

@@ -20,6 +20,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # to the controller, including in runs started by subprocesses and submitted jobs.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# Sweep-state signatures are keyed by a per-user file (~/.config/mttl); tests never touch the user's.
+if "MTTL_STATE_KEY_FILE" not in os.environ:
+    import tempfile
+
+    os.environ["MTTL_STATE_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="mttl-test-key-")) / "sweep-state.key")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MTTL_SHARED_DIR", REPO.parent / "shared")).resolve()
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from mttl.config import Config, atomic_write_text
 from mttl.data.stream import LABEL_PAD
 from mttl.errors import ConfigError, DataError, MttlError, set_interrupt_hint
-from mttl.models.run import BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model, check_model_config
+from mttl.models.run import (BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model, check_model_config,
+                             read_tasks_file)
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
@@ -75,7 +76,7 @@ def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
     saved_config = run_dir / "config.json"
     if saved_config.is_file():
         check_resume(Config.load(saved_config), cfg, saved_config)
-        saved_tasks = json.loads((run_dir / TASKS_FILE).read_text())
+        saved_tasks = read_tasks_file(run_dir)
         if saved_tasks != tasks:
             raise ConfigError(f"run folder {run_dir} was trained on other tasks ({len(saved_tasks)} in {TASKS_FILE}); "
                               "use the same data and tasks or a new run_name")
