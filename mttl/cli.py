@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("MTTL_DEBUG") == "1"
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+    ray_was_connected = _ray_connected()  # a caller's own Ray session (a notebook, a test) is left alone
     try:
         parser = build_parser(only=verb if verb in COMMANDS else "__none__")
         args = parser.parse_args(argv)
@@ -133,26 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     except MttlError as err:
         if debug:
             raise
-        _disconnect_ray()
+        if not ray_was_connected:
+            _disconnect_ray()
         print(f"mttl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        _disconnect_ray()
+        if not ray_was_connected:
+            _disconnect_ray()
         print(f"mttl: {getattr(stop, 'reason', 'interrupted')}; {interrupt_hint()}", file=sys.stderr)
         return getattr(stop, "exit_code", 130)
+
+
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _disconnect_ray() -> None:
     """Leave Ray before the closing line, so no worker log line streamed by the driver follows it.
 
     A second Ctrl-C while disconnecting is ignored: the line still comes, and the exit code."""
-    if "ray" not in sys.modules:
-        return
     try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        if _ray_connected():
+            sys.modules["ray"].shutdown()
     except (KeyboardInterrupt, Exception):  # the command is ending either way
         pass
 

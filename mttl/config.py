@@ -139,6 +139,7 @@ class Config:
     num_to_keep: int = _f(2, "Checkpoints kept by Ray Train. Example: -k num_to_keep=3")
     max_failures: int = _f(0, "Worker/node failures the run survives by restarting from its last checkpoint. Example: -k max_failures=3")
     worker_start_timeout_s: float = _f(120.0, "Seconds Ray Train waits for its workers to get their resources before the run fails with a message (raise it for an autoscaling cluster that must add nodes first). Example: -k worker_start_timeout_s=900")
+    data_timeout_s: float = _f(600.0, "Seconds a training worker waits for its next batch from Ray Data before the run fails with a message (a node lost with its blocks, a stalled read) instead of hanging. Example: -k data_timeout_s=1800")
     collective_timeout_s: float = _f(1800.0, "Seconds every worker waits for the others at a report or checkpoint before the run fails with a message instead of hanging. Example: -k collective_timeout_s=3600")
     seed: int = _f(42, "Random seed (data order, init, sampling). Example: -k seed=13")
     uniform_interp_steps: int = _f(0, "Anneal routing to uniform over the last N pre-training steps (α = cos(π/2·n/N)). Example: -k uniform_interp_steps=1000")
@@ -397,6 +398,7 @@ VALUE_RULES: dict[str, _Rule] = {
     "max_failures": _at_least(0, or_value=-1, meaning="retry without limit"), "uniform_interp_steps": _at_least(0),
     "num_shots": _at_least(1), "eval_every_epochs": _at_least(1), "max_concurrent_trials": _at_least(1),
     "asha_grace_period": _at_least(1), "asha_reduction_factor": _at_least(2),
+    "worker_start_timeout_s": _above(0), "collective_timeout_s": _above(0), "data_timeout_s": _above(0),
     "mc_loss": _at_least(0), "unlikely_loss": _at_least(0), "length_norm": _at_least(0),
 }
 

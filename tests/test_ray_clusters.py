@@ -48,28 +48,6 @@ def _finished(done: subprocess.CompletedProcess | subprocess.Popen, output: str,
         assert text not in output, text
 
 
-def test_two_runs_at_once_one_with_auth_disabled(suite):
-    """Point 2 and 3: a local run with RAY_AUTH_MODE=disabled finishes (its workers inherit the
-    mode), while a second run with Ray's default (token) runs beside it; neither sees the other."""
-    logs = {name: open(suite / f"{name}.log", "w+") for name in ("disabled", "default")}
-    runs = {
-        "disabled": subprocess.Popen(pretrain_command(suite, "auth_disabled"), cwd=suite, stdout=logs["disabled"],
-                                     stderr=subprocess.STDOUT, env=plain_env(RAY_AUTH_MODE="disabled")),
-        "default": subprocess.Popen(pretrain_command(suite, "auth_default"), cwd=suite, stdout=logs["default"],
-                                    stderr=subprocess.STDOUT, env=plain_env()),
-    }
-    try:
-        for proc in runs.values():
-            proc.wait(timeout=400)
-    finally:
-        for proc in runs.values():
-            if proc.poll() is None:
-                proc.kill()
-    for name, proc in runs.items():
-        logs[name].seek(0)
-        _finished(proc, logs[name].read(), suite / "runs" / f"auth_{name}")
-
-
 def listening_addresses(root_pid: int) -> set[tuple[str, int, str]]:
     """(address, port, process name) of every listening TCP socket of `root_pid` and its descendants."""
     import psutil
@@ -83,22 +61,36 @@ def listening_addresses(root_pid: int) -> set[tuple[str, int, str]]:
             if c.status == psutil.CONN_LISTEN and c.pid in tree}
 
 
-def test_a_local_run_listens_on_loopback_only(suite):
-    """Point 8: every port the run's processes open (Ray's, the workers', torch.distributed's
-    store and gloo's) is on 127.0.0.1, sampled through the whole run."""
+def test_two_runs_at_once_one_with_auth_disabled_both_on_loopback_only(suite):
+    """Points 2, 3 and 8: a local run with RAY_AUTH_MODE=disabled finishes (its workers inherit the
+    mode), while a second run with Ray's default (token) runs beside it; neither sees the other.
+    Every port their processes open (Ray's, the workers', torch.distributed's store and gloo's) is
+    on 127.0.0.1, sampled through both runs."""
     import ipaddress
 
-    proc = subprocess.Popen(pretrain_command(suite, "loopback", total_steps=20), cwd=suite, env=plain_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    logs = {name: open(suite / f"{name}.log", "w+") for name in ("disabled", "default")}
+    runs = {
+        "disabled": subprocess.Popen(pretrain_command(suite, "auth_disabled", total_steps=12), cwd=suite,
+                                     stdout=logs["disabled"], stderr=subprocess.STDOUT,
+                                     env=plain_env(RAY_AUTH_MODE="disabled")),
+        "default": subprocess.Popen(pretrain_command(suite, "auth_default", total_steps=12), cwd=suite,
+                                    stdout=logs["default"], stderr=subprocess.STDOUT, env=plain_env()),
+    }
     seen: set = set()
+    deadline = time.monotonic() + 400
     try:
-        while proc.poll() is None:
-            seen |= listening_addresses(proc.pid)
+        while any(proc.poll() is None for proc in runs.values()) and time.monotonic() < deadline:
+            for proc in runs.values():
+                seen |= listening_addresses(proc.pid)
             time.sleep(0.3)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, proc in runs.items():
+        logs[name].seek(0)
+        _finished(proc, logs[name].read(), suite / "runs" / f"auth_{name}")
     names = {name for _, _, name in seen}
     assert any("raylet" in n for n in names) and any("gcs" in n for n in names), names
     assert any("RayTrainWorker" in n or "ray::" in n for n in names), names  # the workers' own sockets
@@ -162,8 +154,10 @@ def test_interrupt_stops_pretrain_and_says_how_to_resume(suite, sig, code):
                     "kept; run the same command again to resume"), last
 
 
-def test_sweep_from_a_plain_shell(tmp_path):
-    """Point 5: `mttl sweep` imported ray.tune before mttl set Ray's environment (AuthenticationError)."""
+@pytest.mark.parametrize("auth", [{}, {"RAY_AUTH_MODE": "disabled"}], ids=["default-auth", "auth-disabled"])
+def test_sweep_from_a_plain_shell(tmp_path, auth):
+    """Point 5: `mttl sweep` imported ray.tune before mttl set Ray's environment (AuthenticationError
+    from a plain shell, and a traceback with RAY_AUTH_MODE=disabled)."""
     from test_sweep import FAST, WIDE_SPACE
     from test_finetune import make_checkpoint, t0_cb_subset
 
@@ -173,7 +167,7 @@ def test_sweep_from_a_plain_shell(tmp_path):
     checkpoint = make_checkpoint(tmp_path, data, "poly", dataset="t0")
     done = subprocess.run([mttl_cli(), "sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}",
                            "num_samples=2", f"output_dir={tmp_path}", "run_name=plain", *FAST],
-                          cwd=tmp_path, env=plain_env(), capture_output=True, text=True, timeout=400)
+                          cwd=tmp_path, env=plain_env(**auth), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "plain" / "results.csv").is_file()
     for text in CROSS_TALK + ("AuthenticationError",):

@@ -308,6 +308,51 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict:
             "task_ids": torch.tensor(np.asarray(batch["task_ids"], dtype=np.int64))}
 
 
+def bounded_waits(iterator: Iterable, timeout_s: float, waiting_for: str) -> Iterator:
+    """`iterator`'s items, each waited for at most `timeout_s` seconds; DataError naming what was awaited.
+
+    A Ray Data iterator blocks without limit when a block it needs is gone or a read stalls; this
+    pulls items on a helper thread, one at a time (no read-ahead beyond Ray Data's own), so the
+    order and memory are unchanged and a stall becomes an error the run can report.
+    """
+    import queue
+    import threading
+
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    done, stop = object(), threading.Event()
+
+    def pull() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        handoff.put((item, None), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            handoff.put((done, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            handoff.put((done, err))
+
+    threading.Thread(target=pull, name="mttl-data", daemon=True).start()
+    try:
+        while True:
+            try:
+                item, error = handoff.get(timeout=timeout_s)
+            except queue.Empty:
+                raise DataError(f"waited {timeout_s:g} s for {waiting_for}; check that every node is alive and "
+                                "the object store is not full (`ray status`), or raise data_timeout_s") from None
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 def iter_epoch(shard, *, batch_size: int, epoch: int, seed: int, pad_id: int, skip_batches: int = 0,
                shuffle_buffer_rows: int | None = None) -> Iterator[dict]:
     """Collated micro-batches of one epoch of a worker's shard, shuffled by (seed, epoch).

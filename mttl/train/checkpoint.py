@@ -136,15 +136,15 @@ def older_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
     return [folder for _, folder in registered_checkpoints(run_dir) if folder.name != Path(latest).name]
 
 
-def usable_checkpoint(candidates: list[Path], rank: int) -> tuple[Path, TrainerState]:
-    """The first candidate whose files all read back; says which damaged ones it skipped.
+def usable_checkpoint(candidates: list[Path], rank: int) -> tuple[Path, TrainerState, list[str]]:
+    """The first candidate whose files all read back, and why each damaged one before it was skipped.
 
     Every rank checks the same files and so reaches the same choice.
     """
     skipped = []
     for folder in candidates:
         try:
-            return folder, verify_checkpoint(folder)
+            return folder, verify_checkpoint(folder), skipped
         except CheckpointError as err:
             skipped.append(str(err))
             if rank == 0:

@@ -122,8 +122,10 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     init_ray(cfg)
     # the console carries one progress line per log interval, not Ray Data's bars
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # no validation split is built (or read) for a run that never validates
+    splits = ("train", "validation") if cfg.eval_every else ("train",)
     datasets = {split: DatasetPerAttempt(_dataset(cfg, split, tasks), functools.partial(_dataset, cfg, split, tasks))
-                for split in ("train", "validation")}
+                for split in splits}
     trainer = TorchTrainer(
         train_loop_per_worker,
         # loopback-only process group on a local cluster; collectives time out instead of hanging
@@ -142,7 +144,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
             worker_runtime_env={"env_vars": worker_env(cfg)}),
         datasets=datasets,
         # validation is split too: each rank scores its part and the sums are all-reduced
-        dataset_config=data_config(("train", "validation")),
+        dataset_config=data_config(splits),
     )
     set_interrupt_hint(f"the checkpoints of {run_dir} are kept; run the same command again to resume")
     try:
@@ -234,7 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from mttl.data.stream import iter_epoch
+    from mttl.data.stream import bounded_waits, iter_epoch
     from mttl.models.tokenizer import load_tokenizer
 
     cfg = Config().update(loop_config["cfg"], source="run config")
@@ -253,10 +255,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
-        resume_from, state = None, TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps))
+        resume_from, state, damaged = None, TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps)), []
         if checkpoint is not None:
             latest = Path(stack.enter_context(checkpoint.as_directory()))
-            resume_from, state = usable_checkpoint([latest] + older_checkpoints(run_dir, latest), rank)
+            resume_from, state, damaged = usable_checkpoint([latest] + older_checkpoints(run_dir, latest), rank)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
@@ -273,17 +275,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger = MetricsLogger(run_dir, cfg)
         if resume_from is not None:
             # steps after this one may appear twice in metrics.jsonl: once before a failure, once after
-            logger.log({"step": state.step, "resumed_from_step": state.step})
+            # the run's record says when it fell back past a damaged checkpoint, not only the console
+            logger.log({"step": state.step, "resumed_from_step": state.step,
+                        **({"skipped_damaged_checkpoints": damaged} if damaged else {})})
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    val_shard = ray.train.get_dataset_shard("validation") if cfg.eval_every else None
     micro = micro_batch_size(cfg, world)
     pad_id = tokenizer.pad_token_id
     meta = {"tasks": tasks, "run_name": cfg.run_name}
     row_to_task = {row: name for name, row in tasks.items()}
 
     def evaluate() -> dict:
-        return validation_losses(engine, iter_epoch(val_shard, batch_size=cfg.predict_batch_size, epoch=0,
-                                                    seed=cfg.seed, pad_id=pad_id, skip_batches=0),
+        batches = iter_epoch(val_shard, batch_size=cfg.predict_batch_size, epoch=0, seed=cfg.seed, pad_id=pad_id,
+                             skip_batches=0)
+        return validation_losses(engine, bounded_waits(batches, cfg.data_timeout_s,
+                                                       f"a validation batch of run {cfg.run_name} (worker {rank})"),
                                  len(tasks), row_to_task)
 
     def checkpoint_and_report(metrics: dict) -> None:
@@ -297,8 +303,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step, started = state.step, time.perf_counter()
     engine.train()
     while state.step < cfg.total_steps:
-        batches = iter_epoch(train_shard, batch_size=micro, epoch=state.epoch, seed=cfg.seed, pad_id=pad_id,
-                             skip_batches=state.batches_in_epoch)
+        batches = bounded_waits(iter_epoch(train_shard, batch_size=micro, epoch=state.epoch, seed=cfg.seed,
+                                           pad_id=pad_id, skip_batches=state.batches_in_epoch),
+                                cfg.data_timeout_s, f"a training batch of run {cfg.run_name} (worker {rank}, "
+                                f"epoch {state.epoch})")
         consumed_any = False
         wait_from = time.perf_counter()
         for batch in batches:
