@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 from rouge_score import rouge_scorer
 
@@ -24,22 +26,40 @@ def test_rouge_l_is_rouge_score_with_stemming_max_over_references():
     assert want[0] > unstemmed
 
 
+def official_ni_normalize(s: str) -> str:
+    """natural-instructions eval/automatic/compute_metrics.py, as written there: "adapted from
+    Squad v1.1 evaluation, without removing the articles" (lower, punctuation, whitespace)."""
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_punc(s.lower()))
+
+
 @pytest.mark.parametrize("text,normalized", [
-    ("The  Answer, is: A cat!", "answer is cat"),
-    ("an Apple", "apple"),
+    ("The  Answer, is: A cat!", "the answer is a cat"),
+    ("an Apple", "an apple"),
     ("  yes.  ", "yes"),
-    ("theatre", "theatre"),  # articles only as whole words
+    ("theatre", "theatre"),
 ])
 def test_ni_answer_normalisation(text, normalized):
-    assert normalize_answer(text) == normalized
+    assert normalize_answer(text) == normalized == official_ni_normalize(text)
 
 
 def test_exact_match_after_normalisation_max_over_references():
     assert exact_match("Positive", "positive!") == 1.0
-    assert exact_match("The positive", "positive") == 1.0
+    assert exact_match("The positive", "positive") == 0.0  # the official NI scorer keeps articles
     assert exact_match("positives", "positive") == 0.0
     got = generation_metrics(PREDICTIONS, REFERENCES)
     assert got["exact_match"] == pytest.approx(100 * 1 / 4)  # only "positive" matches
+    # articles decide: SQuAD's normaliser would count "a cat" == "the cat" == "cat", NI's does not
+    preds, refs = ["a cat", "The Cat.", "cat"], [["the cat"], ["the cat"], ["A cat"]]
+    want = sum(official_ni_normalize(p) == official_ni_normalize(r[0]) for p, r in zip(preds, refs)) / 3
+    assert want == pytest.approx(1 / 3)
+    assert generation_metrics(preds, refs)["exact_match"] == pytest.approx(100 * want)
 
 
 def test_grouped_metrics_per_category():

@@ -5,7 +5,7 @@ Owns how a task is scored, the way the field scores it:
   scored in one decoder batch; score = summed token NLL / length^length_norm; prediction =
   lowest score; metric = accuracy.
 - generation (Super-NaturalInstructions): beam search through `RoutedModel.generate`; Rouge-L
-  (rouge-score, Porter stemming) and exact match after NI's answer normalisation, each the max
+  (rouge-score, Porter stemming) and exact match after NI's answer normalisation (articles kept), each the max
   over a row's references, ×100, as the official NI scorer computes them; per task and category.
 - aggregation: median over seeds per task, then mean over tasks.
 
@@ -15,7 +15,6 @@ Rows are the dicts of `mttl.data.fewshot` (`source`, `target`, `references`, `an
 
 from __future__ import annotations
 
-import re
 import statistics
 import string
 from collections import defaultdict
@@ -138,10 +137,12 @@ def generate(model, tokenizer, rows: Sequence[dict], task_id: int, *, num_beams:
 
 
 def normalize_answer(text: str) -> str:
-    """NI's normalisation for exact match: lower case, no punctuation, no articles, single spaces."""
+    """NI's normalisation for exact match: lower case, no punctuation, single spaces.
+
+    The official NI scorer adapts SQuAD's normaliser "without removing the articles": "the cat"
+    and "cat" differ (SQuAD would count them equal)."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
