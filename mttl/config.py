@@ -127,6 +127,7 @@ class Config:
     train_batch_size: int = _f(8, "Global batch = micro batch × gradient_accumulation_steps × num_workers. Example: -k train_batch_size=32")
     predict_batch_size: int = _f(32, "Batch size for evaluation and generation. Example: -k predict_batch_size=8")
     gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step. Example: -k gradient_accumulation_steps=2")
+    label_smoothing: float | None = _f(None, "Label smoothing ε of the training loss (pre-training and few-shot generation tasks): (1−ε)·NLL + ε·mean over the vocabulary of −log p. Default: NI 0.1 (the reference's), others 0 (T0 trains without). Example: -k label_smoothing=0")
     max_grad_norm: float = _f(0.1, "Gradient clipping norm (0 = off). Example: -k max_grad_norm=1.0")
     precision: str = _f("32", "32, bf16 or 16. Example: -k precision=bf16", choices=["32", "bf16", "16"])
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0–3. Example: -k zero_stage=3", choices=[0, 1, 2, 3])
@@ -230,6 +231,12 @@ class Config:
         if self.data_dir:
             return self.data_dir
         return {"t0": self.t0_data_dir, "ni": self.ni_data_dir, "xfit": self.xfit_data_dir}.get(self.dataset)
+
+    def resolved_label_smoothing(self) -> float:
+        """label_smoothing, else the dataset's: NI 0.1 as the reference's NI loss, 0 for the rest."""
+        if self.label_smoothing is not None:
+            return self.label_smoothing
+        return 0.1 if self.dataset == "ni" else 0.0
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.field_names()}
@@ -394,6 +401,7 @@ VALUE_RULES: dict[str, _Rule] = {
     "learning_rate": _above(0), "adapters_learning_rate": _at_least(0), "module_logits_learning_rate": _at_least(0),
     "weight_decay": _at_least(0), "adapters_weight_decay": _at_least(0), "adam_epsilon": _above(0),
     "max_grad_norm": _at_least(0), "lora_dropout": _DROPOUT, "module_logits_dropout": _DROPOUT,
+    "label_smoothing": _DROPOUT,
     "eval_every": _at_least(0), "save_every": _at_least(0), "log_every": _at_least(1), "num_to_keep": _at_least(1),
     "max_failures": _at_least(0, or_value=-1, meaning="retry without limit"), "uniform_interp_steps": _at_least(0),
     "num_shots": _at_least(1), "eval_every_epochs": _at_least(1), "max_concurrent_trials": _at_least(1),

@@ -51,7 +51,7 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None) -> t
                              tiny_num_layers=cfg.tiny_num_layers, seed=cfg.seed)
     # without a modifier this only freezes by the regexes (all parameters train by default)
     hf_model = modify_model(hf_model, AdapterConfig.from_config(cfg))
-    return RoutedModel(hf_model)
+    return RoutedModel(hf_model, label_smoothing=cfg.resolved_label_smoothing())
 
 
 def check_model_config(cfg: Config, tokenizer) -> None:
