@@ -139,7 +139,7 @@ MISTAKES = [
     (["configs", "-k", "n_skills=many"], ["n_skills", "must be int", "example: -k n_skills="]),
     (["configs", "-k", "model_modifier=polly"], ["model_modifier", "did you mean 'poly'"]),
     (["prepare", "nii", "--out", "shards"], ["invalid choice: 'nii'", "see `mttl prepare --help`"]),
-    (["configs", "-c", "t0/finetune.json"], ["t0/finetune.json", "not found", "mttl configs"]),
+    (["configs", "-c", "t0/finetune_xl.json"], ["t0/finetune_xl.json", "not found", "mttl configs"]),
     (["configs", "-c", "mine.json"], ["mine.json", "not valid JSON", "line 1", "fix the file"]),
     (["pretrain", "-k", "model=tiny-t5", "data_dir=shards/ni", "output_dir=out"],
      ["shards/ni", "manifest.json not found", "mttl prepare"]),

@@ -26,11 +26,15 @@ def test_held_out_task_draws_from_validation_pool(ni_dir):
     assert len(pool) == 27 and len(test) == 100
     train, validation, test_rows = fewshot_split(ni_dir, task, 8, 13)
     assert len(set(ids(train))) == 8 and set(ids(train)) <= set(ids(pool))
-    assert sorted(ids(validation)) == sorted(set(ids(pool)) - set(ids(train)))
     assert ids(test_rows) == ids(test)
     # the documented draw: default_rng(seed) picks k of the pool ordered by (instance_id, source)
     ordered = sorted(pool, key=lambda r: (r["instance_id"], r["source"]))
     assert ids(train) == [ordered[i]["instance_id"] for i in np.random.default_rng(13).choice(27, 8, replace=False)]
+    # validation: k of the rest (the reference's NI dev set of k instances), not all 19 left
+    rest = [r for r in ordered if r["instance_id"] not in set(ids(train))]
+    assert len(validation) == 8 and not set(ids(validation)) & set(ids(train))
+    picks = np.random.default_rng([13, 1]).choice(19, 8, replace=False)
+    assert ids(validation) == [rest[i]["instance_id"] for i in picks]
     assert set(train[0]) == {"task_name", "task_id", "split", "source", "target", "references",
                              "answer_choices", "label", "instance_id"}
 
@@ -52,7 +56,7 @@ def test_train_task_draws_from_train_and_keeps_validation(ni_dir):
 
 
 def test_k_beyond_pool_names_task_and_size(ni_dir):
-    with pytest.raises(DataError, match=f"{TEST_TASKS[0]}.*28 shots.*'validation' pool has 27 rows"):
+    with pytest.raises(DataError, match=f"{TEST_TASKS[0]}.*28 shots.*'validation' pool has 27 instances"):
         fewshot_split(ni_dir, TEST_TASKS[0], 28, 0)
     with pytest.raises(DataError, match="task_missing"):
         fewshot_split(ni_dir, "task_missing", 4, 0)
@@ -66,7 +70,8 @@ def test_prepared_fewshot_split_is_used_as_is(ni_dir, tmp_path):
     write_prepared(tmp_path / "fs", rows + shipped, {task: {"role": "test"}}, source="test", args={})
     train, validation, test = fewshot_split(tmp_path / "fs", task, 4, 7)
     assert ids(train) == ids(shipped)
-    assert sorted(ids(validation)) == sorted(set(ids(r for r in rows if r["split"] == "validation")) - set(ids(shipped)))
+    rest = set(ids(r for r in rows if r["split"] == "validation")) - set(ids(shipped))
+    assert len(validation) == 4 and set(ids(validation)) <= rest  # k instances of the rest of the pool
     assert len(test) == 100
     assert len(fewshot_split(tmp_path / "fs", task, 4, 8)[0]) == 4  # other seeds are drawn
 

@@ -19,6 +19,10 @@ gold `label` from the dataset (WinoGrande: `answer` − 1; StoryCloze: `answer_r
 a rendering whose target is not `answer_choices[label]`, or whose input or target is empty, is
 skipped and counted per template. Training tasks are datasets, or (dataset, template) pairs named
 `<dataset>/<template>` with `use_t0_templates_as_tasks`.
+
+The training mixture is the reference's (T0MixtureReader): every template of a dataset gets the
+same first `min(train size, examples_per_dataset // templates)` rows of the dataset (500,000 per
+dataset, not per template), and the P3 tasks of `TASK_BLACKLIST` are left out.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class HeldoutTask:
     templates_key: str           # promptsource `dataset[_subset]`
     label: Callable[[dict], int]
     max_templates: int | None = None
+    shots: int | None = None     # the reference's k when it differs from the shipped T-Few files' k
 
 
 HELDOUT_TASKS: dict[str, HeldoutTask] = {
@@ -78,9 +83,11 @@ HELDOUT_TASKS: dict[str, HeldoutTask] = {
     "wsc": HeldoutTask("super_glue_wsc", "validation", "super_glue_wsc.fixed", _int_field("label")),
     "winogrande": HeldoutTask("winogrande_xl", "validation", "winogrande_winogrande_xl", _int_field("answer", -1)),
     "h-swag": HeldoutTask("hellaswag", "validation", "hellaswag", _int_field("label")),
-    "anli-r1": HeldoutTask("anli", "test_r1", "anli", _int_field("label")),
-    "anli-r2": HeldoutTask("anli", "test_r2", "anli", _int_field("label")),
-    "anli-r3": HeldoutTask("anli", "test_r3", "anli", _int_field("label")),
+    # ANLI: T-Few ships 50-shot files; the reference drew 32 from train_r* (not shipped), so 32 of
+    # the 50 are drawn per seed (mttl.data.fewshot)
+    "anli-r1": HeldoutTask("anli", "test_r1", "anli", _int_field("label"), shots=32),
+    "anli-r2": HeldoutTask("anli", "test_r2", "anli", _int_field("label"), shots=32),
+    "anli-r3": HeldoutTask("anli", "test_r3", "anli", _int_field("label"), shots=32),
     "storycloze": HeldoutTask("story_cloze_2016", "test", "story_cloze_2016", _int_field("answer_right_ending", -1)),
 }
 STORYCLOZE = "storycloze"
@@ -91,6 +98,35 @@ STORYCLOZE_COLUMNS = {
     "RandomFifthSentenceQuiz1": "sentence_quiz1", "RandomFifthSentenceQuiz2": "sentence_quiz2",
     "AnswerRightEnding": "answer_right_ending",
 }
+
+# The reference's T0 mixture cap (MAX_EXAMPLES_PER_DATASET): rows per dataset, split over its templates.
+EXAMPLES_PER_DATASET = 500_000
+# The reference's (and T0's) TASK_BLACKLIST, as P3 task names: templates whose inputs often run past
+# 1,024 tokens, and one with broken cached files. Their rows never enter the training mixture.
+TASK_BLACKLIST = frozenset({
+    "hotpot_qa_distractor_Generate_Explanations", "hotpot_qa_fullwiki_Generate_Explanations",
+    "hotpot_qa_distractor_Generate_Answer_and_Explanations", "hotpot_qa_fullwiki_Generate_Answer_and_Explanations",
+    "hotpot_qa_fullwiki_Generate_Answer", "hotpot_qa_distractor_Generate_Answer",
+    "hotpot_qa_distractor_Generate_Title_2", "hotpot_qa_fullwiki_Generate_Title_2",
+    "hotpot_qa_fullwiki_Generate_Title_1", "hotpot_qa_distractor_Generate_Title_1",
+    "hotpot_qa_distractor_Generate_Question", "hotpot_qa_fullwiki_Generate_Question",
+    "tab_fact_tab_fact_tab_fact_3", "tab_fact_tab_fact_tab_fact_2", "tab_fact_tab_fact_tab_fact_1",
+    "tab_fact_tab_fact_tab_fact_7", "tab_fact_tab_fact_tab_fact_4", "tab_fact_tab_fact_tab_fact_5",
+    "tab_fact_tab_fact_tab_fact_6", "wiki_hop_masked_Choose_Best_Object_Candidate",
+    "wiki_hop_masked_Indirect_Question_about_Birthplace_Citizenship_Place_of_Death", "narrativeqa_Template_05",
+    "ecthr_cases_alleged_violation_prediction_silver_rationales", "gigaword_summarize_",
+})
+
+
+def p3_task_name(dataset_key: str, template_name: str) -> str:
+    """The P3 / T0 task name of a (dataset[_subset], template) pair, as the reference cleans it."""
+    return re.sub(r"[^\w\d\._]+", "_", f"{dataset_key}_{template_name}")
+
+
+def per_template_cap(train_size: int, n_templates: int, examples_per_dataset: int = EXAMPLES_PER_DATASET) -> int:
+    """Rows each template of a dataset renders: min(train size, examples_per_dataset // templates)."""
+    return min(train_size, examples_per_dataset // max(n_templates, 1))
+
 
 # Per-row rendering failures caused by the data (a label out of range, a missing list entry) are
 # counted as skips, like promptsource's empty outputs; jinja and missing-field errors are not.
@@ -226,13 +262,14 @@ class _Plan:
 def prepare_t0(source: str | Path, templates: str | Path | None = None, out: str | Path | None = None, *,
                use_t0_templates_as_tasks: bool = False, storycloze_dir: str | Path | None = None,
                tasks: list[str] | None = None, seed: int = 42, max_train_per_task: int | None = None,
-               validation_per_task: int = 100) -> dict:
+               validation_per_task: int = 100, examples_per_dataset: int = EXAMPLES_PER_DATASET) -> dict:
     """Prepare the T0 folder `source` into `out`; return the manifest.
 
     `templates` defaults to `<source>/promptsource_templates`; `tasks` restricts the held-out
     tasks (default: all present); `storycloze_dir` defaults to $STORYCLOZE_DIR. Training tasks
     get `validation` = min(`validation_per_task`, 10 % of the task's rows) rows drawn by `seed`,
-    and at most `max_train_per_task` `train` rows.
+    and at most `max_train_per_task` `train` rows. Each training dataset renders its first
+    `per_template_cap(rows, templates, examples_per_dataset)` rows with every template.
     """
     if out is None:
         raise DataError("prepare_t0 needs an output folder (--out)")
@@ -241,6 +278,8 @@ def prepare_t0(source: str | Path, templates: str | Path | None = None, out: str
     storycloze_dir = storycloze_dir if storycloze_dir is not None else os.environ.get("STORYCLOZE_DIR") or None
     if not source.is_dir():
         raise DataError(f"--source {source} is not a folder; give a folder laid out like ../shared/data/t0")
+    if examples_per_dataset < 1:
+        raise DataError(f"--examples-per-dataset must be at least 1, got {examples_per_dataset}")
     if not templates_dir.is_dir():
         raise DataError(f"templates folder {templates_dir} not found; pass --templates DIR (promptsource's templates)")
     unknown = sorted(set(tasks or []) - set(HELDOUT_TASKS))
@@ -248,7 +287,8 @@ def prepare_t0(source: str | Path, templates: str | Path | None = None, out: str
         raise DataError(f"unknown T0 held-out task(s) {unknown} in --tasks; known: {', '.join(HELDOUT_TASKS)}")
     args = {"source": str(source), "templates": str(templates_dir), "use_t0_templates_as_tasks": use_t0_templates_as_tasks,
             "storycloze_dir": str(storycloze_dir) if storycloze_dir else None, "tasks": tasks, "seed": seed,
-            "max_train_per_task": max_train_per_task, "validation_per_task": validation_per_task}
+            "max_train_per_task": max_train_per_task, "validation_per_task": validation_per_task,
+            "examples_per_dataset": examples_per_dataset}
     fingerprint = shards.fingerprint_sources([p for p in (source, templates_dir, storycloze_dir) if p], args)
     unchanged = shards.unchanged_manifest(out, fingerprint)
     if unchanged is not None:
@@ -259,8 +299,10 @@ def prepare_t0(source: str | Path, templates: str | Path | None = None, out: str
     template_files = find_template_files(templates_dir)
     plan = _Plan(tasks={}, heldout=[], training={}, skipped={"absent": {}})
     _plan_heldout(plan, source, template_files, renderer, tasks, storycloze_dir)
-    _plan_mixture(plan, source, template_files, use_t0_templates_as_tasks)
-    _plan_raw_datasets(plan, source, template_files, renderer, skips, use_t0_templates_as_tasks)
+    _plan_mixture(plan, source, template_files, use_t0_templates_as_tasks, examples_per_dataset)
+    _plan_raw_datasets(plan, source, template_files, renderer, skips, use_t0_templates_as_tasks, examples_per_dataset)
+    if "blacklisted" in plan.skipped:
+        plan.skipped["blacklisted"] = dict(sorted(plan.skipped["blacklisted"].items()))
     if not plan.tasks:
         raise DataError(f"{source}: nothing to prepare (no {HELDOUT_EVAL}/, {HELDOUT_FEWSHOT}/, {TRAIN_MIXTURE}/ "
                         "or dataset folders with train.jsonl[.gz])")
@@ -363,8 +405,13 @@ def _p3_index(template_files: dict[str, Path], names: set[str]) -> dict[str, tup
     return index
 
 
-def _plan_mixture(plan: _Plan, source: Path, template_files: dict[str, Path], per_template: bool) -> None:
-    """Already-rendered P3 rows: grouped into dataset (or dataset/template) training tasks."""
+def _plan_mixture(plan: _Plan, source: Path, template_files: dict[str, Path], per_template: bool,
+                  examples_per_dataset: int = EXAMPLES_PER_DATASET) -> None:
+    """Already-rendered P3 rows: grouped into dataset (or dataset/template) training tasks.
+
+    Each template keeps its first `per_template_cap` rows in file order (P3 renders a dataset's
+    train split in order, so these are the dataset's first rows); blacklisted templates are
+    dropped and counted in the manifest's `skipped.blacklisted`."""
     root = source / TRAIN_MIXTURE
     files = sorted(root.glob("*.jsonl")) + sorted(root.glob("*.jsonl.gz")) if root.is_dir() else []
     rows = []
@@ -380,7 +427,17 @@ def _plan_mixture(plan: _Plan, source: Path, template_files: dict[str, Path], pe
         if row["template"] not in index:
             raise DataError(f"{path}: line {number}: unknown dataset/template {row['template']!r} "
                             "(no matching promptsource template); check --templates")
+    sizes = Counter(row["template"] for _, _, row in rows)
+    n_templates = {key: len(load_templates(template_files[key]).templates) for key, _ in index.values()}
+    kept: Counter = Counter()
+    for path, number, row in rows:
         key, template = index[row["template"]]
+        if p3_task_name(key, template.name) in TASK_BLACKLIST:
+            plan.skipped.setdefault("blacklisted", Counter())[p3_task_name(key, template.name)] += 1
+            continue
+        if kept[row["template"]] >= per_template_cap(sizes[row["template"]], n_templates[key], examples_per_dataset):
+            continue
+        kept[row["template"]] += 1
         task = f"{key}/{template_slug(template.name)}" if per_template else key
         if task not in plan.tasks:
             plan.tasks[task] = _training_meta(key, template if per_template else None)
@@ -397,8 +454,9 @@ def _training_meta(key: str, template: Template | None) -> dict:
 
 
 def _plan_raw_datasets(plan: _Plan, source: Path, template_files: dict[str, Path], renderer: Renderer,
-                       skips: _Skips, per_template: bool) -> None:
-    """`<source>/<dataset>/train.jsonl[.gz]`: rendered with every template of that dataset."""
+                       skips: _Skips, per_template: bool, examples_per_dataset: int = EXAMPLES_PER_DATASET) -> None:
+    """`<source>/<dataset>/train.jsonl[.gz]`: its first `per_template_cap` rows rendered with every
+    template of that dataset that is not in `TASK_BLACKLIST`."""
     heldout_keys = {spec.templates_key for spec in HELDOUT_TASKS.values()} | {spec.eval_folder for spec in HELDOUT_TASKS.values()}
     for folder in sorted(p for p in source.iterdir() if p.is_dir() and p.name not in RESERVED_FOLDERS):
         path = _jsonl_file(folder, "train")
@@ -408,8 +466,14 @@ def _plan_raw_datasets(plan: _Plan, source: Path, template_files: dict[str, Path
             raise DataError(f"{folder}: {folder.name} is a held-out dataset and cannot be a training dataset; "
                             f"move it under {HELDOUT_EVAL}/ or remove it")
         templates = _load_dataset_templates(folder.name, template_files, renderer, f"dataset folder {folder}")
-        for number, row in read_jsonl(path):
-            for template in templates.templates:
+        dataset_rows = list(read_jsonl(path))
+        cap = per_template_cap(len(dataset_rows), len(templates.templates), examples_per_dataset)
+        chosen = [t for t in templates.templates if p3_task_name(templates.key, t.name) not in TASK_BLACKLIST]
+        for template in templates.templates:
+            if template not in chosen:
+                plan.skipped.setdefault("blacklisted", Counter())[p3_task_name(templates.key, template.name)] += cap
+        for number, row in dataset_rows[:cap]:
+            for template in chosen:
                 task = f"{templates.key}/{template_slug(template.name)}" if per_template else templates.key
                 try:
                     out = renderer.render(template, row, row_key=f"{folder.name}:{number}", where=templates.path,
@@ -441,6 +505,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"held-out tasks to prepare (default: all present; one of {', '.join(HELDOUT_TASKS)}). Example: --tasks cb rte")
     parser.add_argument("--seed", type=int, default=42, help="seed of the choice filter and the validation draw. Example: --seed 13")
     parser.add_argument("--max-train-per-task", type=int, default=None, help="cap on training rows per training task. Example: --max-train-per-task 1000")
+    parser.add_argument("--examples-per-dataset", type=int, default=EXAMPLES_PER_DATASET,
+                        help="training rows per dataset, split evenly over its templates (each renders the same "
+                             "first min(rows, N // templates) rows), as the reference's T0 mixture. Default: 500000. "
+                             "Example: --examples-per-dataset 50000")
     parser.add_argument("--validation-per-task", type=int, default=100,
                         help="validation rows per training task (at most 10%% of its rows). Example: --validation-per-task 50")
 
@@ -448,4 +516,5 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare_from_args(args: argparse.Namespace) -> dict:
     return prepare_t0(args.source, args.templates, args.out, use_t0_templates_as_tasks=args.use_t0_templates_as_tasks,
                       storycloze_dir=args.storycloze_dir, tasks=args.tasks, seed=args.seed,
-                      max_train_per_task=args.max_train_per_task, validation_per_task=args.validation_per_task)
+                      max_train_per_task=args.max_train_per_task, validation_per_task=args.validation_per_task,
+                      examples_per_dataset=args.examples_per_dataset)

@@ -14,9 +14,14 @@ from the checkpoint's config unless given here. Writes results.jsonl and results
 best_val, test per seed) into $output_dir/$run_name/ (default run_name: finetune_<task>_<type>);
 running the same command again skips the seeds already done.
 
+On T0 data, keys you do not set take the reference's T0 few-shot values (those of
+jobs/configs/t0/finetune.json and t0/<task>.json): Adafactor at lr 3e-3, 1,000 steps, batch 8,
+length-normalised rank classification (length_norm=1) and the T-Few losses (mc_loss=1,
+unlikely_loss=1); ANLI tasks default to 32 shots. NI trains with label_smoothing 0.1.
+
 Examples:
   mttl finetune -k checkpoint=output/t0_mhr finetune_task_name=rte finetune_type=Z
-  mttl finetune -k checkpoint=output/t0_mhr finetune_task_name=cb finetune_type=MuZ length_norm=1 mc_loss=1
+  mttl finetune -c t0/finetune.json+t0/cb.json -k checkpoint=output/t0_mhr finetune_type=MuZ
   mttl finetune -k checkpoint=output/ni_mhr finetune_task_name=task1356_xlsum_title_generation seeds="[13]"
 """
 

@@ -2,9 +2,17 @@
 
 Per seed: load the checkpoint for the finetune type (`types.load_for_finetuning`), draw the k-shot
 split (`mttl.data.fewshot.fewshot_split`), score the test rows zero-shot, train for `total_steps`
-optimizer steps (else `num_train_epochs`) validating every `eval_every_epochs` epochs (and once at
-the end), keep the best validation weights in memory and score the test rows with them. Every
-validation is passed to `on_validation` (sweeps report it to Ray Tune).
+optimizer steps (else `num_train_epochs`) validating every `eval_every_epochs` epochs, keep the
+best validation weights in memory and score the test rows with them. Every validation is passed
+to `on_validation` (sweeps report it to Ray Tune).
+
+As the reference: an epoch is the k training instances, each rendered with one of its templates
+drawn afresh every epoch (T0; other tasks have one row per instance), in batches of
+`train_batch_size` with the incomplete last one dropped; so a 32-shot T0 task at batch 8 and 1,000
+steps runs 250 epochs and validates 5 times. Validation runs only at multiples of
+`eval_every_epochs` (a run too short to reach one validates once at the end, so a best
+validation exists; `finetune_skip_es` validates only at the end). Evaluation scores every
+template of every instance (the reference draws one template per instance and pass).
 
 `run_finetune(cfg)` runs every seed of `finetune_task_name` and writes the run folder:
 `config.json`, `metrics.jsonl` (+ TensorBoard), `results.jsonl` and `results.csv` (one row per
@@ -59,10 +67,16 @@ def task_info(data_dir: str, task: str) -> dict:
     return tasks[task]
 
 
-def num_shots(cfg: Config, info: dict, seed: int) -> int:
-    """`num_shots`, else the k of the task's prepared T-Few split for this seed, else 32."""
+def num_shots(cfg: Config, info: dict, seed: int, task: str | None = None) -> int:
+    """`num_shots`, else the reference's k for a T0 task where it differs from the shipped files'
+    (ANLI: 32), else the k of the task's prepared T-Few split for this seed, else 32."""
+    from mttl.data.t0 import HELDOUT_TASKS
+
     if cfg.num_shots:
         return cfg.num_shots
+    spec = HELDOUT_TASKS.get(task or "")
+    if cfg.dataset == "t0" and spec is not None and spec.shots:
+        return spec.shots
     for split in info.get("rows", {}):
         match = re.fullmatch(rf"fewshot_k(\d+)_seed{seed}", split)
         if match:
@@ -78,8 +92,11 @@ def resolve_data_dir(cfg: Config) -> str:
     return str(data_dir)
 
 
-def _train_batches(rows: list[dict], micro_batch: int, rng: random.Random):
-    """One epoch of shuffled micro batches; an incomplete last batch is dropped, as the reference."""
+def _train_batches(instances: list[list[dict]], micro_batch: int, rng: random.Random):
+    """One epoch of shuffled micro batches, one row per instance (a T0 instance's template drawn
+    afresh each epoch); an incomplete last batch is dropped, as the reference."""
+    # one-row instances draw nothing, so their shuffles match the row-per-example stream exactly
+    rows = [group[0] if len(group) == 1 else rng.choice(group) for group in instances]
     order = list(range(len(rows)))
     rng.shuffle(order)
     for start in range(0, max(len(rows) - micro_batch + 1, 1), micro_batch):
@@ -111,6 +128,7 @@ class SeedSetup:
     test_rows: list[dict]
     metric: str
     rng_state: tuple  # (python, numpy, torch) right after loading, where training starts from
+    templated: bool = False  # rows are (instance, template) renderings (T0), drawn one per instance
 
 
 def prepare_seed(cfg: Config, task: str, seed: int, merged: Config | None = None) -> SeedSetup:
@@ -121,7 +139,7 @@ def prepare_seed(cfg: Config, task: str, seed: int, merged: Config | None = None
     merged = merged or checkpoint_finetune_config(cfg)  # what load_for_finetuning merges, without the model
     data_dir = resolve_data_dir(merged)
     info = task_info(data_dir, task)
-    train_rows, val_rows, test_rows = fewshot_split(data_dir, task, num_shots(merged, info, seed), seed)
+    train_rows, val_rows, test_rows = fewshot_split(data_dir, task, num_shots(merged, info, seed, task), seed)
     if not train_rows or not val_rows or not test_rows:
         raise DataError(f"task '{task}' in {data_dir} has {len(train_rows)} training, {len(val_rows)} validation and "
                         f"{len(test_rows)} test rows for seed {seed}; every one is needed")
@@ -129,7 +147,8 @@ def prepare_seed(cfg: Config, task: str, seed: int, merged: Config | None = None
     set_seed(seed)
     ft = load_for_finetuning(cfg)
     rng_state = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
-    return SeedSetup(ft, train_rows, val_rows, test_rows, metric, rng_state)
+    templated = int(info.get("rows_per_instance") or 1) > 1
+    return SeedSetup(ft, train_rows, val_rows, test_rows, metric, rng_state, templated)
 
 
 def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[[dict], None] | None = None,
@@ -137,6 +156,8 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     """Fine-tune `task` with one seed; returns its result rows (zero_shot if do_zs, best_val, test).
 
     `setup` is this seed's `prepare_seed`, when the caller made it earlier."""
+    from mttl.data.fewshot import group_instances
+
     setup = setup or prepare_seed(cfg, task, seed)
     # whatever ran since the setup (writing the run folder, opening loggers), training draws the same numbers
     python_state, numpy_state, torch_state = setup.rng_state
@@ -160,7 +181,8 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
 
     accumulation = max(run_cfg.gradient_accumulation_steps, 1)
     micro_batch = max(run_cfg.train_batch_size // accumulation, 1)
-    micro_per_epoch = max(len(train_rows) // micro_batch, 1)
+    instances = group_instances(train_rows, setup.templated)
+    micro_per_epoch = max(len(instances) // micro_batch, 1)
     steps_per_epoch = max(micro_per_epoch // accumulation, 1)
     if run_cfg.total_steps > 0:
         total_steps = run_cfg.total_steps
@@ -179,7 +201,7 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     model.train()
     while step < total_steps:
         epoch += 1
-        for batch_rows in _train_batches(train_rows, micro_batch, rng):
+        for batch_rows in _train_batches(instances, micro_batch, rng):
             out = _loss(model, ft.tokenizer, batch_rows, run_cfg)
             (out["loss"] / accumulation).backward()
             micro += 1
@@ -196,7 +218,8 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
                      **{f"train/{k}": v.item() for k, v in out.items()}, "train/lr": scheduler.get_last_lr()[0]})
             if step >= total_steps:
                 break
-        if epoch % every == 0 or step >= total_steps:
+        at_end = step >= total_steps and (run_cfg.finetune_skip_es or validations == 0)
+        if epoch % every == 0 or at_end:
             row = evaluate(val_rows, "val", step, epoch)
             validations += 1
             if on_validation:

@@ -10,7 +10,8 @@
 | `Poly` / None   | as `trainable_param_names` says      | checkpoint + a fresh routing row (Poly/MHR)     |
 
 Architecture keys come from the checkpoint's config unless the user set them (`was_overridden`),
-as the reference's ARGS_TO_OVERWRITE; learning rates are never inherited.
+as the reference's ARGS_TO_OVERWRITE; learning rates are never inherited. On T0 data the keys the
+user did not set then take the reference's T0 few-shot values (`mttl.finetune.presets`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ INHERITED_KEYS = (
     "use_task_descriptions", "trainable_param_names", "num_pos_examples",
 )
 ROUTED_MODIFIERS = ("poly", "poly_ia3", "skilled")
+# The (IA)³ recipe (T-Few; the reference's t0/ia3.json): scale keys, values and the FFN's first
+# branch only, whatever layers the checkpoint's own (absent) adapters would have used.
+IA3_MODULES, IA3_LAYERS = ".*SelfAttention|.*EncDecAttention|.*DenseReluDense", "k|v|wi_1.*"
 ADAPTER_PARAMS = ".*lora_[ab].*"  # LoRA A/B, routed skills, (IA)³ scales (`multi_lora_b`)
 ROUTING_PARAMS = ".*module_logits.*"
 FINETUNE_TYPES = ("F", "A", "Z", "MuZ", "PolyRand", "Poly", None)
@@ -48,13 +52,16 @@ class FinetuneModel:
 
 
 def inherit_checkpoint_config(run_cfg: Config, cfg: Config) -> Config:
-    """`cfg` with every architecture key taken from the checkpoint unless the user set it."""
+    """`cfg` with every architecture key taken from the checkpoint unless the user set it, then the
+    dataset's few-shot presets for the keys still unset (T0: the reference's T0 settings)."""
+    from mttl.finetune.presets import apply_presets
+
     merged = cfg.copy()
     for key in INHERITED_KEYS:
         if not cfg.was_overridden(key):
             setattr(merged, key, getattr(run_cfg, key))
     merged._derive()
-    return merged
+    return apply_presets(merged, cfg, cfg.finetune_task_name)
 
 
 def finetune_config(run_cfg: Config, cfg: Config) -> Config:
@@ -75,6 +82,10 @@ def finetune_config(run_cfg: Config, cfg: Config) -> Config:
         if merged.model_modifier in ROUTED_MODIFIERS:
             raise ConfigError(f"finetune_type=A trains lora/ia3 adapters, got model_modifier={merged.model_modifier}; "
                               "use finetune_type=PolyRand for fresh routed adapters")
+        if run_cfg.model_modifier is None and merged.model_modifier == "ia3":
+            for key, value in (("modify_modules", IA3_MODULES), ("modify_layers", IA3_LAYERS)):
+                if not cfg.was_overridden(key):
+                    setattr(merged, key, value)
     if not cfg.was_overridden("trainable_param_names"):
         merged.trainable_param_names = {
             "F": ".*", "Z": ROUTING_PARAMS, "A": ADAPTER_PARAMS, "MuZ": ADAPTER_PARAMS,
