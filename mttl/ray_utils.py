@@ -10,6 +10,7 @@ on one machine never look each other's clusters up.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -61,9 +62,10 @@ def init_ray(cfg: Config) -> None:
     sigterm_handler = signal.getsignal(signal.SIGTERM) if _on_main_thread() else None
     try:
         if address and address != "local":
-            # No runtime env here: inside a submitted job it would clash with the job's own; training
-            # workers get theirs from `worker_env` through the trainer's RunConfig.
-            ray.init(address=address, log_to_driver=True)
+            # Training workers get their environment from `worker_env` through the trainer's RunConfig;
+            # the job-level env only tells Ray Train's own actors which cluster they are on.
+            context = ray.init(address=address, log_to_driver=True, runtime_env=_joined_cluster_env(address))
+            _remember_api_server(getattr(context, "dashboard_url", None))
         else:
             _start_local_cluster(ray)
     except ConnectionError as err:
@@ -77,6 +79,38 @@ def init_ray(cfg: Config) -> None:
     finally:
         if callable(sigterm_handler):
             signal.signal(signal.SIGTERM, sigterm_handler)
+
+
+def _joined_cluster_env(address: str) -> dict | None:
+    """The job env that names the joined cluster to Ray Train's controller and its actors.
+
+    Ray Train's placement-group cleaner asks the state API whether the controller lives, and finds
+    the API through RAY_API_SERVER_ADDRESS or RAY_ADDRESS; with neither set it looks among all Ray
+    instances on its machine and fails when there are several ("Found multiple active Ray
+    instances"). The GCS address is what is known before connecting, so RAY_ADDRESS is set. Inside a
+    submitted job whose own runtime env already sets it, nothing is added (Ray refuses a clash).
+    """
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        return None  # a Ray Client connection: the server side runs in the cluster's own env
+    try:
+        gcs_address = canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - ray.init reports an unusable address itself
+        return None
+    if not gcs_address:
+        return None
+    job_config = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if job_config and "RAY_ADDRESS" in ((json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"RAY_ADDRESS": gcs_address}}
+
+
+def _remember_api_server(dashboard: str | None) -> None:
+    """Point this process's state-API calls (and the workers', via `worker_env`) at the joined head."""
+    if dashboard and not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        os.environ["RAY_API_SERVER_ADDRESS"] = dashboard if "://" in dashboard else f"http://{dashboard}"
 
 
 def _on_main_thread() -> bool:

@@ -98,8 +98,12 @@ def test_two_runs_at_once_one_with_auth_disabled_both_on_loopback_only(suite):
     assert not public, public
 
 
-def test_joins_a_ray_start_head_without_auth(suite):
-    """Point 2: most existing clusters run without token auth; joining one from a plain shell works."""
+def test_joins_a_ray_start_head_without_auth(suite, ray_cluster):
+    """Point 2: most existing clusters run without token auth; joining one from a plain shell works.
+
+    `ray_cluster` keeps a second Ray instance up on this machine meanwhile, as on a shared node: Ray
+    Train's actors must be told which cluster they are on, not look it up among all instances.
+    """
     temp_dir = Path("/tmp") / f"mttl-noauth-{os.getpid()}"  # short: Ray's socket paths have a length limit
     env = plain_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", DS_ACCELERATOR="cpu")
     port, _ = start_head(temp_dir, env)
