@@ -61,3 +61,32 @@ def ray_cluster():
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
     yield ray
     # left running until the interpreter exits; other session fixtures may still need it
+
+
+@pytest.fixture(scope="session")
+def default_synthetic(tmp_path_factory) -> Path:
+    """The default synthetic suite (seed 0), prepared once per session and only read by runs.
+
+    Runs of one session on the same data, tasks and lengths then share the training dataset the
+    driver built first (`reuse_or_build_dataset`), as they would in a user's notebook.
+    """
+    from mttl.data.synthetic import prepare_synthetic
+
+    out = tmp_path_factory.mktemp("default_synthetic") / "synthetic"
+    prepare_synthetic(out, seed=0)
+    return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids spinning threads fighting (~100× here).
+
+    Modules that run models in the test process use it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

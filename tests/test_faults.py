@@ -12,7 +12,6 @@ import pytest
 
 from mttl.cli import main
 from mttl.data.stream import bounded_waits
-from mttl.data.synthetic import prepare_synthetic
 from mttl.errors import DataError
 from train_support import tiny_config
 
@@ -56,11 +55,10 @@ def test_a_failing_command_leaves_the_callers_ray_session_up(ray_cluster, capsys
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, ray_cluster, capsys):
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, default_synthetic, ray_cluster, capsys):
     """A learning rate that blows the adapters up (finite, so the config accepts it) gives NaN
     losses; the run stops with one line naming the step and writes no final adapters."""
-    prepare_synthetic(tmp_path / "synthetic", seed=0)
-    cfg = tiny_config(tmp_path / "synthetic", tmp_path / "runs", "blown", num_workers=1, total_steps=8, save_every=4,
+    cfg = tiny_config(default_synthetic, tmp_path / "runs", "blown", num_workers=1, total_steps=8, save_every=4,
                       eval_every=None, log_every=1, learning_rate=1e30, adapters_learning_rate=1e30,
                       module_logits_learning_rate=1e30, warmup_steps=0)
     config_file = tmp_path / "blown.json"

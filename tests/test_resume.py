@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mttl.cli import main
-from mttl.data.synthetic import prepare_synthetic
 from mttl.train.loop import pretrain
 from train_support import TASKS, tiny_config, train_rows
 
@@ -18,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
+def suite(tmp_path_factory, default_synthetic):
     out = tmp_path_factory.mktemp("suite")
-    prepare_synthetic(out / "synthetic", seed=0)
+    (out / "synthetic").symlink_to(default_synthetic)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -174,6 +175,46 @@ def test_capped_sample_is_seeded(ray_cluster, ni_dir, t5, t5_tokenizer_path):
     for got in runs:
         check_mixture(got, rows, t5, tasks, want)
     assert runs[0] != runs[1]  # a different seed draws different rows (same seed: see the 2-worker test)
+
+
+def test_a_driver_reuses_its_last_dataset_only_while_nothing_changed(ray_cluster, ni_dir, t5_tokenizer_path, tmp_path):
+    """The same build twice is one build; another seed, a re-prepared folder or another split is not."""
+    import shutil
+
+    tasks = sorted(TEST_TASKS)
+    data = tmp_path / "ni"
+    shutil.copytree(ni_dir, data)
+
+    def reuse(split="validation", seed=0):
+        return stream.reuse_or_build_dataset(data, split=split, tasks=tasks, task_to_row=stream.task_table(tasks),
+                                             tokenizer_spec=str(t5_tokenizer_path), max_input_length=MAX_IN,
+                                             max_output_length=MAX_OUT, seed=seed)
+
+    first = reuse()
+    assert reuse() is first
+    other_seed = reuse(seed=1)
+    assert other_seed is not first and reuse(seed=1) is other_seed
+    test = reuse(split="test")
+    assert reuse(seed=1) is other_seed  # one dataset kept per split
+    manifest = data / "manifest.json"
+    manifest.write_text(manifest.read_text() + " ")  # prepared again: the shards may differ
+    assert reuse(seed=1) is not other_seed
+    assert reuse(split="test") is not test
+
+
+def test_parquet_footer_readers_follow_the_file_count(monkeypatch):
+    """Ray Data starts 32 footer-reader actors per read by default; a build asks for one per 10 files."""
+    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
+
+    def pool_size(n_files: int) -> int:
+        with stream._footer_readers_for(n_files):
+            return FooterFileIndexer(ignore_missing_paths=False)._num_actors
+
+    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    assert [pool_size(n) for n in (1, 3, 10, 11, 1000)] == [1, 1, 1, 2, 32]
+    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "5")  # the user's own setting wins
+    assert pool_size(3) == 5
 
 
 def test_collate_pads_like_an_explicit_loop():

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mttl.data.shards import read_rows
-from mttl.data.synthetic import prepare_synthetic
 from mttl.models.run import build_routed_model, load_run
 from mttl.models.tokenizer import load_tokenizer
 from mttl.train.loop import pretrain
@@ -21,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
+def suite(tmp_path_factory, default_synthetic):
     out = tmp_path_factory.mktemp("suite")
-    prepare_synthetic(out / "synthetic", seed=0)
+    (out / "synthetic").symlink_to(default_synthetic)
     return out
 
 

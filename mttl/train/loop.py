@@ -214,9 +214,9 @@ def prune_unregistered_checkpoints(run_dir: Path) -> None:
 
 
 def _dataset(cfg: Config, split: str, tasks: dict[str, int]):
-    from mttl.data.stream import build_dataset
+    from mttl.data.stream import reuse_or_build_dataset
 
-    return build_dataset(cfg.data_dir, split=split, tasks=list(tasks), task_to_row=tasks,
+    return reuse_or_build_dataset(cfg.data_dir, split=split, tasks=list(tasks), task_to_row=tasks,
                          tokenizer_spec=_tokenizer_spec(cfg), max_input_length=cfg.max_input_length,
                          max_output_length=cfg.max_output_length,
                          mixing=cfg.task_mixing if split == "train" else "proportional",
