@@ -16,15 +16,9 @@ from mttl.evaluation.metrics import generate, generation_metrics, row_references
 from mttl.models.run import load_run
 from test_finetune import make_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SETTINGS = ["num_beams=1", "predict_batch_size=16", "max_output_length=16", "tensorboard=False"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_evaluate_seen_and_unseen_tasks(tmp_path):

@@ -24,6 +24,8 @@ from mttl.models.backbone import load_backbone
 from mttl.models.run import build_routed_model
 from mttl.models.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = {"model": "tiny-t5", "tokenizer": "byte", "tiny_d_model": 64, "tiny_num_layers": 2, "lora_rank": 2,
         "n_skills": 4, "n_splits": 2, "max_input_length": 64, "max_output_length": 24}
 FAST = ["seeds=[13]", "total_steps=4", "train_batch_size=4", "eval_every_epochs=1", "num_shots=8", "num_beams=1",
@@ -50,15 +52,6 @@ def make_checkpoint(root: Path, data_dir: Path, modifier: str | None, *, dataset
     load_backbone("tiny-t5", vocab_size=len(load_tokenizer("byte")), tiny_d_model=TINY["tiny_d_model"],
                   tiny_num_layers=TINY["tiny_num_layers"], seed=seed).save_pretrained(run / "final" / "backbone")
     return run
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids spinning threads fighting (~100× here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from mttl.models.backbone import load_backbone
 from mttl.models.routed import RoutedModel
 from mttl.models.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROWS = [
     {"source": "premise: the cat sat. hypothesis: a cat sat.", "answer_choices": ["yes", "no", "maybe"], "label": 0},
     {"source": "is the sky green?", "answer_choices": ["no", "yes, it is green today"], "label": 1},
@@ -18,15 +20,6 @@ ROWS = [
     {"source": "x", "answer_choices": ["true", "false"], "label": 1},
 ]
 TASK_IDS = [0, 1, 1, 0]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids spinning threads fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from conftest import shared_path
 from mttl.config import Config
@@ -24,6 +22,8 @@ from mttl.data import shards
 from mttl.data.fewshot import fewshot_split, group_instances
 from mttl.data.t0 import prepare_t0
 from mttl.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GIGAWORD = """dataset: gigaword
 templates:
@@ -189,14 +189,6 @@ def test_an_epoch_is_k_instances_with_a_template_drawn_each_time(heldout):
 
 
 # -------------------------------------------------------------------- validation schedule
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shots,steps,every,expected", [(12, 20, 2, 3), (8, 8, 2, 2), (8, 3, 5, 1)])
