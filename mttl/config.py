@@ -232,6 +232,13 @@ class Config:
             return self.data_dir
         return {"t0": self.t0_data_dir, "ni": self.ni_data_dir, "xfit": self.xfit_data_dir}.get(self.dataset)
 
+    def checkpoint_path(self) -> str | None:
+        """`checkpoint` as given when that path exists, else the same name inside `checkpoint_dir`."""
+        if not self.checkpoint or os.path.exists(self.checkpoint):
+            return self.checkpoint
+        in_dir = os.path.join(self.checkpoint_dir, self.checkpoint)
+        return in_dir if os.path.exists(in_dir) else self.checkpoint
+
     def resolved_label_smoothing(self) -> float:
         """label_smoothing, else the dataset's: NI 0.1 as the reference's NI loss, 0 for the rest."""
         if self.label_smoothing is not None:

@@ -139,7 +139,7 @@ def checkpoint_config_for(cfg: Config) -> Config:
 
     if not cfg.checkpoint:
         raise ConfigError("a sweep fine-tunes a pre-trained run: -k checkpoint=$output_dir/$run_name")
-    return inherit_checkpoint_config(Config.load(resolve_run_dir(cfg.checkpoint) / "config.json"), cfg)
+    return inherit_checkpoint_config(Config.load(resolve_run_dir(cfg.checkpoint_path()) / "config.json"), cfg)
 
 
 def sweep_base_config(cfg: Config) -> tuple[Config, ModuleType, str]:

@@ -37,7 +37,7 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
 
     if not cfg.checkpoint:
         raise ConfigError("evaluate needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
-    loaded = load_run(cfg.checkpoint, trust_remote_code=cfg.trust_remote_code)
+    loaded = load_run(cfg.checkpoint_path(), trust_remote_code=cfg.trust_remote_code)
     merged = inherit_checkpoint_config(loaded.cfg, cfg)
     data_dir = resolve_data_dir(merged)
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(data_dir)

@@ -99,7 +99,7 @@ def checkpoint_finetune_config(cfg: Config) -> Config:
 
     if not cfg.checkpoint:
         raise ConfigError("fine-tuning needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
-    return finetune_config(Config.load(resolve_run_dir(cfg.checkpoint) / "config.json"), cfg)
+    return finetune_config(Config.load(resolve_run_dir(cfg.checkpoint_path()) / "config.json"), cfg)
 
 
 def load_for_finetuning(cfg: Config) -> FinetuneModel:
@@ -113,7 +113,7 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
         raise ConfigError(f"finetune_type={cfg.finetune_type!r} is not one of {[t for t in FINETUNE_TYPES if t]} or None")
     if not cfg.checkpoint:
         raise ConfigError("fine-tuning needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
-    run_dir = resolve_run_dir(cfg.checkpoint)
+    run_dir = resolve_run_dir(cfg.checkpoint_path())
     run_cfg = Config.load(run_dir / "config.json")
     merged = finetune_config(run_cfg, cfg)
     backbone = backbone_source(run_cfg, run_dir)

@@ -1,6 +1,8 @@
 """`mttl pretrain`: multi-task pre-training of routed adapters on Ray Train + DeepSpeed.
 
-With a `model` in the config (or `-k model=…`) it runs one phase on the data's training tasks.
+With a `model` in the config (or `-k model=…`) it runs one phase on the data's training tasks; with a
+`checkpoint` (a finished run folder) it continues that run's adapters and routing in a new run,
+`switch_to_avg_modules=True` training their average (MHR-µ).
 Without one it runs the embedded default on the synthetic suite, in two phases through the same
 trainer: a tiny T5 built from a config is trained whole on the warm-up tasks (`<run_name>-backbone`),
 then frozen and given routed adapters (Poly) trained on the composition tasks (`<run_name>`).
@@ -25,6 +27,7 @@ examples:
   mttl pretrain                                     # synthetic suite, tiny T5, two phases
   mttl pretrain -k num_workers=2 zero_stage=3 train_batch_size=16
   mttl pretrain -c ni/pretrain.json+ni/mhr.json -k data_dir=data/shards/ni
+  mttl pretrain -k checkpoint=output/synthetic_poly run_name=synthetic_mu switch_to_avg_modules=True total_steps=200
   python jobs/pretrain.py -c synthetic/pretrain.json   # same code, for `ray job submit`
 """
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from mttl.train.loop import pretrain
 
     cfg = config_from_args(args)
-    if cfg.model:
+    if cfg.model or cfg.checkpoint:  # a checkpoint run names its own backbone
         if not cfg.run_name:
             cfg.run_name = f"{cfg.dataset}_{cfg.model_modifier or 'full'}"
         run_dir = pretrain(cfg)

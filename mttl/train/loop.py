@@ -6,7 +6,8 @@ builds the Ray Data inputs and runs `TorchTrainer` (checkpoints go to the same f
 `train_loop_per_worker` runs on every worker: one DeepSpeed engine with the client optimizer and
 scheduler, the training steps, periodic validation (overall and per task), metrics (rank 0),
 checkpoints, and at the end `final/` (adapters, plus the backbone when it was trained or built
-from a config).
+from a config). Starting from a `checkpoint` run and annealing routing to uniform are owned by
+`mttl.train.continuation`; the loop calls it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from mttl.models.run import (BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_m
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
+from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
+                                     uniform_alpha)
 from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
@@ -103,6 +106,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         raise ConfigError("run_name is not set; pass -k run_name=NAME")
     if cfg.total_steps <= 0:
         raise ConfigError("total_steps must be set for pre-training; example: -k total_steps=1000")
+    # a `checkpoint` run supplies the model, adapter and data keys left unset
+    cfg = continuation_config(cfg)
     if not cfg.model:
         raise ConfigError("model is not set; pass a hub name, a local folder or -k model=tiny-t5")
     micro_batch_size(cfg, cfg.num_workers)  # fail on bad batch arithmetic before starting Ray
@@ -111,6 +116,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     cfg.data_dir = resolve_data_dir(cfg)
     tasks = task_rows(cfg.data_dir, cfg, list(roles))
     cfg.n_tasks = len(tasks)
+    check_checkpoint_tasks(cfg, tasks)
     check_model_config(cfg, load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir))
     check_reachable_cluster(cfg)
     run_dir = prepare_run_dir(cfg, tasks)
@@ -250,6 +256,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir)
     model = build_routed_model(cfg, tokenizer)
+    if cfg.checkpoint:
+        # before the optimizer: switching to average routing removes the routing parameters
+        start_from_checkpoint(model, cfg)
     optimizer = build_optimizer(optimizer_groups(model, cfg), cfg)
     group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
 
@@ -301,6 +310,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     window = _Window()
     start_step, started = state.step, time.perf_counter()
+    # a function of the step alone, so a resumed run anneals exactly as an uninterrupted one
+    alpha = set_alpha(engine.module, cfg, state.step, 1.0)
     engine.train()
     while state.step < cfg.total_steps:
         batches = bounded_waits(iter_epoch(train_shard, batch_size=micro, epoch=state.epoch, seed=cfg.seed,
@@ -324,6 +335,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.add(loss.detach(), _token_count(batch))
             if at_boundary:
                 state.step += 1
+                # set after the step, as the reference's on_train_batch_end: validation at this step
+                # and the next step's batches use it
+                alpha = set_alpha(engine.module, cfg, state.step, alpha)
                 window.steps += 1
                 row = None
                 will_save = (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.total_steps
@@ -331,6 +345,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     # every rank sees the same reduced loss, so every rank stops at the same step and
                     # a non-finite state never reaches a checkpoint
                     row = window.reduce(state.step, optimizer, group_names)
+                    if cfg.uniform_interp_steps:
+                        row["uniform_alpha"] = alpha
                     if not math.isfinite(row["loss"]):
                         raise ConfigError(
                             f"run {cfg.run_name}: the training loss became {row['loss']} by step {state.step} "
@@ -364,6 +380,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     write_final(engine, cfg, tokenizer, run_dir, meta, rank)
     if logger is not None:
         logger.close()
+
+
+def set_alpha(model, cfg: Config, step: int, current: float) -> float:
+    """Routing's interpolation factor towards uniform after `step` steps, set on the model when it changed."""
+    alpha = uniform_alpha(step, cfg.total_steps, cfg.uniform_interp_steps)
+    if alpha != current:
+        from mttl.adapters.ops import set_uniform_interpolation
+
+        set_uniform_interpolation(model, alpha)
+    return alpha
 
 
 def step_seed(seed: int, rank: int, epoch: int, batch_in_epoch: int) -> int:
