@@ -7,6 +7,8 @@ remembered so fine-tuning can tell them from defaults (`was_overridden`).
 
 The reference system's key names and old aliases are accepted (see `ALIASES`), and its keys that
 never had an effect are accepted with a warning (see `NO_EFFECT_KEYS`) so its configs keep working.
+Its keys that shaped the data are `mttl prepare` options here and refused in a run config, naming
+the option (see `PREPARE_ONLY_KEYS`).
 """
 
 from __future__ import annotations
@@ -50,13 +52,12 @@ class Config:
     output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`. Example: -k output_dir=/mnt/shared/runs", env="OUTPUT_DIR", path=True)
     run_name: str | None = _f(None, "Name of the run folder; the same name resumes the same run. Default: derived from the command and model modifier. Example: -k run_name=mhr_ni_s8")
     cache_dir: str = _f("./cache", "Cache for downloaded models and tokenized data. Example: -k cache_dir=/mnt/cache", env="CACHE_DIR", path=True)
-    checkpoint_dir: str = _f("./checkpoints", "Where `checkpoint=NAME` is looked up when NAME is not a path. Example: -k checkpoint_dir=/mnt/ckpts", env="CHECKPOINT_DIR", path=True)
+    checkpoint_dir: str = _f("./checkpoints", "Where `checkpoint=NAME` is looked up when NAME is not an existing path. Example: -k checkpoint_dir=/mnt/ckpts", env="CHECKPOINT_DIR", path=True)
     data_dir: str | None = _f(None, "Folder of prepared shards (`mttl prepare … --out DIR`). Default: the dataset's *_DATA_DIR, else a fresh synthetic suite. Example: -k data_dir=data/shards/ni", path=True)
     t0_data_dir: str | None = _f(None, "Prepared T0 shards (default for dataset=t0). Example: -k t0_data_dir=data/shards/t0", env="T0_DATA_DIR", path=True)
     ni_data_dir: str | None = _f(None, "Prepared Super-NaturalInstructions shards (default for dataset=ni). Example: -k ni_data_dir=data/shards/ni", env="NI_DATA_DIR", path=True)
     xfit_data_dir: str | None = _f(None, "Prepared CrossFit shards (default for dataset=xfit). Example: -k xfit_data_dir=data/shards/xfit", env="XFIT_DATA_DIR", path=True)
-    storycloze_dir: str | None = _f(None, "Folder with the official StoryCloze CSV files (not redistributable). Example: -k storycloze_dir=~/storycloze", env="STORYCLOZE_DIR", path=True)
-    checkpoint: str | None = _f(None, "A run folder (or its `final/` folder) to start from: fine-tuning, evaluation, or phase two of pre-training. Example: -k checkpoint=output/mhr_synthetic", path=True)
+    checkpoint: str | None = _f(None, "A finished run folder (or its `final/` folder; a plain name is looked up in `checkpoint_dir`) to start from. Fine-tuning and evaluation load it; `mttl pretrain` continues its adapters and routing in a new run (fresh optimizer, schedule and step count; the architecture and data keys you leave unset come from it). Example: -k checkpoint=output/mhr_synthetic", path=True)
     ray_address: str | None = _f(None, "Existing Ray cluster to connect to (also read from RAY_ADDRESS). Default: start a local cluster on 127.0.0.1. Example: -k ray_address=auto")
 
     # ----------------------------------------------------------------------------------- data
@@ -68,14 +69,9 @@ class Config:
     task_mixing: str = _f("proportional", "How training tasks are mixed: proportional (examples-proportional with `mixing_cap`), uniform, temperature. Example: -k task_mixing=temperature", choices=["proportional", "uniform", "temperature"])
     mixing_cap: int = _f(500_000, "Examples-proportional mixing: at most this many examples per task per epoch. Example: -k mixing_cap=1000")
     mixing_temperature: float = _f(2.0, "Temperature mixing: task rate ∝ size^(1/T). Example: -k mixing_temperature=3")
-    use_task_descriptions: bool = _f(False, "NI/XFIT: put the task definition into the prompt. Example: -k use_task_descriptions=True")
-    num_pos_examples: int = _f(0, "NI: positive examples in the prompt. Example: -k num_pos_examples=2")
-    max_instances_per_task: int = _f(100, "NI: instances per training task (and k-shot size for held-out NI tasks). Example: -k max_instances_per_task=32")
     max_input_length: int = _f(512, "Input tokens kept per example. Example: -k max_input_length=256")
     max_output_length: int = _f(64, "Target tokens kept per example; also the generation limit. Example: -k max_output_length=128")
     num_beams: int = _f(4, "Beam width for generation tasks. Example: -k num_beams=1")
-    use_t0_templates_as_tasks: bool = _f(False, "T0: one task per (dataset, template) instead of per dataset. Example: -k use_t0_templates_as_tasks=True")
-    use_t0_few_shot_training_set: bool = _f(False, "T0: keep at most 1,000 training examples per task. Example: -k use_t0_few_shot_training_set=True")
 
     # ---------------------------------------------------------------------------------- model
     model: str | None = _f(None, "Backbone: a Hugging Face seq2seq hub name, a local folder, a run folder (its trained backbone), or `tiny-t5` (a small T5 built from a config). Example: -k model=google/t5-xl-lm-adapt", path=True)
@@ -83,7 +79,7 @@ class Config:
     model_modifier: str | None = _f(None, "Adapter type: lora, ia3, poly (Poly/MHR routed LoRA; `poly_lora` accepted), poly_ia3, skilled (one private adapter per task), or none. Example: -k model_modifier=poly", choices=[None, "lora", "ia3", "poly", "poly_ia3", "skilled"])
     tiny_d_model: int = _f(128, "tiny-t5 backbone: hidden size. Example: -k tiny_d_model=64")
     tiny_num_layers: int = _f(2, "tiny-t5 backbone: encoder (and decoder) blocks. Example: -k tiny_num_layers=4")
-    freeze_embeds: bool = _f(False, "Keep the embeddings frozen even when `trainable_param_names` matches them. Example: -k freeze_embeds=True")
+    freeze_embeds: bool = _f(False, "Keep the token (and learned position) embeddings frozen even when `trainable_param_names` matches them (full-model training, finetune_type=F). Example: -k freeze_embeds=True")
 
     # ------------------------------------------------------------------------------- adapters
     lora_rank: int = _f(16, "Rank r of each LoRA skill. Example: -k lora_rank=1")
@@ -143,8 +139,8 @@ class Config:
     data_timeout_s: float = _f(600.0, "Seconds a training worker waits for its next batch from Ray Data before the run fails with a message (a node lost with its blocks, a stalled read) instead of hanging. Example: -k data_timeout_s=1800")
     collective_timeout_s: float = _f(1800.0, "Seconds every worker waits for the others at a report or checkpoint before the run fails with a message instead of hanging. Example: -k collective_timeout_s=3600")
     seed: int = _f(42, "Random seed (data order, init, sampling). Example: -k seed=13")
-    uniform_interp_steps: int = _f(0, "Anneal routing to uniform over the last N pre-training steps (α = cos(π/2·n/N)). Example: -k uniform_interp_steps=1000")
-    switch_to_avg_modules: bool = _f(False, "Continue pre-training from `checkpoint` with average routing. Example: -k switch_to_avg_modules=True")
+    uniform_interp_steps: int = _f(0, "Pre-training: over the last N steps pull learned routing towards uniform, w ← α·w + (1−α)/K with α = cos(π/2·n/N), n = N − (total_steps − step) (1 until then, logged as `uniform_alpha`); 0 = off. Needs router_selector=poly, N ≤ total_steps. Example: -k uniform_interp_steps=1000")
+    switch_to_avg_modules: bool = _f(False, "Pre-training from `checkpoint`: replace its learned routing by the uniform average 1/K and train the averaged adapters on the multi-task data (MHR-µ zero-shot); the run saves average routing, which fine-tuning uses with finetune_type=MuZ. Example: -k switch_to_avg_modules=True")
     compute_strategy: str | None = _f(None, "Reference key mapped onto zero_stage: ddp → 0, deepspeed_stage_N → N. Example: -k compute_strategy=deepspeed_stage_2")
 
     # ----------------------------------------------------------------------------- fine-tuning
@@ -200,6 +196,10 @@ class Config:
         saved config.json were expanded when they were first set)."""
         known = {f.name: f for f in fields(self) if not f.name.startswith("_")}
         for raw_key, value in values.items():
+            if raw_key in PREPARE_ONLY_KEYS:
+                raise ConfigError(f"config key '{raw_key}' (from {source}) shapes the prepared data, so it is an "
+                                  f"option of `mttl prepare` only: drop the key and prepare with "
+                                  f"`{PREPARE_ONLY_KEYS[raw_key]}`")
             key, value = _resolve_alias(raw_key, value)
             if key is None:
                 warnings.warn(f"config key '{raw_key}' (from {source}) has no effect in mttl, as in the reference; ignored")
@@ -269,7 +269,8 @@ class Config:
         from it."""
         data = _read_json(Path(path))
         overridden = set(data.pop("_overridden", []))
-        for key in SECURITY_KEYS:
+        # run folders of earlier versions saved the data-shaping keys with the rest
+        for key in (*SECURITY_KEYS, *PREPARE_ONLY_KEYS):
             data.pop(key, None)
         cfg = cls()
         cfg.update(data, source=str(path), expand_env=False)
@@ -311,6 +312,18 @@ ALIASES = {
 MODIFIER_ALIASES = {"poly_lora": "poly", "none": None, "None": None}
 
 # Keys the reference's configs carry that never did anything there either.
+# Keys the reference read while building its datasets. Here the data is prepared once into shards,
+# so they are `mttl prepare` options, and a run config that sets one is refused with the flag to use.
+PREPARE_ONLY_KEYS = {
+    "use_task_descriptions": "mttl prepare ni --use-task-descriptions (the default; --no-use-task-descriptions "
+                             "leaves them out) or mttl prepare xfit --use-task-descriptions",
+    "num_pos_examples": "mttl prepare ni --num-pos-examples N",
+    "max_instances_per_task": "mttl prepare ni --max-instances-per-task N",
+    "use_t0_templates_as_tasks": "mttl prepare t0 --use-t0-templates-as-tasks",
+    "use_t0_few_shot_training_set": "mttl prepare t0 --max-train-per-task 1000",
+    "storycloze_dir": "mttl prepare t0 --storycloze-dir DIR (or STORYCLOZE_DIR)",
+}
+
 NO_EFFECT_KEYS = {
     "lora_init_scale", "lora_scaling_rank", "append_another_bos", "do_lowercase", "num_tasks_per_batch",
     "monitor_grad_alignment_on", "checkpoint_step", "backbone_checkpoint", "poly_selector_cluster_temp",
@@ -399,8 +412,8 @@ VALUE_RULES: dict[str, _Rule] = {
     "gradient_accumulation_steps": _at_least(1), "num_beams": _at_least(1), "num_samples": _at_least(1),
     "lora_rank": _at_least(1), "n_skills": _at_least(1), "n_splits": _at_least(1), "n_tasks": _at_least(1),
     "tiny_d_model": _at_least(1), "tiny_num_layers": _at_least(1),
-    "max_input_length": _at_least(1), "max_output_length": _at_least(1), "max_instances_per_task": _at_least(1),
-    "num_pos_examples": _at_least(0), "mixing_cap": _at_least(1), "mixing_temperature": _above(0),
+    "max_input_length": _at_least(1), "max_output_length": _at_least(1),
+    "mixing_cap": _at_least(1), "mixing_temperature": _above(0),
     "total_steps": _at_least(1, or_value=-1, meaning="from num_train_epochs"),
     "num_train_epochs": _at_least(1, or_value=-1, meaning="unset"),
     "warmup_steps": _at_least(0, or_value=-1, meaning="from warmup_proportion"),

@@ -1,6 +1,6 @@
 """Generates docs/configuration.md from `mttl/config.py`: every key's type, default, environment
 variable, help text and example, grouped by the section comments of `Config`, plus the accepted
-aliases and the reference's no-effect keys.
+aliases, the reference's no-effect keys and its data keys that are `mttl prepare` options here.
 
     python -m mttl.docs_gen            # rewrite docs/configuration.md
     python -m mttl.docs_gen --check    # exit 1 when the committed file is out of date
@@ -20,7 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from mttl import config as config_module
-from mttl.config import ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, REPO_ROOT, Config, atomic_write_text
+from mttl.config import (ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, Config,
+                         atomic_write_text)
 
 OUTPUT = REPO_ROOT / "docs" / "configuration.md"
 SECTION_COMMENT = re.compile(r"#\s*-{3,}\s*(?P<title>[^-].*?)\s*$")
@@ -128,6 +129,13 @@ def render() -> str:
     out.append("Keys the reference's configs carry that never did anything there either. They are accepted "
                "with a warning and ignored, so the reference's config files load unchanged:\n")
     out.append(", ".join(f"`{key}`" for key in sorted(NO_EFFECT_KEYS)) + ".\n")
+    out.append("## Keys of `mttl prepare`\n")
+    out.append("Keys the reference read while it built its datasets. Here the data is prepared once into shards, "
+               "so they are options of `mttl prepare` (the prompt format, the T0 task granularity and caps are "
+               "then fixed in the shards); a config that sets one is refused with the option to use:\n")
+    out.append("| key | `mttl prepare` option |")
+    out.append("|---|---|")
+    out += [f"| `{key}` | {_escape(option)} |" for key, option in sorted(PREPARE_ONLY_KEYS.items())]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -78,8 +78,7 @@ def test_reference_aliases_are_accepted(tmp_path):
 def test_env_defaults_and_var_expansion(monkeypatch, tmp_path):
     for var, key in [("T0_DATA_DIR", "t0_data_dir"), ("NI_DATA_DIR", "ni_data_dir"),
                      ("XFIT_DATA_DIR", "xfit_data_dir"), ("CHECKPOINT_DIR", "checkpoint_dir"),
-                     ("OUTPUT_DIR", "output_dir"), ("CACHE_DIR", "cache_dir"),
-                     ("STORYCLOZE_DIR", "storycloze_dir")]:
+                     ("OUTPUT_DIR", "output_dir"), ("CACHE_DIR", "cache_dir")]:
         monkeypatch.setenv(var, f"/env/{var}")
         assert getattr(Config(), key) == f"/env/{var}"
     monkeypatch.setenv("NI_DATA_DIR", "/data/ni")

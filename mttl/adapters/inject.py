@@ -95,6 +95,18 @@ def freeze(model: nn.Module, trainable_param_names: str, non_trainable_param_nam
         param.requires_grad_(bool(trainable_re.fullmatch(name)) and not (frozen_re and frozen_re.fullmatch(name)))
 
 
+def freeze_embeddings(model: nn.Module) -> None:
+    """`freeze_embeds`: the token embeddings (and learned position embeddings, where a model has
+    them) stay frozen whatever `trainable_param_names` says, as the reference's freeze_embeds. An
+    output projection tied to the token embeddings is the same parameter, so it stays frozen too."""
+    hf_model = base_model(model)
+    modules = [hf_model.get_input_embeddings()]
+    modules += [m for name, m in hf_model.named_modules() if name.rsplit(".", 1)[-1] == "embed_positions"]
+    for module in modules:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {name: m for name, m in base_model(model).named_modules() if isinstance(m, AdaptedLinear)}
 

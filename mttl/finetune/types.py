@@ -25,14 +25,16 @@ from mttl.config import Config
 from mttl.errors import CheckpointError, ConfigError
 
 # The reference's ARGS_TO_OVERWRITE in this repo's key names, plus the keys that rebuild the same
-# backbone and tokenizer (tiny-t5 size, tokenizer, LoRA scaling) and find the held-out data.
+# backbone and tokenizer (tiny-t5 size, tokenizer, LoRA scaling) and find the held-out data. Its
+# prompt keys (use_task_descriptions, num_pos_examples, use_t0_templates_as_tasks) are not here:
+# they shaped the data, which `mttl prepare` fixed in the shards.
 INHERITED_KEYS = (
     "dataset", "data_dir", "router_granularity", "lora_rank", "lora_alpha", "max_input_length",
     "max_output_length", "model", "tokenizer", "tiny_d_model", "tiny_num_layers", "n_skills",
-    "n_splits", "n_tasks", "use_t0_templates_as_tasks", "module_logits_relaxed_bernoulli",
+    "n_splits", "n_tasks", "module_logits_relaxed_bernoulli",
     "module_logits_straight_through", "module_logits_l2_norm", "poly_use_shared_skill",
     "poly_average_correction", "router_selector", "modify_modules", "modify_layers", "model_modifier",
-    "use_task_descriptions", "trainable_param_names", "num_pos_examples",
+    "trainable_param_names",
 )
 ROUTED_MODIFIERS = ("poly", "poly_ia3", "skilled")
 # The (IA)³ recipe (T-Few; the reference's t0/ia3.json): scale keys, values and the FFN's first
@@ -135,6 +137,10 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
             raise ConfigError(f"'{run_dir}' was saved with average routing (switch_to_avg_modules), so it has no "
                               f"routing to train: use finetune_type=MuZ")
     set_trainable(model, merged.trainable_param_names, merged.non_trainable_param_names)
+    if merged.freeze_embeds:
+        from mttl.adapters.inject import freeze_embeddings
+
+        freeze_embeddings(model)
     return FinetuneModel(cfg=merged, model=model, tokenizer=tokenizer, run_dir=run_dir)
 
 

@@ -45,12 +45,15 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None) -> t
     from mttl.models.routed import RoutedModel
 
     from mttl.adapters import AdapterConfig, modify_model
+    from mttl.adapters.inject import freeze_embeddings
 
     hf_model = load_backbone(backbone or cfg.model, trust_remote_code=cfg.trust_remote_code,
                              vocab_size=len(tokenizer), tiny_d_model=cfg.tiny_d_model,
                              tiny_num_layers=cfg.tiny_num_layers, seed=cfg.seed)
     # without a modifier this only freezes by the regexes (all parameters train by default)
     hf_model = modify_model(hf_model, AdapterConfig.from_config(cfg))
+    if cfg.freeze_embeds:
+        freeze_embeddings(hf_model)
     return RoutedModel(hf_model, label_smoothing=cfg.resolved_label_smoothing())
 
 
