@@ -125,10 +125,11 @@ class Config:
     gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step. Example: -k gradient_accumulation_steps=2")
     label_smoothing: float | None = _f(None, "Label smoothing ε of the training loss (pre-training and few-shot generation tasks): (1−ε)·NLL + ε·mean over the vocabulary of −log p. Default: NI 0.1 (the reference's), others 0 (T0 trains without). Example: -k label_smoothing=0")
     max_grad_norm: float = _f(0.1, "Gradient clipping norm (0 = off). Example: -k max_grad_norm=1.0")
-    precision: str = _f("32", "32, bf16 or 16. Example: -k precision=bf16", choices=["32", "bf16", "16"])
+    precision: str = _f("32", "Numeric precision of training and scoring: 32, bf16 or 16 (fp16 with a gradient scaler, GPU only). Fine-tuning and evaluation compute under autocast, adapters and routing logits stay fp32; pre-training uses DeepSpeed's bf16/fp16 modes. Example: -k precision=bf16", choices=["32", "bf16", "16"])
+    backbone_dtype: str = _f("auto", "dtype of the frozen backbone weights: auto (bf16 under precision=bf16, else 32), 32, bf16 or 16 (must match precision); trained weights stay fp32. Example: -k backbone_dtype=32", choices=["auto", "32", "bf16", "16"])
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0–3. Example: -k zero_stage=3", choices=[0, 1, 2, 3])
     num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each). Example: -k num_workers=8")
-    use_gpu: bool = _f(False, "One GPU per worker, NCCL. Example: -k use_gpu=True")
+    use_gpu: bool | str = _f("auto", "auto (a GPU when the process has one: in Ray tasks and trials the GPUs Ray assigned them, for pre-training the cluster's), True (fail at once when there is none) or False. Pre-training: one GPU per worker, NCCL. Example: -k use_gpu=True", choices=["auto", True, False])
     resources_per_worker: dict | None = _f(None, "Ray resources per train worker. Default: {'CPU': 1} on GPU, a fraction of the free CPUs on CPU. Example: -k resources_per_worker=\"{'CPU': 4}\"")
     eval_every: int | None = _f(None, "Validate every N optimizer steps (pre-training). Example: -k eval_every=500")
     save_every: int | None = _f(None, "Checkpoint every N optimizer steps (also at the end). Example: -k save_every=1000")
@@ -435,6 +436,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     """Type and value checks so a wrong value fails at parse time with the key named."""
     if key == "precision":
         value = {"bf16-mixed": "bf16", "16-mixed": "16", "32-true": "32"}.get(str(value), str(value))
+    if key == "backbone_dtype":
+        value = {"float32": "32", "fp32": "32", "bfloat16": "bf16", "float16": "16", "fp16": "16"}.get(str(value),
+                                                                                                      str(value))
+    if key == "use_gpu":
+        return _coerce_use_gpu(value, f, source)
     type_name = str(f.type)
     if value is None:
         return value
@@ -485,6 +491,21 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     if rule is not None and not rule.ok(value):
         raise ConfigError(f"config key '{key}' (from {source}) must be {rule.must_be}, got {value!r}{_example_hint(f)}")
     return value
+
+
+def _coerce_use_gpu(value: Any, f: dataclasses.Field, source: str) -> bool | str:
+    """`use_gpu`: auto, or a boolean written as True/False/1/0/yes/no."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in ("true", "false", "1", "0", "yes", "no"):
+            return text in ("true", "1", "yes")
+    raise ConfigError(f"config key 'use_gpu' (from {source}) must be auto, True or False, got {value!r}{_example_hint(f)}")
 
 
 def _example_hint(f: dataclasses.Field) -> str:

@@ -40,6 +40,7 @@ PRETRAIN = {"n_skills": 8, "n_splits": 4, "run_name": RUN_NAME}
 FINETUNE = {"num_shots": 32, "seeds": [13, 42], "train_batch_size": 8, "total_steps": 100,
             "eval_every_epochs": 10, "learning_rate": 1e-3, "adapters_learning_rate": 3e-3,
             "module_logits_learning_rate": 0.1, "predict_batch_size": 200, "log_every": 25, "do_zs": False}
+DEVICE_KEYS = ("use_gpu", "precision", "backbone_dtype")
 # method label → (finetune_type, checkpoint phase, extra keys); "backbone" is phase one's run.
 METHODS = {
     "mhr": (None, "adapters", {}),
@@ -95,7 +96,9 @@ def method_config(cfg: Config, method: str, adapters_run: Path, backbone_run: Pa
     """The few-shot config of one method (its own run folder next to the pre-training runs)."""
     finetune_type, phase, extra = METHODS[method]
     checkpoint = adapters_run if phase == "adapters" else backbone_run
-    keys = {**finetune_keys, **extra, "finetune_type": finetune_type, "checkpoint": str(checkpoint),
+    # the device and precision keys of the command apply to the few-shot runs too, unless --finetune sets them
+    device_keys = {k: getattr(cfg, k) for k in DEVICE_KEYS if cfg.was_overridden(k)}
+    keys = {**device_keys, **finetune_keys, **extra, "finetune_type": finetune_type, "checkpoint": str(checkpoint),
             "output_dir": cfg.output_dir, "run_name": f"{cfg.run_name}-ft-{method}", "seed": cfg.seed}
     return load_config(None, keys)
 
@@ -123,13 +126,19 @@ def adapt_method(cfg: Config, tasks: list[str]) -> str:
 
 
 def adapt_all(configs: dict[str, Config], tasks: list[str], started: float) -> dict[str, Path]:
-    """One Ray task (one CPU) per method config, on the running (or a new local) cluster; method → run folder."""
+    """One Ray task (one CPU) per method config, on the running (or a new local) cluster; method → run folder.
+
+    When the tasks use GPUs (`use_gpu`, resolved against the cluster) the methods share them: each
+    task asks for an equal share of the cluster's GPUs, at most one, and computes on the GPU Ray gives it."""
     import ray
 
+    from mttl.device import cluster_gpus, cluster_uses_gpu
     from mttl.ray_utils import init_ray
 
-    init_ray(next(iter(configs.values())))
-    remote = ray.remote(num_cpus=1)(adapt_method)
+    first = next(iter(configs.values()))
+    init_ray(first)
+    num_gpus = min(1.0, cluster_gpus() / len(configs)) if cluster_uses_gpu(first) else 0
+    remote = ray.remote(num_cpus=1, num_gpus=num_gpus)(adapt_method)
     pending = {remote.remote(cfg, tasks): method for method, cfg in configs.items()}
     runs = {}
     while pending:

@@ -18,6 +18,7 @@ import threading
 
 import mttl  # noqa: F401  (sets the environment Ray reads on import)
 from mttl.config import Config
+from mttl.device import uses_gpu
 from mttl.errors import ConfigError
 
 # Seconds to wait for a TCP answer from `ray_address` before calling it unreachable (Ray itself
@@ -33,7 +34,7 @@ def worker_env(cfg: Config) -> dict[str, str]:
     """
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
            "TOKENIZERS_PARALLELISM": "false"}
-    if not cfg.use_gpu:
+    if not uses_gpu(cfg):
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("HF_HUB_OFFLINE"):
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
@@ -50,7 +51,7 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    if not cfg.use_gpu:
+    if not uses_gpu(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address not in ("auto", "local"):
@@ -162,7 +163,7 @@ def resources_per_worker(cfg: Config) -> dict:
     """
     if cfg.resources_per_worker:
         return dict(cfg.resources_per_worker)
-    if cfg.use_gpu:
+    if uses_gpu(cfg):
         return {"CPU": 1}
     import ray
 

@@ -7,7 +7,9 @@ One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or
 tasks with `study_per_task=False`); running the same `run_name` again restores it (finished
 trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep_state` has
 found every pickled state file signed by this user's mttl. Results: `results.csv` (one row
-per trial), `best.json` (per task), `summary.md` and a printed table.
+per trial), `best.json` (per task), `summary.md` and a printed table. A trial computes on a GPU
+when Ray assigns it one (`trial_resources`; by default one GPU per trial when `use_gpu` finds GPUs
+in the cluster), under `precision` (`mttl.device`).
 """
 
 from __future__ import annotations
@@ -295,6 +297,23 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def trial_resources(cfg: Config) -> dict:
+    """Ray resources of one trial: `trial_resources`, else one CPU, plus one GPU when the trials use GPUs.
+
+    A trial computes on a GPU exactly when Ray assigns it one (`mttl.device`), so use_gpu=True with
+    resources that hold no GPU is refused here rather than in every trial."""
+    from mttl.device import cluster_uses_gpu, requested_gpu
+
+    on_gpu = cluster_uses_gpu(cfg)
+    if cfg.trial_resources:
+        resources = dict(cfg.trial_resources)
+        if requested_gpu(cfg) and not resources.get("GPU"):
+            raise ConfigError(f"use_gpu=True but trial_resources={resources} gives the trials no GPU; add one, "
+                              f"e.g. -k trial_resources=\"{{'CPU': 1, 'GPU': 0.25}}\", or set use_gpu=auto")
+        return resources
+    return {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
+
+
 def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     """Run (or resume) every study; returns the sweep folder and one row per trial."""
     import json
@@ -305,8 +324,10 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     from mttl.evaluation.zeroshot import held_out_tasks
     from mttl.finetune.loop import resolve_data_dir, safe_name
     from mttl.errors import set_interrupt_hint
+    from mttl.device import check_before_ray
     from mttl.ray_utils import init_ray, run_in_background
 
+    check_before_ray(cfg)  # use_gpu=True on a machine without GPUs: one line, before anything else
     base, module, space_name = sweep_base_config(cfg)
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(base))
     if not tasks:
@@ -317,7 +338,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
         check_saved_study(sweep_dir / safe_name(study), cfg, space_name)
     base.save(sweep_dir)
     init_ray(cfg)
-    resources = cfg.trial_resources or {"CPU": 1}
+    resources = trial_resources(cfg)
     all_rows = []
     for study, study_tasks in studies.items():
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)

@@ -10,7 +10,8 @@ Owns how a task is scored, the way the field scores it:
 - aggregation: median over seeds per task, then mean over tasks.
 
 Rows are the dicts of `mttl.data.fewshot` (`source`, `target`, `references`, `answer_choices`,
-`label`, `task_name`, …); the model is a `RoutedModel`.
+`label`, `task_name`, …); the model is a `RoutedModel`, already on its device; scoring runs there
+under the config's `precision` (`mttl.device`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from transformers.modeling_outputs import BaseModelOutput
+
+from mttl.device import for_model
 
 IGNORE_INDEX = -100
 
@@ -100,17 +103,21 @@ def choice_scores(token_logprobs: torch.Tensor, choice_labels: torch.Tensor, len
 
 @torch.no_grad()
 def rank_classification(model, tokenizer, rows: Sequence[dict], task_id: int, *, length_norm: float,
-                        max_input_length: int, max_output_length: int, batch_size: int) -> dict:
-    """Accuracy of argmin-score choices over `rows`, plus the per-row predictions."""
+                        max_input_length: int, max_output_length: int, batch_size: int,
+                        precision: str = "32") -> dict:
+    """Accuracy of argmin-score choices over `rows`, plus the per-row predictions; computed on the
+    model's device under `precision`'s autocast (log-probabilities summed in fp32)."""
+    policy = for_model(model, precision)
     was_training = model.training
     model.eval()
     predictions = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = encode_choice_batch(tokenizer, chunk, max_input_length, max_output_length)
-        task_ids = torch.full((len(chunk),), task_id, dtype=torch.long)
-        logprobs = choice_token_logprobs(model, task_ids, batch["input_ids"], batch["attention_mask"],
-                                         batch["choice_labels"])
+        batch = policy.to_device(encode_choice_batch(tokenizer, chunk, max_input_length, max_output_length))
+        task_ids = torch.full((len(chunk),), task_id, dtype=torch.long, device=policy.device)
+        with policy.autocast():
+            logprobs = choice_token_logprobs(model, task_ids, batch["input_ids"], batch["attention_mask"],
+                                             batch["choice_labels"])
         predictions += choice_scores(logprobs, batch["choice_labels"], length_norm).argmin(-1).tolist()
     model.train(was_training)
     correct = [int(p == int(r["label"])) for p, r in zip(predictions, rows)]
@@ -120,17 +127,20 @@ def rank_classification(model, tokenizer, rows: Sequence[dict], task_id: int, *,
 # --------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model, tokenizer, rows: Sequence[dict], task_id: int, *, num_beams: int,
-             max_input_length: int, max_output_length: int, batch_size: int) -> list[str]:
-    """Beam-search outputs for `rows`, decoded without special tokens and stripped."""
+             max_input_length: int, max_output_length: int, batch_size: int, precision: str = "32") -> list[str]:
+    """Beam-search outputs for `rows`, decoded without special tokens and stripped; computed on the
+    model's device under `precision`'s autocast."""
+    policy = for_model(model, precision)
     was_training = model.training
     model.eval()
     outputs = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = encode_sources(tokenizer, chunk, max_input_length)
-        task_ids = torch.full((len(chunk),), task_id, dtype=torch.long)
-        generated = model.generate(task_ids=task_ids, **batch, num_beams=num_beams,
-                                   max_new_tokens=max_output_length, early_stopping=False)
+        batch = policy.to_device(encode_sources(tokenizer, chunk, max_input_length))
+        task_ids = torch.full((len(chunk),), task_id, dtype=torch.long, device=policy.device)
+        with policy.autocast():
+            generated = model.generate(task_ids=task_ids, **batch, num_beams=num_beams,
+                                       max_new_tokens=max_output_length, early_stopping=False)
         outputs += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     model.train(was_training)
     return outputs
@@ -196,7 +206,7 @@ def task_metric(rows: Sequence[dict], declared: str | None = None) -> str:
 def evaluate_rows(model, tokenizer, rows: Sequence[dict], task_id: int, metric: str, cfg) -> dict:
     """Score `rows` with the task's metric: {'metric': key, 'value': float, …extra metrics}."""
     common = dict(max_input_length=cfg.max_input_length, max_output_length=cfg.max_output_length,
-                  batch_size=cfg.predict_batch_size)
+                  batch_size=cfg.predict_batch_size, precision=cfg.precision)
     if metric == "accuracy":
         out = rank_classification(model, tokenizer, rows, task_id, length_norm=cfg.length_norm, **common)
         return {"metric": "accuracy", "value": out["accuracy"], "accuracy": out["accuracy"]}

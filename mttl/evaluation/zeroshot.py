@@ -3,7 +3,8 @@
 Tasks the run was trained on keep their routing row; unseen (held-out) tasks are scored with
 every learned router replaced by the uniform average of the skills (MHR-µ zero-shot). Results go
 to `$output_dir/$run_name/results.jsonl` and `results.csv` (evaluation `zero_shot`), in the same
-row format as fine-tuning, with the mean over tasks and per category in `summary`.
+row format as fine-tuning, with the mean over tasks and per category in `summary`. The model is
+scored on the device `use_gpu` gives this process, under `precision` (`mttl.device`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def held_out_tasks(data_dir: str) -> list[str]:
 
 def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
     """Score `cfg.checkpoint` on `cfg.tasks` (default: the held-out tasks); returns (run folder, summary)."""
+    from mttl import device
     from mttl.adapters import ops
     from mttl.adapters.inject import adapter_config
     from mttl.data.fewshot import eval_rows
@@ -35,9 +37,14 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import load_run
 
+    # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
+    target = device.resolve_device(cfg)
+    device.check_precision(cfg.precision, target)
     if not cfg.checkpoint:
         raise ConfigError("evaluate needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
     loaded = load_run(cfg.checkpoint_path(), trust_remote_code=cfg.trust_remote_code)
+    device.cast_frozen_backbone(loaded.model, device.backbone_dtype(cfg))
+    device.place_model(loaded.model, target)
     merged = inherit_checkpoint_config(loaded.cfg, cfg)
     data_dir = resolve_data_dir(merged)
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(data_dir)

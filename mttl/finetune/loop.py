@@ -3,7 +3,9 @@
 Per seed: load the checkpoint for the finetune type (`types.load_for_finetuning`), draw the k-shot
 split (`mttl.data.fewshot.fewshot_split`), score the test rows zero-shot, train for `total_steps`
 optimizer steps (else `num_train_epochs`) validating every `eval_every_epochs` epochs, keep the
-best validation weights in memory and score the test rows with them. Every validation is passed
+best validation weights in memory and score the test rows with them. The model and batches live on
+the device `use_gpu` gives this process, losses are computed under `precision`'s autocast (fp16
+with a gradient scaler), the trained weights are fp32 (`mttl.device`). Every validation is passed
 to `on_validation` (sweeps report it to Ray Tune).
 
 As the reference: an epoch is the k training instances, each rendered with one of its templates
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from mttl.config import Config, atomic_write_text
+from mttl.device import Precision, for_model
 from mttl.errors import ConfigError, DataError
 from mttl.evaluation.metrics import (SCORE_KEYS, encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
                                      is_multiple_choice, task_metric)
@@ -103,16 +106,19 @@ def _train_batches(instances: list[list[dict]], micro_batch: int, rng: random.Ra
         yield [rows[i] for i in order[start:start + micro_batch]]
 
 
-def _loss(model, tokenizer, batch_rows: list[dict], cfg: Config) -> dict:
-    """T-Few losses when every row is multiple choice, else the LM loss of the targets."""
-    task_ids = torch.full((len(batch_rows),), TASK_ID, dtype=torch.long)
+def _loss(model, tokenizer, batch_rows: list[dict], cfg: Config, policy: Precision) -> dict:
+    """T-Few losses when every row is multiple choice, else the LM loss of the targets, computed
+    on the policy's device under its autocast."""
+    task_ids = torch.full((len(batch_rows),), TASK_ID, dtype=torch.long, device=policy.device)
     if all(is_multiple_choice(r) for r in batch_rows):
         batch = encode_choice_batch(tokenizer, batch_rows, cfg.max_input_length, cfg.max_output_length)
-        return multiple_choice_loss(model, batch, task_ids, length_norm=cfg.length_norm, mc_loss=cfg.mc_loss,
-                                    unlikely_loss=cfg.unlikely_loss)
+        with policy.autocast():
+            return multiple_choice_loss(model, policy.to_device(batch), task_ids, length_norm=cfg.length_norm,
+                                        mc_loss=cfg.mc_loss, unlikely_loss=cfg.unlikely_loss)
     batch = encode_sources(tokenizer, batch_rows, cfg.max_input_length)
     batch["labels"] = encode_targets(tokenizer, [r["target"] for r in batch_rows], cfg.max_output_length)
-    return lm_loss(model, batch, task_ids)
+    with policy.autocast():
+        return lm_loss(model, policy.to_device(batch), task_ids)
 
 
 def _trainable_state(model) -> dict:
@@ -193,6 +199,8 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     optimizer = build_optimizer(optimizer_groups(model, run_cfg), run_cfg)
     scheduler = build_scheduler(optimizer, run_cfg, total_steps, warmup_steps(run_cfg, total_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    policy = for_model(model, run_cfg.precision)
+    scaler = policy.scaler()  # scales fp16 losses so small gradients do not flush to zero; else passes through
     every = 10_000 if run_cfg.finetune_skip_es else eval_every_epochs(run_cfg)
 
     rng = random.Random(seed)
@@ -202,14 +210,16 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     while step < total_steps:
         epoch += 1
         for batch_rows in _train_batches(instances, micro_batch, rng):
-            out = _loss(model, ft.tokenizer, batch_rows, run_cfg)
-            (out["loss"] / accumulation).backward()
+            out = _loss(model, ft.tokenizer, batch_rows, run_cfg, policy)
+            scaler.scale(out["loss"] / accumulation).backward()
             micro += 1
             if micro % accumulation:
                 continue
             if run_cfg.max_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(trainable, run_cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # under fp16 a step with inf/nan gradients is skipped
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -266,11 +276,15 @@ def run_finetune(cfg: Config) -> Path:
     Rows already in the folder's results.jsonl are kept: a rerun of the same run_name skips the
     seeds whose test row for this task and finetune type is there (an interrupted run resumes).
     """
+    from mttl.device import backbone_dtype, check_precision, resolve_device
     from mttl.tracking import MetricsLogger
 
     task = cfg.finetune_task_name
     if not task:
         raise ConfigError("set the held-out task to adapt to: -k finetune_task_name=TASK")
+    # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
+    check_precision(cfg.precision, resolve_device(cfg))
+    backbone_dtype(cfg)
     run_dir = run_dir_for(cfg, "finetune")
     merged = checkpoint_finetune_config(cfg)
     kind = cfg.finetune_type or "Poly"

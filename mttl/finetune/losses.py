@@ -27,7 +27,7 @@ def tfew_losses(token_logprobs: torch.Tensor, choice_labels: torch.Tensor, label
     are reported unweighted).
     """
     tokens = choice_labels != IGNORE_INDEX
-    rows = torch.arange(label.shape[0])
+    rows = torch.arange(label.shape[0], device=label.device)
     gold_tokens = tokens[rows, label]
     lm = -(token_logprobs[rows, label] * gold_tokens).sum() / gold_tokens.sum().clamp(min=1)
 

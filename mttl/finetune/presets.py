@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from mttl.config import Config
 
-# configs/t0/finetune.json of the reference (its `precision: bf16` is left out: the few-shot loop
-# runs in float32 on the process's own device, so a precision key would change nothing here).
+# configs/t0/finetune.json of the reference (its `precision: bf16` is left out: precision follows the
+# hardware the user runs on, and bf16 autocast on CPU is slower than float32; -k precision=bf16 on a GPU).
 T0_FINETUNE = {"optimizer": "adafactor", "warmup_proportion": 0.06, "total_steps": 1000, "learning_rate": 3e-3,
                "max_grad_norm": 1.0, "weight_decay": 0.0}
 # configs/t0/<task>.json of the reference: the same for every task but h-swag.

@@ -105,7 +105,9 @@ def checkpoint_finetune_config(cfg: Config) -> Config:
 
 
 def load_for_finetuning(cfg: Config) -> FinetuneModel:
-    """The checkpoint's model prepared for `cfg.finetune_type`, with routing row 0 for the new task."""
+    """The checkpoint's model prepared for `cfg.finetune_type`, with routing row 0 for the new task,
+    on the device `use_gpu` gives this process (frozen backbone in `backbone_dtype`)."""
+    from mttl import device
     from mttl.adapters import load_adapters, ops
     from mttl.adapters.inject import adapter_config
     from mttl.models.run import FINAL_DIR, backbone_source, build_routed_model, resolve_run_dir
@@ -118,9 +120,11 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
     run_dir = resolve_run_dir(cfg.checkpoint_path())
     run_cfg = Config.load(run_dir / "config.json")
     merged = finetune_config(run_cfg, cfg)
+    target = device.resolve_device(merged)
+    device.check_precision(merged.precision, target)
     backbone = backbone_source(run_cfg, run_dir)
     tokenizer = load_tokenizer(merged.tokenizer, model=backbone, cache_dir=merged.cache_dir)
-    model = build_routed_model(merged, tokenizer, backbone=backbone)
+    model = build_routed_model(merged, tokenizer, backbone=backbone, dtype=device.backbone_dtype(merged))
     same_adapters = merged.model_modifier == run_cfg.model_modifier and run_cfg.model_modifier is not None
     if cfg.finetune_type != "PolyRand" and same_adapters:
         if not (run_dir / FINAL_DIR / "adapters.json").is_file():
@@ -141,6 +145,7 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
         from mttl.adapters.inject import freeze_embeddings
 
         freeze_embeddings(model)
+    device.place_model(model, target)
     return FinetuneModel(cfg=merged, model=model, tokenizer=tokenizer, run_dir=run_dir)
 
 

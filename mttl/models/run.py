@@ -35,12 +35,17 @@ class LoadedRun:
     run_dir: Path
 
 
-def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None) -> torch.nn.Module:
+def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None,
+                       dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """`cfg.model` (or `backbone`) with `cfg.model_modifier` adapters, wrapped in a RoutedModel.
 
     Without a modifier the backbone's parameters are trained as `trainable_param_names` and
-    `non_trainable_param_names` select (a modifier applies the same rule itself).
+    `non_trainable_param_names` select (a modifier applies the same rule itself). The frozen
+    backbone weights are then held in `dtype` (`mttl.device.backbone_dtype`); everything trained
+    and every adapter stays fp32.
     """
+    from mttl.device import cast_frozen_backbone
+
     from mttl.models.backbone import load_backbone
     from mttl.models.routed import RoutedModel
 
@@ -54,6 +59,7 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None) -> t
     hf_model = modify_model(hf_model, AdapterConfig.from_config(cfg))
     if cfg.freeze_embeds:
         freeze_embeddings(hf_model)
+    cast_frozen_backbone(hf_model, dtype)
     return RoutedModel(hf_model, label_smoothing=cfg.resolved_label_smoothing())
 
 
@@ -136,8 +142,10 @@ def read_tasks_file(run_dir: str | os.PathLike) -> dict[str, int]:
     return tasks
 
 
-def load_run(path: str | os.PathLike, *, trust_remote_code: bool = False) -> LoadedRun:
-    """The run folder's model; `trust_remote_code` is the caller's (the user's) choice, never the run's."""
+def load_run(path: str | os.PathLike, *, trust_remote_code: bool = False,
+             backbone_dtype: torch.dtype = torch.float32) -> LoadedRun:
+    """The run folder's model; `trust_remote_code` is the caller's (the user's) choice, never the run's,
+    and so is `backbone_dtype`, the dtype its frozen backbone weights are held in."""
     from mttl.models.tokenizer import load_tokenizer
 
     run_dir = resolve_run_dir(path)
@@ -146,7 +154,7 @@ def load_run(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Loa
     tasks = read_tasks_file(run_dir)
     backbone = backbone_source(cfg, run_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, model=backbone, cache_dir=cfg.cache_dir)
-    model = build_routed_model(cfg, tokenizer, backbone=backbone)
+    model = build_routed_model(cfg, tokenizer, backbone=backbone, dtype=backbone_dtype)
     final = run_dir / FINAL_DIR
     if cfg.model_modifier:
         if not (final / ADAPTERS_DESCRIPTION).is_file():

@@ -2,11 +2,14 @@
 
 `train_batch_size` is the global batch: micro batch × gradient_accumulation_steps × workers. It
 must divide exactly; DeepSpeed checks the same identity and would otherwise fail inside a worker.
+Precision: `bf16` and `16` turn on DeepSpeed's bf16 / fp16 (dynamic loss scaling) modes, which hold
+the module in half precision and keep fp32 master copies of the trained parameters in the optimizer.
 """
 
 from __future__ import annotations
 
 from mttl.config import Config
+from mttl.device import uses_gpu
 from mttl.errors import ConfigError
 
 
@@ -22,8 +25,9 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """A DeepSpeed config dict for `deepspeed.initialize` with a client optimizer and scheduler."""
-    if cfg.precision == "16" and not cfg.use_gpu:
-        raise ConfigError("precision=16 needs GPUs (use_gpu=True); on CPU use precision=bf16 or 32")
+    if cfg.precision == "16" and not uses_gpu(cfg):
+        raise ConfigError("precision=16 needs GPUs (use_gpu=True or auto on GPU workers); on CPU use precision=bf16 "
+                          "or 32")
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         # adapters are gathered explicitly when saved; never gather the whole model implicitly

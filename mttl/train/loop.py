@@ -92,6 +92,7 @@ def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
 def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     """Run (or resume) one pre-training phase on the tasks of `roles`; returns the run folder."""
     from mttl.models.tokenizer import load_tokenizer
+    from mttl.device import check_before_ray, cluster_uses_gpu
     from mttl.ray_utils import (check_reachable_cluster, init_ray, resources_per_worker, run_in_background,
                                 train_timeouts, worker_env)
 
@@ -111,6 +112,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     if not cfg.model:
         raise ConfigError("model is not set; pass a hub name, a local folder or -k model=tiny-t5")
     micro_batch_size(cfg, cfg.num_workers)  # fail on bad batch arithmetic before starting Ray
+    check_before_ray(cfg)  # use_gpu=True on a machine without GPUs, a backbone_dtype that does not fit
     cfg = cfg.copy()
     cfg.output_dir = os.path.abspath(cfg.output_dir)
     cfg.data_dir = resolve_data_dir(cfg)
@@ -126,6 +128,8 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         return run_dir
 
     init_ray(cfg)
+    # auto → GPU workers when the cluster has GPUs; True on a cluster without any fails here, before workers
+    cfg.use_gpu = cluster_uses_gpu(cfg)
     # the console carries one progress line per log interval, not Ray Data's bars
     ray.data.DataContext.get_current().enable_progress_bars = False
     # no validation split is built (or read) for a run that never validates
@@ -243,6 +247,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     from mttl.data.stream import bounded_waits, iter_epoch
+    from mttl.device import backbone_dtype
     from mttl.models.tokenizer import load_tokenizer
 
     cfg = Config().update(loop_config["cfg"], source="run config")
@@ -255,7 +260,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir)
-    model = build_routed_model(cfg, tokenizer)
+    model = build_routed_model(cfg, tokenizer, dtype=backbone_dtype(cfg))
     if cfg.checkpoint:
         # before the optimizer: switching to average routing removes the routing parameters
         start_from_checkpoint(model, cfg)
@@ -327,7 +332,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # exactly what the uninterrupted one would have
             torch.manual_seed(step_seed(cfg.seed, rank, state.epoch, state.batches_in_epoch))
             # Hugging Face T5 shifts `labels` right into the decoder inputs; -100 labels are ignored
-            loss = engine(**batch).loss
+            loss = engine(**_on_device(batch, engine.device)).loss
             engine.backward(loss)
             at_boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -417,8 +422,9 @@ class _Window:
         """A metrics row averaged over ranks (a collective: every rank calls it at the same step)."""
         elapsed = time.perf_counter() - self.started
         totals = torch.tensor([float(self.loss_sum), self.micro_batches, self.tokens, self.data_wait_s],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=_collective_device())
         torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
         world = torch.distributed.get_world_size()
         steps = max(self.steps, 1)
         row = {"step": step, "loss": float(totals[0] / max(totals[1], 1)),
@@ -442,6 +448,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _on_device(batch: dict, device) -> dict:
+    """A collated batch (CPU tensors from Ray Data) on the engine's device; DeepSpeed does not move inputs."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor must live for this process group's collectives: NCCL reduces only GPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _token_count(batch: dict) -> int:
     """Non-pad input and target tokens of a collated micro batch."""
     return int(batch["attention_mask"].sum() + (batch["labels"] != LABEL_PAD).sum())
@@ -454,9 +472,10 @@ def validation_losses(engine, batches, n_rows: int, row_to_task: dict[int, str])
     A collective: every rank calls it with its own shard of the validation split.
     """
     engine.eval()
-    sums = torch.zeros(n_rows, dtype=torch.float64)
-    counts = torch.zeros(n_rows, dtype=torch.float64)
+    sums = torch.zeros(n_rows, dtype=torch.float64, device=engine.device)
+    counts = torch.zeros(n_rows, dtype=torch.float64, device=engine.device)
     for batch in batches:
+        batch = _on_device(batch, engine.device)
         # Hugging Face T5 shifts `labels` right into the decoder inputs
         logits = engine(**batch).logits.float()
         token_loss = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=LABEL_PAD,
@@ -467,6 +486,7 @@ def validation_losses(engine, batches, n_rows: int, row_to_task: dict[int, str])
         counts.index_add_(0, rows, tokens)
     torch.distributed.all_reduce(sums)
     torch.distributed.all_reduce(counts)
+    sums, counts = sums.cpu(), counts.cpu()
     out = {"val_loss": float(sums.sum() / counts.sum().clamp(min=1))}
     for row in torch.nonzero(counts).flatten().tolist():
         out[f"val_loss/{row_to_task[row]}"] = float(sums[row] / counts[row])
