@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from mttl.adapters import adapted_layers, save_adapters, selectors
 from mttl.adapters.inject import adapter_tensors
 from mttl.adapters.routing import AverageSelector, PolySelector
-from mttl.config import Config
+from mttl.config import Config, load_config
 from mttl.errors import ConfigError
 from mttl.models.run import build_routed_model
 from mttl.models.tokenizer import load_tokenizer
@@ -169,3 +169,13 @@ def test_pretrain_anneals_routing_to_uniform_over_the_last_steps(tmp_path, defau
     # after step s: n = 4 − (6 − s); α = 1 while n ≤ 0, then cos(π/2 · n/4)
     expected = [1.0, 1.0, 0.9238795325112867, 0.7071067811865476, 0.38268343236508984, 0.0]
     assert [r["uniform_alpha"] for r in train_rows(run_dir)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_default_two_phase_run_anneals_only_the_adapter_phase():
+    from mttl.train.cli import DEFAULTS, backbone_phase_config
+
+    cfg = load_config(None, ["uniform_interp_steps=100"], base=DEFAULTS)
+    phase_one = backbone_phase_config(cfg)
+    assert phase_one.model_modifier is None and phase_one.uniform_interp_steps == 0
+    continuation_config(phase_one)  # the backbone phase has no routing to anneal: no error
+    assert continuation_config(cfg).uniform_interp_steps == 100

@@ -103,6 +103,7 @@ def backbone_phase_config(cfg: Config) -> Config:
         if value is not None and value > 0:
             setattr(phase, key, value * BACKBONE_STEP_FACTOR)
     phase.run_name = f"{cfg.run_name}{BACKBONE_SUFFIX}"
+    phase.uniform_interp_steps = 0  # phase one has no routing; the annealing belongs to phase two
     return phase
 
 
