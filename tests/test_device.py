@@ -172,3 +172,21 @@ def test_finetune_and_evaluate_on_the_gpu_in_bf16(cb_run, tmp_path):
                  f"output_dir={tmp_path}", "run_name=ev_gpu", *SCORING_KEYS]) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "ev_gpu" / "results.jsonl").read_text().splitlines()]
     assert row["value"] == pytest.approx(got["accuracy"])
+
+
+def test_a_backbone_saved_in_bf16_gets_fp32_adapters_and_a_policy_dtype(tmp_path):
+    """Files saved in bf16 load as fp32 (transformers would keep bf16, and adapters take their layer's
+    dtype); the frozen weights are then held in the dtype the policy gives, the adapters stay fp32."""
+    import transformers
+
+    from mttl.models.backbone import tiny_t5_config
+    from mttl.models.run import build_routed_model
+    from mttl.models.tokenizer import load_tokenizer
+
+    transformers.T5ForConditionalGeneration(tiny_t5_config(384, 64, 2)).to(torch.bfloat16).save_pretrained(tmp_path)
+    cfg = load_config(None, {"model": str(tmp_path), "tokenizer": "byte", "model_modifier": "poly", "n_tasks": 2,
+                             "n_skills": 2, "lora_rank": 2, "trainable_param_names": ".*lora_[ab].*|.*module_logits.*"})
+    fp32 = _dtypes(build_routed_model(cfg, load_tokenizer("byte")))
+    assert fp32["frozen_backbone"] == {torch.float32} and fp32["trained"] == {torch.float32}
+    half = _dtypes(build_routed_model(cfg, load_tokenizer("byte"), dtype=torch.bfloat16))
+    assert half["frozen_backbone"] == {torch.bfloat16} and half["trained"] == {torch.float32}

@@ -53,8 +53,10 @@ def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_d
                           f"a hub name, or tiny-t5")
     source = str(path) if looks_local else name_or_path
     try:
+        # float32 whatever dtype the files hold (transformers' default loads their own): adapters are
+        # created in their layer's dtype and must be fp32; `mttl.device` then casts the frozen weights
         model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                                   cache_dir=cache_dir)
+                                                                   cache_dir=cache_dir, dtype=torch.float32)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot load seq2seq model '{name_or_path}': {first_line}") from None
