@@ -182,3 +182,25 @@ def test_default_two_phase_run_anneals_only_the_adapter_phase():
     assert phase_one.model_modifier is None and phase_one.uniform_interp_steps == 0
     continuation_config(phase_one)  # the backbone phase has no routing to anneal: no error
     assert continuation_config(cfg).uniform_interp_steps == 100
+
+
+def test_checkpoint_without_adapters_gives_its_trained_backbone(tmp_path):
+    """A full-model run (the default's backbone phase): the next run starts on its saved backbone."""
+    cfg = tiny_config(tmp_path / "data", tmp_path, "backbone", model_modifier=None, trainable_param_names=".*")
+    cfg.n_tasks = len(TASKS)
+    model = build_routed_model(cfg, load_tokenizer("byte"))
+    run = tmp_path / "backbone"
+    model.hf_model.save_pretrained(run / "final" / "backbone")
+    cfg.save(run)
+    nxt = continuation(run, model_modifier="poly", n_skills=2)
+    assert Path(nxt.model) == run / "final" / "backbone"
+    nxt.n_tasks = 1
+    adapted = build_routed_model(nxt, load_tokenizer("byte"))
+    start_from_checkpoint(adapted, nxt)  # nothing to load: fresh adapters on the saved backbone
+    # the saved backbone was built with seed 7, this run's tiny-t5 would be built with seed 42
+    saved, now = dict(model.hf_model.named_parameters()), dict(adapted.hf_model.named_parameters())
+    assert set(saved) <= set(now)
+    for name, param in saved.items():
+        assert torch.equal(now[name], param), name
+    with pytest.raises(ConfigError, match="switch_to_avg_modules needs a checkpoint with routed adapters"):
+        continuation(run, model_modifier="poly", switch_to_avg_modules=True)
