@@ -173,7 +173,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "faults.json").write_text(json.dumps(result, indent=2))
     lines = [f"ZeRO-{args.stage}, precision {args.precision}, 2 workers, 120 steps, checkpoint every 20, "
-             f"{os.cpu_count()} CPUs", "", "| fault | wall s | extra over uninterrupted s | max |Δ adapters| |",
+             f"{os.cpu_count()} CPUs", "", "| fault | wall s | extra over uninterrupted s | max abs Δ adapters |",
              "|---|---|---|---|"]
     for name, row in rows.items():
         wall = row.get("wall_s", row.get("to_exit_s", row.get("to_error_s")))

@@ -92,10 +92,11 @@ def test_zero3_adapters_reload_in_a_plain_process(zero3_run, suite):
         assert logged[f"val_loss/{name}"] == pytest.approx(sums[name] / counts[name], rel=1e-4)
 
 
-def test_zero0_and_zero2_match_zero3_losses(zero3_run, suite):
+def test_zero2_matches_zero3_losses_with_the_backbone_training(zero3_run, suite):
+    # ZeRO-0 against the other stages (adapters only) is test_resume_matrix's cross-stage check
     cfg3, run3 = zero3_run
     reference = [r["loss"] for r in train_rows(run3)]
-    for stage in (0, 2):
+    for stage in (2,):
         cfg = tiny_config(suite / "synthetic", suite / "runs", f"zero{stage}", zero_stage=stage,
                           **GROUPS)
         losses = [r["loss"] for r in train_rows(pretrain(cfg))]
