@@ -68,7 +68,7 @@ def init_ray(cfg: Config) -> None:
             context = ray.init(address=address, log_to_driver=True, runtime_env=_joined_cluster_env(address))
             _remember_api_server(getattr(context, "dashboard_url", None))
         else:
-            _start_local_cluster(ray)
+            start_local_cluster(ray)
     except ConnectionError as err:
         raise ConfigError(f"cannot connect to the Ray cluster at ray_address={address!r}: {err}; "
                           "check the address or unset it to start a local cluster") from None
@@ -118,8 +118,9 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _start_local_cluster(ray) -> None:
-    """A local cluster on 127.0.0.1 whose dashboard port is chosen here.
+def start_local_cluster(ray, *, env_vars: dict[str, str] | None = None, **init_args) -> None:
+    """A local cluster on 127.0.0.1 whose dashboard port is chosen here (`env_vars` and `init_args`:
+    more job environment and `ray.init` arguments, e.g. the test session's `num_cpus`).
 
     Ray Train's placement-group cleaner asks Ray's state API (served by the dashboard) whether the
     run's controller lives; without an address it looks the cluster up among every Ray instance on
@@ -130,7 +131,8 @@ def _start_local_cluster(ray) -> None:
     api_server = f"http://127.0.0.1:{port}"
     os.environ["RAY_API_SERVER_ADDRESS"] = api_server
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api_server}})
+             _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {**(env_vars or {}), "RAY_API_SERVER_ADDRESS": api_server}}, **init_args)
 
 
 def free_loopback_port() -> int:

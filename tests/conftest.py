@@ -57,8 +57,12 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+        # as `mttl` starts one (loopback, its dashboard named to Ray Train), so clusters that tests
+        # start beside it are never mistaken for it; 4 logical CPUs fit 2 workers beside Ray Data
+        from mttl.ray_utils import start_local_cluster
+
+        start_local_cluster(ray, num_cpus=4, log_to_driver=False,
+                            env_vars={"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     yield ray
     # left running until the interpreter exits; other session fixtures may still need it
 

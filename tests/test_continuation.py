@@ -131,12 +131,9 @@ def test_checkpoint_named_inside_checkpoint_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_continues_the_average_of_a_checkpoint(tmp_path, default_synthetic):
+def test_pretrain_continues_the_average_of_a_checkpoint(tmp_path, default_synthetic, ray_cluster):
     """`mttl pretrain` with checkpoint + switch_to_avg_modules, adapters held fixed (learning rate 0):
-    the run's final adapters are its starting point, the checkpoint's skills under average routing.
-
-    The slow tests here let `pretrain` start Ray itself (`init_ray`), whose local cluster names its
-    own dashboard to Ray Train, so another Ray instance on the machine does not disturb them."""
+    the run's final adapters are its starting point, the checkpoint's skills under average routing."""
     from mttl.models.run import load_run
     from mttl.train.loop import pretrain
 
@@ -163,7 +160,7 @@ def test_pretrain_continues_the_average_of_a_checkpoint(tmp_path, default_synthe
 
 
 @pytest.mark.slow
-def test_pretrain_anneals_routing_to_uniform_over_the_last_steps(tmp_path, default_synthetic):
+def test_pretrain_anneals_routing_to_uniform_over_the_last_steps(tmp_path, default_synthetic, ray_cluster):
     from mttl.train.loop import pretrain
 
     cfg = tiny_config(default_synthetic, tmp_path, "anneal", num_workers=1, total_steps=6, uniform_interp_steps=4,
