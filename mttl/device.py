@@ -82,11 +82,18 @@ def resolve_device(cfg) -> torch.device:
     return torch.device("cpu")
 
 
-def check_before_ray(cfg) -> None:
+def check_before_ray(cfg, *, deepspeed: bool = False) -> None:
     """The checks a command makes before Ray starts: precision keys, and use_gpu=True on a machine
     without a GPU when the command would start its own local cluster (a joined cluster's GPUs are
-    checked by `cluster_uses_gpu` once connected, still before any worker starts)."""
-    backbone_dtype(cfg)
+    checked by `cluster_uses_gpu` once connected, still before any worker starts).
+
+    `deepspeed`: DeepSpeed's bf16/fp16 modes hold the whole module in that dtype, so an fp32
+    backbone cannot be kept there and asking for one is refused rather than ignored."""
+    dtype = backbone_dtype(cfg)
+    if deepspeed and cfg.precision != "32" and dtype == torch.float32 and cfg.backbone_dtype != AUTO:
+        raise ConfigError(f"backbone_dtype=32 cannot hold in pre-training with precision={cfg.precision}: DeepSpeed's "
+                          f"{cfg.precision} mode keeps the whole module in that dtype (fp32 master weights for "
+                          "the trained ones); set -k backbone_dtype=auto, or precision=32")
     joining = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if requested_gpu(cfg) and not (joining and joining != "local") and process_gpus() == 0:
         raise ConfigError(f"use_gpu=True but this machine has no GPU torch can use (torch.cuda.is_available() is "

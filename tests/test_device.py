@@ -52,6 +52,10 @@ def test_auto_resolves_to_the_cpu_and_checks_its_keys():
     assert device.backbone_dtype(cfg.copy(precision="16")) == torch.float32  # T5 overflows fp16: kept fp32
     with pytest.raises(ConfigError, match="backbone_dtype=bf16 needs precision=bf16"):
         device.backbone_dtype(cfg.copy(backbone_dtype="bf16"))
+    fp32_backbone = cfg.copy(precision="bf16", backbone_dtype="32")
+    device.check_before_ray(fp32_backbone)  # finetune, evaluate, sweeps keep an fp32 backbone under bf16 autocast
+    with pytest.raises(ConfigError, match="backbone_dtype=32 cannot hold in pre-training"):
+        device.check_before_ray(fp32_backbone, deepspeed=True)  # DeepSpeed's bf16 mode would cast it anyway
     with pytest.raises(ConfigError, match="precision=16 needs a GPU"):
         device.Precision(torch.device("cpu"), "16")
     with pytest.raises(ConfigError, match="use_gpu=True but this machine has no GPU"):

@@ -43,6 +43,7 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
     if not cfg.checkpoint:
         raise ConfigError("evaluate needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
     loaded = load_run(cfg.checkpoint_path(), trust_remote_code=cfg.trust_remote_code)
+    loaded.model.requires_grad_(False)  # scoring trains nothing: a fully trained backbone is cast too
     device.cast_frozen_backbone(loaded.model, device.backbone_dtype(cfg))
     device.place_model(loaded.model, target)
     merged = inherit_checkpoint_config(loaded.cfg, cfg)

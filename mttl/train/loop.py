@@ -112,7 +112,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     if not cfg.model:
         raise ConfigError("model is not set; pass a hub name, a local folder or -k model=tiny-t5")
     micro_batch_size(cfg, cfg.num_workers)  # fail on bad batch arithmetic before starting Ray
-    check_before_ray(cfg)  # use_gpu=True on a machine without GPUs, a backbone_dtype that does not fit
+    check_before_ray(cfg, deepspeed=True)  # use_gpu=True without GPUs, a backbone_dtype that cannot hold
     cfg = cfg.copy()
     cfg.output_dir = os.path.abspath(cfg.output_dir)
     cfg.data_dir = resolve_data_dir(cfg)
