@@ -67,16 +67,49 @@ def test_auto_resolves_to_the_cpu_and_checks_its_keys():
 @cpu_only
 @pytest.mark.parametrize("command", ["finetune", "evaluate", "sweep", "pretrain"])
 def test_use_gpu_true_without_a_gpu_is_one_line_before_anything_runs(command, tmp_path, capsys):
+    import sys
+
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
     out, cache = tmp_path / "out", tmp_path / "cache"
+    ray_before = ray_up()  # another test of the session may have started one
     code = main([command, "-k", "use_gpu=True", "finetune_task_name=cb", f"output_dir={out}", f"cache_dir={cache}"])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("mttl: error: use_gpu=True but this machine has no GPU") and "use_gpu=False" in err
     assert not out.exists() and not cache.exists()  # nothing prepared, nothing written
-    import sys
+    assert ray_up() == ray_before  # no Ray started
 
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+@cpu_only
+def test_a_cluster_without_gpus_runs_auto_on_cpus_and_refuses_true(ray_cluster):
+    """Against Ray's own view: the cluster's GPU resources for drivers, the task's assignment inside tasks."""
+    from mttl.sweep import trial_resources
+
+    ray = ray_cluster
+    assert device.cluster_uses_gpu(Config()) is False
+    assert trial_resources(Config()) == {"CPU": 1}
+    assert trial_resources(Config().copy(trial_resources={"CPU": 2})) == {"CPU": 2}
+    with pytest.raises(ConfigError, match="use_gpu=True but the Ray cluster has no GPU resources"):
+        trial_resources(Config().copy(use_gpu=True, trial_resources={"CPU": 1, "GPU": 1}))
+
+    @ray.remote(num_cpus=0.1)
+    def resolve(use_gpu):
+        from mttl import device
+        from mttl.config import Config
+        from mttl.errors import ConfigError
+
+        try:
+            return device.in_ray_worker(), str(device.resolve_device(Config().copy(use_gpu=use_gpu)))
+        except ConfigError as err:
+            return device.in_ray_worker(), str(err)
+
+    assert ray.get(resolve.remote("auto")) == (True, "cpu")
+    inside, message = ray.get(resolve.remote(True))
+    assert inside and message.startswith("use_gpu=True but Ray gave this task no GPU")
+    assert not device.in_ray_worker()  # this process is the driver
 
 
 def _dtypes(model) -> dict[str, set]:
