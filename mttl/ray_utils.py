@@ -34,8 +34,9 @@ def worker_env(cfg: Config) -> dict[str, str]:
     """
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
            "TOKENIZERS_PARALLELISM": "false"}
-    if not uses_gpu(cfg):
-        env["DS_ACCELERATOR"] = "cpu"
+    # named either way: a DS_ACCELERATOR=cpu exported for CPU runs would otherwise reach GPU workers through
+    # their node's environment and put DeepSpeed on the CPU beside an NCCL process group
+    env["DS_ACCELERATOR"] = "cuda" if uses_gpu(cfg) else "cpu"
     if os.environ.get("HF_HUB_OFFLINE"):
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     if os.environ.get("RAY_API_SERVER_ADDRESS"):
