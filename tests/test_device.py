@@ -20,7 +20,7 @@ from mttl.cli import main
 from mttl.config import Config, load_config
 from mttl.data.fewshot import eval_rows
 from mttl.errors import ConfigError
-from mttl.evaluation.metrics import choice_token_logprobs, encode_choice_batch, rank_classification
+from mttl.evaluation.metrics import choice_token_logprobs, encode_choice_batch, generate, rank_classification
 from mttl.models.run import load_run
 from test_finetune import make_checkpoint, t0_cb_subset
 
@@ -150,6 +150,12 @@ def test_bf16_rank_classification_keeps_the_fp32_choices(cb_run, tmp_path):
                                        batch["choice_labels"])
     gap = (lp_half - lp_ref).abs().max().item()
     assert 0 < gap < 0.5
+
+    # beam search runs under the same policy (the untrained model's outputs are mostly empty, so only
+    # that it runs with a bf16 backbone is checked here)
+    beams = generate(half.model, half.tokenizer, rows[:8], 0, precision="bf16", num_beams=2, max_input_length=64,
+                     max_output_length=6, batch_size=4)
+    assert len(beams) == 8 and all(isinstance(b, str) for b in beams)
 
     assert main(["evaluate", "-k", f"checkpoint={checkpoint}", "tasks=['cb']", "precision=bf16",
                  f"output_dir={tmp_path}", "run_name=ev_bf16", *SCORING_KEYS]) == 0
