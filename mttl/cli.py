@@ -26,6 +26,7 @@ COMMANDS = {
     "sweep": "mttl.sweep_cli",
     "report": "mttl.report",
     "export": "mttl.export_cli",
+    "plan": "mttl.plan",
     "quickstart": "mttl.quickstart",
     "configs": "mttl.config_cli",
 }

@@ -128,6 +128,9 @@ class Config:
     precision: str = _f("32", "Numeric precision of training and scoring: 32, bf16 or 16 (fp16 with a gradient scaler, GPU only). Fine-tuning and evaluation compute under autocast, adapters and routing logits stay fp32; pre-training uses DeepSpeed's bf16/fp16 modes. Example: -k precision=bf16", choices=["32", "bf16", "16"])
     backbone_dtype: str = _f("auto", "dtype of the frozen backbone weights: auto (bf16 under precision=bf16, else 32), 32, bf16 or 16 (must match precision); trained weights stay fp32. Pre-training's DeepSpeed bf16/fp16 modes hold the whole module in that dtype, so there 32 is refused under half precision. Example: -k backbone_dtype=32", choices=["auto", "32", "bf16", "16"])
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0–3. Example: -k zero_stage=3", choices=[0, 1, 2, 3])
+    offload_optimizer: str = _f("none", "Pre-training, ZeRO stage 1–3: keep the optimizer states, fp32 master weights and gradients on the CPU (DeepSpeed's `zero_optimization.offload_optimizer`), leaving only the module's weights on the device. Example: -k zero_stage=2 offload_optimizer=cpu", choices=["none", "cpu"])
+    offload_params: str = _f("none", "Pre-training, ZeRO stage 3: keep the partitioned weights on the CPU too, gathered to the device layer by layer (DeepSpeed's `zero_optimization.offload_param`). Example: -k zero_stage=3 offload_params=cpu", choices=["none", "cpu"])
+    device_memory_gb: float | None = _f(None, "Memory of one worker's device in GB (10^9 bytes) that `mttl plan` checks a run against (GPU memory with use_gpu, else the worker's share of RAM). Example: -k device_memory_gb=80")
     num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each). Example: -k num_workers=8")
     use_gpu: bool | str = _f("auto", "auto (a GPU when the process has one: in Ray tasks and trials the GPUs Ray assigned them, for pre-training the cluster's), True (fail at once when there is none) or False. Pre-training: one GPU per worker, NCCL. Example: -k use_gpu=True", choices=["auto", True, False])
     resources_per_worker: dict | None = _f(None, "Ray resources per train worker. Default: {'CPU': 1} on GPU, a fraction of the free CPUs on CPU. Example: -k resources_per_worker=\"{'CPU': 4}\"")
@@ -427,7 +430,7 @@ VALUE_RULES: dict[str, _Rule] = {
     "max_failures": _at_least(0, or_value=-1, meaning="retry without limit"), "uniform_interp_steps": _at_least(0),
     "num_shots": _at_least(1), "eval_every_epochs": _at_least(1), "max_concurrent_trials": _at_least(1),
     "asha_grace_period": _at_least(1), "asha_reduction_factor": _at_least(2),
-    "worker_start_timeout_s": _above(0), "collective_timeout_s": _above(0), "data_timeout_s": _above(0),
+    "device_memory_gb": _above(0), "worker_start_timeout_s": _above(0), "collective_timeout_s": _above(0), "data_timeout_s": _above(0),
     "mc_loss": _at_least(0), "unlikely_loss": _at_least(0), "length_norm": _at_least(0),
 }
 

@@ -2,6 +2,7 @@
 
 `train_batch_size` is the global batch: micro batch × gradient_accumulation_steps × workers. It
 must divide exactly; DeepSpeed checks the same identity and would otherwise fail inside a worker.
+Offload: `offload_optimizer` / `offload_params` = cpu map to DeepSpeed's offload sections.
 Precision: `bf16` and `16` turn on DeepSpeed's bf16 / fp16 (dynamic loss scaling) modes, which hold
 the module in half precision and keep fp32 master copies of the trained parameters in the optimizer.
 """
@@ -23,12 +24,28 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train_batch_size // per_step
 
 
+def offload_sections(cfg: Config) -> dict:
+    """`offload_optimizer` / `offload_params` as DeepSpeed's `zero_optimization` offload sections."""
+    sections: dict = {}
+    if cfg.offload_optimizer == "cpu":
+        if cfg.zero_stage < 1:
+            raise ConfigError("offload_optimizer=cpu needs ZeRO (stage 1-3); set -k zero_stage=2, or offload_optimizer=none")
+        sections["offload_optimizer"] = {"device": "cpu", "pin_memory": uses_gpu(cfg)}
+    if cfg.offload_params == "cpu":
+        if cfg.zero_stage != 3:
+            raise ConfigError("offload_params=cpu needs zero_stage=3 (only ZeRO-3 partitions the weights); set "
+                              "-k zero_stage=3, or offload_params=none")
+        sections["offload_param"] = {"device": "cpu", "pin_memory": uses_gpu(cfg)}
+    return sections
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """A DeepSpeed config dict for `deepspeed.initialize` with a client optimizer and scheduler."""
     if cfg.precision == "16" and not uses_gpu(cfg):
         raise ConfigError("precision=16 needs GPUs (use_gpu=True or auto on GPU workers); on CPU use precision=bf16 "
                           "or 32")
     zero: dict = {"stage": cfg.zero_stage}
+    zero.update(offload_sections(cfg))
     if cfg.zero_stage == 3:
         # adapters are gathered explicitly when saved; never gather the whole model implicitly
         zero["stage3_gather_16bit_weights_on_model_save"] = False
@@ -42,6 +59,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer == "cpu":
+        # the client torch optimizer then steps on the CPU copies; DeepSpeed otherwise insists on its
+        # own CPU Adam, a compiled op that Adafactor/SGD runs and CPU-only machines do not have
+        config["zero_force_ds_cpu_optimizer"] = False
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         config["gradient_clipping"] = cfg.max_grad_norm
     if cfg.precision == "bf16":

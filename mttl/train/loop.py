@@ -37,7 +37,7 @@ from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resu
                                    usable_checkpoint)
 from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
                                      uniform_alpha)
-from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
+from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size, offload_sections
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
 SYNTHETIC_DIR = "synthetic"
@@ -112,6 +112,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     if not cfg.model:
         raise ConfigError("model is not set; pass a hub name, a local folder or -k model=tiny-t5")
     micro_batch_size(cfg, cfg.num_workers)  # fail on bad batch arithmetic before starting Ray
+    offload_sections(cfg)  # an offload its ZeRO stage cannot do, before starting Ray
     check_before_ray(cfg, deepspeed=True)  # use_gpu=True without GPUs, a backbone_dtype that cannot hold
     cfg = cfg.copy()
     cfg.output_dir = os.path.abspath(cfg.output_dir)
