@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from mttl.data.synthetic import prepare_synthetic
-from cluster_support import ray_cli as _ray_cli, start_head, stop_cluster as _stop_cluster
+from cluster_support import plain_env, ray_cli as _ray_cli, start_head, stop_cluster as _stop_cluster
 from train_support import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,10 +33,9 @@ def test_submitted_pretrain_job_writes_its_run_folder(tmp_path):
     prepare_synthetic(data_dir, seed=0)
     out = tmp_path / "runs"  # absolute: the job runs in an uploaded copy of the working dir
     temp_dir = Path("/tmp") / f"mttl-job-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", DS_ACCELERATOR="cpu",
-               # the venv's bin first: the same ninja (and op cache) as everywhere else
-               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    # a plain shell's environment: the test session's own cluster (RAY_ADDRESS, RAY_API_SERVER_ADDRESS)
+    # must not leak into the head, or Ray Train's actors there would ask that cluster for theirs
+    env = plain_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", DS_ACCELERATOR="cpu")
     _, dashboard_port = start_head(temp_dir, env)
     try:
         runtime_env = {"env_vars": {"RAY_AUTH_MODE": "token", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
