@@ -93,7 +93,7 @@ def test_zero3_adapters_reload_in_a_plain_process(zero3_run, suite):
 
 
 def test_zero2_matches_zero3_losses_with_the_backbone_training(zero3_run, suite):
-    # ZeRO-0 against the other stages (adapters only) is test_resume_matrix's cross-stage check
+    # ZeRO-0 against ZeRO-1 (adapters only) is test_resume_matrix's cross-stage check
     cfg3, run3 = zero3_run
     reference = [r["loss"] for r in train_rows(run3)]
     for stage in (2,):
