@@ -55,16 +55,12 @@ if torch.cuda.is_available() and not DS_ACCELERATOR_GIVEN and "--dry" not in sys
     os.environ.pop("DS_ACCELERATOR", None)
 
 from mttl.config import atomic_write_text  # noqa: E402
+from mttl.plan import T5_V1_1_SHAPES, T5_VOCAB as VOCAB  # noqa: E402
 
 OUT = _env.OUT
-VOCAB = 32128
-# Published T5 v1.1 / LM-adapt dimensions (d_model, d_ff, heads, d_kv, layers per stack); `toy` is for --dry.
-SHAPES = {
-    "t5-xl": dict(d_model=2048, d_ff=5120, num_heads=32, d_kv=64, num_layers=24),
-    "t5-large": dict(d_model=1024, d_ff=2816, num_heads=16, d_kv=64, num_layers=24),
-    "t5-base": dict(d_model=768, d_ff=2048, num_heads=12, d_kv=64, num_layers=12),
-    "toy": dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2),
-}
+# Published T5 v1.1 / LM-adapt dimensions, as `mttl plan` knows them; `toy` is for --dry.
+SHAPES = {f"t5-{size}": T5_V1_1_SHAPES[size] for size in ("xl", "large", "base")}
+SHAPES["toy"] = dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2)
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
