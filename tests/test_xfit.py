@@ -85,3 +85,28 @@ def test_missing_partition_tasks_fail_or_are_skipped(tmp_path):
     manifest = prepare_xfit(source, tmp_path / "out", partition=partition, allow_missing_tasks=True)
     assert set(manifest["tasks"]) == {"ag_news", "quoref"}
     assert manifest["skipped"]["missing_tasks"] == ["gone_a", "gone_b"]
+
+
+def test_shipped_random_partition_is_the_reference_split(tmp_path):
+    """data/xfit/random.json against REFERENCE.md §4.4: 160 tasks, 120/20/20, and its 20 test tasks."""
+    from conftest import shared_path
+    from mttl.data.xfit import PARTITION_DIR, resolve_partition
+
+    reference = shared_path("REFERENCE.md").read_text(encoding="utf-8")
+    line = next(x for x in reference.splitlines() if "configs use `random.json`" in x)
+    listed = line.split("Test tasks:", 1)[1].split(". ", 1)[0]
+    reference_test = {name.strip() for name in listed.split(",")}
+    assert len(reference_test) == 20 and "(all 160, train 120, dev 20, test 20)" in line
+
+    shipped = json.loads((PARTITION_DIR / "random.json").read_text())
+    assert {k: len(v) for k, v in shipped.items()} == {"train": 120, "dev": 20, "test": 20}
+    assert len(set().union(*map(set, shipped.values()))) == 160  # the three lists are disjoint
+    assert set(shipped["test"]) == reference_test
+
+    # a bare name finds the shipped file; a path is taken as given
+    assert resolve_partition("random.json") == PARTITION_DIR / "random.json"
+    assert resolve_partition(tmp_path / "random.json") == tmp_path / "random.json"
+    source, _ = write_xfit(tmp_path / "xfit")
+    manifest = prepare_xfit(source, tmp_path / "out", partition="random.json", allow_missing_tasks=True)
+    assert {n: m["role"] for n, m in manifest["tasks"].items()} == {"ag_news": "test", "glue-sst2": "train",
+                                                                    "quoref": "test"}

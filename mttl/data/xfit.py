@@ -39,6 +39,19 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+# Partition files kept in the repository (CrossFit's random split lives there as `random.json`).
+PARTITION_DIR = Path(__file__).resolve().parents[2] / "data" / "xfit"
+
+
+def resolve_partition(name: str | Path) -> Path:
+    """A partition path as given, else a file of that name in the repository's data/xfit/ folder."""
+    path = Path(name)
+    if path.is_file() or path.is_absolute() or len(path.parts) > 1:
+        return path
+    shipped = PARTITION_DIR / path.name
+    return shipped if shipped.is_file() else path
+
+
 def read_partition(path: Path) -> dict[str, list[str]]:
     """{"train": [...], "dev": [...], "test": [...]} with every list present (possibly empty)."""
     data = _read_json(path, "partition")
@@ -89,7 +102,8 @@ def prepare_xfit(source: str | Path, out: str | Path, *, partition: str | Path, 
     source = Path(source)
     if not source.is_dir():
         raise DataError(f"{source} not found: --source must be the CrossFit data folder")
-    parts = read_partition(Path(partition))
+    partition = resolve_partition(partition)
+    parts = read_partition(partition)
     roles = {**{n: "train" for n in parts["train"]}, **{n: "test" for n in parts["test"]}}
     both = sorted(set(parts["train"]) & set(parts["test"]))
     if both:
@@ -146,7 +160,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CrossFit data folder holding one folder per task. Example: --source data/xfit_data/processed")
     parser.add_argument("--partition", required=True, metavar="FILE",
                         help='JSON {"train": [...], "dev": [...], "test": [...]} of task names. '
-                             "Example: --partition partitions/random.json")
+                             "A bare name is also looked up in the repository's data/xfit/ (random.json: CrossFit's random "
+                             "split, 120/20/20 tasks). Example: --partition random.json")
     parser.add_argument("--descriptions", default=None, metavar="FILE",
                         help='JSON {task: description} used with --use-task-descriptions. '
                              "Example: --descriptions xfit_descriptions.json")
