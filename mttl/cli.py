@@ -48,7 +48,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The `-c a.json+b.json -k key=value …` pair shared by every training command."""
     parser.add_argument("-c", "--config", dest="config_files", default=None, metavar="A.json+B.json",
                         help="JSON config files merged left to right (later files win); a name that is not a "
-                             "path is looked up in ./configs/, jobs/configs/ and the package's configs "
+                             "path is looked up in ./configs/ and the package's configs (mttl/configs/) "
                              "(`mttl configs` lists them). Example: -c ni/pretrain.json+ni/mhr.json")
     parser.add_argument("-k", "--kwargs", dest="kwargs", nargs="+", action="append", default=[],
                         metavar="KEY=VALUE",

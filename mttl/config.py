@@ -539,7 +539,7 @@ def config_search_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("CONFIG_PATH"):
         dirs.append(Path(os.environ["CONFIG_PATH"]))
-    dirs += [Path.cwd() / "configs", REPO_ROOT / "jobs" / "configs", PACKAGE_CONFIG_DIR]
+    dirs += [Path.cwd() / "configs", PACKAGE_CONFIG_DIR]
     return dirs
 
 

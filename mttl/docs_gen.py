@@ -37,7 +37,7 @@ entry points) reads one configuration, merged in this order:
 
 1. the defaults below;
 2. config files given with `-c a.json+b.json`, left to right (a name is looked up in the current
-   folder's `configs/`, then `jobs/configs/`, then the package's configs; `$CONFIG_PATH` first);
+   folder's `configs/`, then the package's configs (`mttl/configs/`); `$CONFIG_PATH` first);
 3. `-k key=value …` overrides, parsed as Python literals (`1e-3`, `True`, `20_000`, `"['cb','rte']"`).
 
 `mttl configs` lists the ready-made files; `mttl configs -c FILE -k … --show` prints the merged

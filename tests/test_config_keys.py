@@ -4,7 +4,7 @@
   entry points); a key nothing reads would let a user set it with no effect.
 - The reference's data-shaping keys are `mttl prepare` options, refused in run configs.
 - `freeze_embeds` and `checkpoint_dir` act.
-- Every value in `jobs/configs/**` is pinned here, with its source: a section of REFERENCE.md
+- Every value in `mttl/configs/**` is pinned here, with its source: a section of REFERENCE.md
   (../shared/REFERENCE.md, the reference's configs and scripts), or "ours" for the keys the
   reference has no counterpart for (Ray workers, failures, run names, the synthetic suite).
 """
@@ -214,7 +214,7 @@ for _task in ("anli-r1", "anli-r2", "anli-r3", "cb", "copa", "h-swag", "rte", "s
 
 
 def test_shipped_configs_hold_the_reference_values():
-    root = REPO / "jobs" / "configs"
+    root = REPO / "mttl" / "configs"
     shipped = {path.relative_to(root).as_posix(): path for path in root.rglob("*.json")}
     assert sorted(shipped) == sorted(PINNED), "pin every shipped config here, with the source of each value"
     for name, path in shipped.items():

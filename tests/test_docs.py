@@ -82,8 +82,8 @@ def test_guide_commands_parse_with_the_cli(guide):
     missing = sorted(s for s in scripts if not (REPO / s).is_file())
     invocations = [[Path(inv[0]).stem, *inv[1:]] if inv[0] in scripts else inv for inv in invocations]
     missing += sorted({inv[0] for inv in invocations if importlib.util.find_spec(COMMANDS.get(inv[0], "mttl")) is None})
-    if any("-c" in inv for inv in invocations) and not any((REPO / "jobs" / "configs").rglob("*.json")):
-        missing.append("jobs/configs/*.json")
+    if any("-c" in inv for inv in invocations) and not any((REPO / "mttl" / "configs").rglob("*.json")):
+        missing.append("mttl/configs/*.json")
     if missing:
         pytest.skip(f"not built yet: {missing}")
     for argv in invocations:

@@ -226,7 +226,7 @@ REFERENCE_T0_FINETUNE = {  # the reference's configs/t0/finetune.json (REFERENCE
 REFERENCE_T0_TASK = {"train_batch_size": 8, "predict_batch_size": 16, "gradient_accumulation_steps": 1,
                      "length_norm": 1, "mc_loss": 1, "unlikely_loss": 1, "dataset": "t0"}
 T0_TASKS = ["cb", "rte", "copa", "wic", "wsc", "winogrande", "h-swag", "anli-r1", "anli-r2", "anli-r3", "storycloze"]
-CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "mttl" / "configs"
 
 
 def test_shipped_t0_finetune_configs_hold_the_reference_values():

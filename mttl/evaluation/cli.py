@@ -10,7 +10,7 @@ DESCRIPTION = HELP + """
 
 Tasks default to the dataset's held-out tasks; tasks the run was not trained on are scored with
 average routing (MHR-mu). Results go to $output_dir/$run_name/results.csv. On T0 data, keys
-you do not set take the reference's T0 values (jobs/configs/t0/finetune.json and the per-task
+you do not set take the reference's T0 values (mttl/configs/t0/finetune.json and the per-task
 files): rank classification length-normalised (length_norm=1), predict_batch_size 16.
 
 Examples:

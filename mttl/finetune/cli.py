@@ -15,7 +15,7 @@ best_val, test per seed) into $output_dir/$run_name/ (default run_name: finetune
 running the same command again skips the seeds already done.
 
 On T0 data, keys you do not set take the reference's T0 few-shot values (those of
-jobs/configs/t0/finetune.json and t0/<task>.json): Adafactor at lr 3e-3, 1,000 steps, batch 8,
+mttl/configs/t0/finetune.json and t0/<task>.json): Adafactor at lr 3e-3, 1,000 steps, batch 8,
 length-normalised rank classification (length_norm=1) and the T-Few losses (mc_loss=1,
 unlikely_loss=1); ANLI tasks default to 32 shots. NI trains with label_smoothing 0.1.
 

@@ -1,8 +1,8 @@
 """The reference's few-shot settings for T0, used wherever the user set no value of their own.
 
 `T0_FINETUNE` is the reference's `configs/t0/finetune.json` and `T0_TASKS[task]` its per-task file
-(`configs/t0/<task>.json`), in this repo's key names; `jobs/configs/t0/finetune.json` and
-`jobs/configs/t0/<task>.json` ship the same values (a test checks that they agree).
+(`configs/t0/<task>.json`), in this repo's key names; `mttl/configs/t0/finetune.json` and
+`mttl/configs/t0/<task>.json` ship the same values (a test checks that they agree).
 `apply_presets(merged, user, task)` fills every such key that the user's -c files and -k did not
 set, when the data is T0: `mttl finetune`, `mttl sweep` and `mttl evaluate` on T0 data then score
 and train as the reference did (rank classification length-normalised, T-Few losses, Adafactor).
