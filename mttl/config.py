@@ -171,6 +171,9 @@ class Config:
 
     # ---------------------------------------------------------------------------------- tracking
     tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
+    verbose: bool = _f(False, "Show Ray's, DeepSpeed's and Hugging Face's own log lines on the console; by default they "
+                              "go to the run folder's logs/internal.log (or <output_dir>/logs/) and the console keeps "
+                              "mttl's progress and results. Example: -k verbose=True")
     mlflow_tracking_uri: str | None = _f(None, "Log runs to MLflow at this URI (experiment `mttl`, one MLflow run per run folder); a relative local path is taken from the folder you run mttl in. Example: -k mlflow_tracking_uri=file:./mlruns")
     wandb_project: str | None = _f(None, "Log runs to this Weights & Biases project (needs `pip install 'mttl[wandb]'` and WANDB_API_KEY, or WANDB_MODE=offline). Example: -k wandb_project=mttl")
 

@@ -17,6 +17,7 @@ import socket
 import threading
 
 import mttl  # noqa: F401  (sets the environment Ray reads on import)
+from mttl import console
 from mttl.config import Config
 from mttl.device import uses_gpu
 from mttl.errors import ConfigError
@@ -62,6 +63,10 @@ def init_ray(cfg: Config) -> None:
     # Ray's core worker installs a C-level SIGTERM handler that aborts the process (exit -6, a stack
     # dump); the command's own handler (a clean exit 143 with a resume hint) is put back after init.
     sigterm_handler = signal.getsignal(signal.SIGTERM) if _on_main_thread() else None
+    # Ray's own log lines (its start, auth mode, Ray Data plans, worker chatter) go to the run's log
+    # file, not the console; a command that knows its run folder has already pointed them there.
+    if console.log_path() is None:
+        console.send_internal_logs_to(console.default_log_path(cfg.output_dir), verbose=cfg.verbose)
     try:
         if address and address != "local":
             # Training workers get their environment from `worker_env` through the trainer's RunConfig;
@@ -81,6 +86,7 @@ def init_ray(cfg: Config) -> None:
     finally:
         if callable(sigterm_handler):
             signal.signal(signal.SIGTERM, sigterm_handler)
+    console.route_worker_output()
 
 
 def _joined_cluster_env(address: str) -> dict | None:

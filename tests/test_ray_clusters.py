@@ -43,8 +43,20 @@ def pretrain_command(suite: Path, run_name: str, *extra: str, total_steps: int =
 def _finished(done: subprocess.CompletedProcess | subprocess.Popen, output: str, run_dir: Path) -> None:
     assert done.returncode == 0, output[-3000:]
     assert (run_dir / "final" / "adapters.safetensors").is_file()
+    # Ray's own lines go to the run's log file; the cross-talk errors must be in neither place
+    internal = run_dir / "logs" / "internal.log"
+    assert internal.is_file(), "the run's internal log is missing"
     for text in CROSS_TALK:
-        assert text not in output, text
+        assert text not in output + internal.read_text(errors="replace"), text
+
+
+def _console_is_ours(output: str, internal: Path) -> None:
+    """Issue 16 §2: the terminal shows mttl's lines only; Ray's start and its workers' chatter went
+    to the log file (`verbose=False`, the default)."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines and all(line.startswith("[mttl]") for line in lines), lines[:20]
+    logged = internal.read_text(errors="replace")
+    assert "Started a local Ray instance" in logged and "RayTrainWorker" in logged
 
 
 def listening_addresses(root_pid: int) -> set[tuple[str, int, str]]:
@@ -91,7 +103,9 @@ def test_two_runs_at_once_one_with_auth_disabled_both_on_loopback_only(suite):
                 proc.wait()
     for name, proc in runs.items():
         logs[name].seek(0)
-        _finished(proc, logs[name].read(), suite / "runs" / f"auth_{name}")
+        output = logs[name].read()
+        _finished(proc, output, suite / "runs" / f"auth_{name}")
+        _console_is_ours(output, suite / "runs" / f"auth_{name}" / "logs" / "internal.log")
     names = {name for _, _, name in seen}
     assert any("raylet" in n for n in names) and any("gcs" in n for n in names), names
     assert any("RayTrainWorker" in n or "ray::" in n for n in names), names  # the workers' own sockets
@@ -175,8 +189,9 @@ def test_sweep_from_a_plain_shell(tmp_path):
                           cwd=tmp_path, env=plain_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "plain" / "results.csv").is_file()
+    internal = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("internal-*.log"))
     for text in CROSS_TALK + ("AuthenticationError",):
-        assert text not in done.stdout + done.stderr, text
+        assert text not in done.stdout + done.stderr + internal, text
 
 
 def test_repo_root_is_the_working_tree():

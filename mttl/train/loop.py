@@ -128,7 +128,12 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         print(f"[mttl] {run_dir} already finished {cfg.total_steps} steps; raise total_steps to continue it")
         return run_dir
 
+    from mttl import console
+
+    where = console.send_internal_logs_to(console.default_log_path(cfg.output_dir, run_dir), verbose=cfg.verbose)
     init_ray(cfg)
+    if where is not None:
+        print(f"[mttl] Ray's and DeepSpeed's own logs: {where} (-k verbose=True shows them here)")
     # auto → GPU workers when the cluster has GPUs; True on a cluster without any fails here, before workers
     cfg.use_gpu = cluster_uses_gpu(cfg)
     # the console carries one progress line per log interval, not Ray Data's bars
