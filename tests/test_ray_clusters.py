@@ -157,7 +157,8 @@ def test_resources_no_node_has_end_the_run_with_one_line(suite):
 def test_interrupt_stops_pretrain_and_says_how_to_resume(suite, sig, code):
     """Point 9: Ctrl-C (or a scheduler's SIGTERM) ends the command, not just Ray Train's run."""
     run_dir = suite / "runs" / f"interrupted_{sig.name}"
-    proc = subprocess.Popen(pretrain_command(suite, run_dir.name, "save_every=5", total_steps=100_000),
+    proc = subprocess.Popen(pretrain_command(suite, run_dir.name, "save_every=5", "num_workers=1",
+                                            total_steps=100_000),
                             cwd=suite, env=plain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
