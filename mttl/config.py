@@ -163,7 +163,7 @@ class Config:
     tune_space: str | None = _f(None, "Search space: a module name in tune_spaces/ or a path to a .py file. Default: from finetune_type and model_modifier. Example: -k tune_space=mhr_z")
     search: str = _f("optuna", "optuna (TPE + ASHA) or grid (the reference preset). Example: -k search=grid", choices=["optuna", "grid"])
     num_samples: int = _f(8, "Trials per study (optuna search). Example: -k num_samples=16")
-    max_concurrent_trials: int | None = _f(None, "Trials running at once. Example: -k max_concurrent_trials=2")
+    max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
     trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")
     study_per_task: bool = _f(True, "One study per task (False: one study across all tasks). Example: -k study_per_task=False")
     asha_grace_period: int = _f(1, "ASHA: validations before a trial can be stopped. Example: -k asha_grace_period=2")

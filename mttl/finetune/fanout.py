@@ -89,11 +89,6 @@ def run_pair(cfg: Config, task: str, seed: int) -> tuple[list[dict], list[dict]]
     return rows, records
 
 
-def _format_s(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     """Every task × seed of `names` as Ray tasks; returns the run folder (results.jsonl / .csv)."""
     import ray
@@ -103,6 +98,7 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     from mttl.finetune.loop import (default_seeds, read_results, resolve_data_dir, safe_name, task_info,
                                     write_results)
     from mttl.finetune.types import checkpoint_finetune_config
+    from mttl.progress import progress_line
     from mttl.ray_utils import init_ray
     from mttl.sweep import with_absolute_paths
     from mttl.tracking import MetricsLogger
@@ -165,10 +161,8 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
             for record in records:
                 logger.log(record)
             finished += 1
-            elapsed = time.monotonic() - start
-            eta = elapsed / finished * (len(pending) - finished)
             test = next((r for r in pair_rows if r["evaluation"] == "test"), None)
             score = f" test {test['metric']} {test['value']:.2f}" if test else ""
-            echo(f"[{len(skipped) + finished}/{len(pairs)}] {task} seed {seed} done{score}; "
-                 f"elapsed {_format_s(elapsed)}, ETA {_format_s(eta)}", flush=True)
+            echo(progress_line(len(skipped) + finished, len(pairs), f"{task} seed {seed} done{score}",
+                               time.monotonic() - start, finished, len(pending) - finished), flush=True)
     return run_dir
