@@ -62,9 +62,10 @@ class Config:
 
     # ----------------------------------------------------------------------------------- data
     dataset: str = _f("synthetic", "Task collection: synthetic, ni, t0 or xfit. Example: -k dataset=ni", choices=["synthetic", "ni", "t0", "xfit"])
-    tasks: list | None = _f(None, "Task names to use (pre-training: training tasks; sweeps/evaluate: held-out tasks). Default: all tasks of the right role. Example: -k tasks=['cb','rte']")
+    tasks: list | None = _f(None, "Task names to use (pre-training: training tasks; sweeps/evaluate/finetune: held-out tasks, finetune running each task x seed as a Ray task; finetune also takes held_out for every held-out task). Default: all tasks of the right role. Example: -k tasks=['cb','rte']")
     custom_tasks_splits: str | None = _f(None, "Reference key: a file listing the task names to train on, one per line. Example: -k custom_tasks_splits=splits/my_tasks.txt", path=True)
-    finetune_task_name: str | None = _f(None, "Held-out task to adapt to. Example: -k finetune_task_name=cb")
+    finetune_task_name: str | list | None = _f(None, "Held-out task(s) to adapt to. One name runs its seeds in this process; a list runs every task x seed as its own Ray task (resources_per_run), as does tasks=[...] or tasks=held_out (every held-out task of the data) with this key unset. Example: -k finetune_task_name=\"['cb','rte']\"")
+    resources_per_run: dict | None = _f(None, "Ray resources of one task x seed of a multi-task `mttl finetune`. Default: 1 CPU, plus 1 GPU when use_gpu finds GPUs in the cluster. Example: -k resources_per_run=\"{'CPU': 2, 'GPU': 0.25}\"")
     tokenizer: str | None = _f(None, "Tokenizer: a local folder, a hub name, or `byte` (ByT5 bytes, needs no files). Default: the model's own, else `byte`. Example: -k tokenizer=../shared/tokenizers/t5", path=True)
     task_mixing: str = _f("proportional", "How training tasks are mixed: proportional (examples-proportional with `mixing_cap`), uniform, temperature. Example: -k task_mixing=temperature", choices=["proportional", "uniform", "temperature"])
     mixing_cap: int = _f(500_000, "Examples-proportional mixing: at most this many examples per task per epoch. Example: -k mixing_cap=1000")
@@ -162,7 +163,7 @@ class Config:
     tune_space: str | None = _f(None, "Search space: a module name in tune_spaces/ or a path to a .py file. Default: from finetune_type and model_modifier. Example: -k tune_space=mhr_z")
     search: str = _f("optuna", "optuna (TPE + ASHA) or grid (the reference preset). Example: -k search=grid", choices=["optuna", "grid"])
     num_samples: int = _f(8, "Trials per study (optuna search). Example: -k num_samples=16")
-    max_concurrent_trials: int | None = _f(None, "Trials running at once. Example: -k max_concurrent_trials=2")
+    max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
     trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")
     study_per_task: bool = _f(True, "One study per task (False: one study across all tasks). Example: -k study_per_task=False")
     asha_grace_period: int = _f(1, "ASHA: validations before a trial can be stopped. Example: -k asha_grace_period=2")
@@ -447,6 +448,12 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
                                                                                                       str(value))
     if key == "use_gpu":
         return _coerce_use_gpu(value, f, source)
+    if key == "finetune_task_name" and isinstance(value, (list, tuple)):
+        # several tasks: each task x seed becomes its own Ray task (mttl.finetune.fanout)
+        if not all(isinstance(x, str) and x for x in value):
+            raise ConfigError(f"config key 'finetune_task_name' (from {source}) must be a task name or a list of "
+                              f"names, got {value!r}{_example_hint(f)}")
+        return list(value)
     type_name = str(f.type)
     if value is None:
         return value

@@ -9,7 +9,8 @@ trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep
 found every pickled state file signed by this user's mttl. Results: `results.csv` (one row
 per trial), `best.json` (per task), `summary.md` and a printed table. A trial computes on a GPU
 when Ray assigns it one (`trial_resources`; by default one GPU per trial when `use_gpu` finds GPUs
-in the cluster), under `precision` (`mttl.device`).
+in the cluster), under `precision` (`mttl.device`). `max_concurrent_trials` defaults to the trials
+the cluster's resources hold at once; one line per finished trial (`mttl.progress`).
 """
 
 from __future__ import annotations
@@ -202,7 +203,18 @@ def _optuna_search(cfg: Config, space_name: str):
     return OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
 
 
-def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, space_name: str):
+def fits_at_once(resources: dict) -> int:
+    """Trials of `resources` the Ray cluster can run at once (at least 1): the default of
+    `max_concurrent_trials`, so the searcher does not queue more trials than can start."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    counts = [int(cluster.get(name, 0) // float(need) + 1e-9) for name, need in resources.items() if float(need) > 0]
+    return max(1, min(counts)) if counts else 1
+
+
+def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, space_name: str,
+                 resources: dict | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -219,13 +231,16 @@ def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, sp
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode="max", max_t=1_000_000,
                                   grace_period=cfg.asha_grace_period, reduction_factor=cfg.asha_reduction_factor)
         samples = cfg.num_samples
+    from mttl.progress import TrialProgress
+
+    total = len(module.GRID) if cfg.search == "grid" else samples
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
-                                    max_concurrent_trials=cfg.max_concurrent_trials),
+                                    max_concurrent_trials=cfg.max_concurrent_trials or fits_at_once(resources or {})),
         run_config=tune.RunConfig(name=study_dir.name, storage_path=str(study_dir.parent), verbose=0,
-                                  callbacks=[SignStateCallback()]),
+                                  callbacks=[SignStateCallback(), TrialProgress(study_dir.name, total)]),
     )
     sign_files(study_dir, [study_dir / TUNER_FILE])  # written by the Tuner just now; the rest is signed as saved
     return tuner
@@ -264,6 +279,10 @@ def _restored_tuner(study_dir: Path, trainable, cfg: Config, space_name: str):
     run_config = tuner._local_tuner.get_run_config() if getattr(tuner, "_local_tuner", None) else None
     if run_config is not None and not any(isinstance(c, SignStateCallback) for c in run_config.callbacks or []):
         run_config.callbacks = [*(run_config.callbacks or []), SignStateCallback()]
+    from mttl.progress import TrialProgress
+
+    if run_config is not None and not any(isinstance(c, TrialProgress) for c in run_config.callbacks or []):
+        run_config.callbacks = [*(run_config.callbacks or []), TrialProgress(study_dir.name, cfg.num_samples)]
     return tuner
 
 
@@ -345,7 +364,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
         study_dir = sweep_dir / safe_name(study)
         set_interrupt_hint(f"finished trials and the search state are kept in {sweep_dir}; run the same command "
                            "again to resume the sweep")
-        results = run_in_background(_study_tuner(study_dir, trainable, cfg, module, space_name).fit)
+        results = run_in_background(_study_tuner(study_dir, trainable, cfg, module, space_name, resources).fit)
         rows = _trial_rows(study, results)
         complete = [r for r in rows if r["status"] == "complete"]
         if complete:

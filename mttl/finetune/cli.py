@@ -1,11 +1,11 @@
-"""`mttl finetune`: adapt a pre-trained run to one held-out task, every seed, in this process."""
+"""`mttl finetune`: adapt a pre-trained run to held-out tasks, every seed (several tasks: as Ray tasks)."""
 
 from __future__ import annotations
 
 from mttl.cli import add_config_arguments, flat_kwargs
 from mttl.config import load_config
 
-HELP = "few-shot adaptation of a pre-trained run to one held-out task (types F, A, Z, MuZ, PolyRand, Poly)"
+HELP = "few-shot adaptation of a pre-trained run to held-out tasks (types F, A, Z, MuZ, PolyRand, Poly)"
 DESCRIPTION = HELP + """
 
 Every seed of `seeds` is trained on num_shots examples of the task, validated every
@@ -13,6 +13,13 @@ eval_every_epochs, and its best validation weights are tested. Architecture and 
 from the checkpoint's config unless given here. Writes results.jsonl and results.csv (zero_shot,
 best_val, test per seed) into $output_dir/$run_name/ (default run_name: finetune_<task>_<type>);
 running the same command again skips the seeds already done.
+
+Several tasks (finetune_task_name as a list, or tasks=held_out for every held-out task of the
+data): every task x seed runs as its own Ray task with resources_per_run (default 1 CPU, plus
+1 GPU when the cluster has GPUs; {'GPU': 0.25, 'CPU': 2} packs four on a GPU), on the device Ray
+gave it. Each finished pair is written to results.jsonl at once and a line with the counts and
+the ETA is printed; a rerun skips the pairs already there. The table at the end: median over
+seeds per task, then the mean over tasks (run_name default: finetune_<N>tasks_<type>).
 
 On T0 data, keys you do not set take the reference's T0 few-shot values (those of
 mttl/configs/t0/finetune.json and t0/<task>.json): Adafactor at lr 3e-3, 1,000 steps, batch 8,
@@ -22,6 +29,7 @@ unlikely_loss=1); ANLI tasks default to 32 shots. NI trains with label_smoothing
 Examples:
   mttl finetune -k checkpoint=output/t0_mhr finetune_task_name=rte finetune_type=Z
   mttl finetune -c t0/finetune.json+t0/cb.json -k checkpoint=output/t0_mhr finetune_type=MuZ
+  mttl finetune -k checkpoint=output/t0_mhr tasks=held_out finetune_type=Z resources_per_run="{'GPU': 0.25, 'CPU': 2}"
   mttl finetune -k checkpoint=output/ni_mhr finetune_task_name=task1356_xlsum_title_generation seeds="[13]"
 """
 
@@ -41,5 +49,7 @@ def run(args) -> int:
         summary = aggregate(rows, evaluation)
         for task, value in summary["per_task"].items():
             print(f"{task}\t{evaluation}\tmedian over seeds {value:.2f}")
+        if len(summary["per_task"]) > 1:
+            print(f"mean over {len(summary['per_task'])} tasks\t{evaluation}\t{summary['mean']:.2f}")
     print(f"results: {run_dir / 'results.csv'}")
     return 0

@@ -16,7 +16,8 @@ steps runs 250 epochs and validates 5 times. Validation runs only at multiples o
 validation exists; `finetune_skip_es` validates only at the end). Evaluation scores every
 template of every instance (the reference draws one template per instance and pass).
 
-`run_finetune(cfg)` runs every seed of `finetune_task_name` and writes the run folder:
+`run_finetune(cfg)` runs every seed of `finetune_task_name` and writes the run folder (several
+tasks: every task x seed as a Ray task, `mttl.finetune.fanout`):
 `config.json`, `metrics.jsonl` (+ TensorBoard), `results.jsonl` and `results.csv` (one row per
 task × seed × evaluation in {zero_shot, best_val, test}), each rewritten atomically.
 """
@@ -279,6 +280,11 @@ def run_finetune(cfg: Config) -> Path:
     from mttl.device import backbone_dtype, check_precision, resolve_device
     from mttl.tracking import MetricsLogger
 
+    from mttl.finetune.fanout import requested_tasks, run_finetune_tasks
+
+    names = requested_tasks(cfg)
+    if names is not None:
+        return run_finetune_tasks(cfg, names)
     task = cfg.finetune_task_name
     if not task:
         raise ConfigError("set the held-out task to adapt to: -k finetune_task_name=TASK")
