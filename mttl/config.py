@@ -224,7 +224,7 @@ class Config:
         return self
 
     def _derive(self) -> None:
-        if self.model_modifier == "skilled" and self.router_selector != "arrow":
+        if self.model_modifier == "skilled" and self.router_selector == "poly":
             self.router_selector = "private"
         if self.compute_strategy:
             strategy = str(self.compute_strategy)

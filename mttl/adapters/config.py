@@ -44,9 +44,10 @@ class AdapterConfig:
         if self.modifier == "poly_lora":
             self.modifier = "poly"
         if self.modifier == "skilled":
-            # One private adapter per task: the reference's `skilled` modifier. Arrow routes
-            # over the same library without task ids, so it is the one router kept.
-            if self.selector != "arrow":
+            # One private adapter per task: the reference's `skilled` modifier, whose router is
+            # private unless another one than the default is named (average or arrow routing
+            # over the same library, without task ids).
+            if self.selector == "poly":
                 self.selector = "private"
             self.n_skills = self.n_tasks
         self.validate()

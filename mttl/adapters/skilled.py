@@ -37,6 +37,12 @@ def _check_divisible(layer_name: str, n_splits: int, **dims: int) -> None:
 class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
     adapter_tensor_names = ("lora_a", "lora_b")
 
+    @classmethod
+    def from_adapter_config(cls, base, name, acfg, selector=None) -> "SkilledLoRALinear":
+        return cls(base, selector, layer_name=name, rank=acfg.rank, n_skills=acfg.n_skills, n_splits=acfg.n_splits,
+                   alpha=acfg.alpha, dropout=acfg.dropout, randb_init=acfg.randb_init,
+                   kaiming_init=acfg.kaiming_init, warmup=acfg.warmup)
+
     def __init__(self, base: nn.Module, selector: Selector, *, layer_name: str, rank: int, n_skills: int,
                  n_splits: int, alpha: float = 1.0, dropout: float = 0.0, randb_init: bool = False,
                  kaiming_init: bool = False, warmup: bool = False):
@@ -126,6 +132,10 @@ class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
 class SkilledIA3Linear(AdaptedLinear):
     # Named lora_a as in the reference, so its trainable regex `.*lora_[ab].*` keeps selecting it.
     adapter_tensor_names = ("lora_a",)
+
+    @classmethod
+    def from_adapter_config(cls, base, name, acfg, selector=None) -> "SkilledIA3Linear":
+        return cls(base, selector, layer_name=name, n_skills=acfg.n_skills, n_splits=acfg.n_splits)
 
     def __init__(self, base: nn.Module, selector: Selector, *, layer_name: str, n_skills: int, n_splits: int):
         super().__init__(base)
