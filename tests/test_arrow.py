@@ -180,6 +180,10 @@ def test_registry_defines_allowed_and_routed_names_once():
     assert choices["router_selector"] == list(registry.ROUTERS) and "arrow" in choices["router_selector"]
     assert choices["model_modifier"] == [None, *registry.LAYER_KINDS]
     assert set(registry.ROUTED_MODIFIERS) == {"poly", "poly_ia3", "skilled"}
+    # skilled's default router is private; a router named explicitly is kept
+    assert AdapterConfig(modifier="skilled", n_tasks=3).selector == "private"
+    assert AdapterConfig(modifier="skilled", n_tasks=3, selector="average").selector == "average"
+    assert Config().update({"model_modifier": "skilled", "router_selector": "arrow"}).router_selector == "arrow"
     with pytest.raises(ConfigError, match="arrow"):
         Config().update({"router_selector": "nope"})
     # a skilled (per-task LoRA) checkpoint is routed: it gets the routed search space, not `lora`
