@@ -104,9 +104,9 @@ def test_logits_match_peft_arrow(tmp_path):
     ours = library("skilled", n_skills=n_experts, rank=rank, alpha=alpha)
     _spectral_gap_experts(ours, n_experts, rank)
     paths = []
-    for k, (name_to_lora) in enumerate(ops.task_lora(ours, k) for k in range(n_experts)):
-        expert = peft.get_peft_model(load_backbone("tiny-t5", vocab_size=VOCAB, tiny_d_model=64),
-                                     peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=rf"({MODULES})\.({LAYERS})"))
+    for k, name_to_lora in enumerate(ops.task_lora(ours, k) for k in range(n_experts)):
+        lora_config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=rf"({MODULES})\.({LAYERS})")
+        expert = peft.get_peft_model(load_backbone("tiny-t5", vocab_size=VOCAB, tiny_d_model=64), lora_config)
         with torch.no_grad():
             for name, module in expert.named_modules():
                 if isinstance(module, peft.tuners.lora.layer.Linear):

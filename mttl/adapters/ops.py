@@ -1,6 +1,7 @@
 """Operations on a modified model's routing and adapters: routing rows for new tasks, switching to
-average routing or to any registered router (`use_router`), interpolation towards uniform, reading routing weights, collapsing one task's
-routed adapter into a plain LoRA, merging it into the base weights, and removing adapters."""
+average routing or to any registered router (`use_router`), interpolation towards uniform,
+reading routing weights, collapsing one task's routed adapter into a plain LoRA, merging it into
+the base weights, and removing adapters."""
 
 from __future__ import annotations
 
