@@ -28,9 +28,6 @@ class LayerKind:
 class RouterSpec:
     implementation: str  # "module:Class" of the Selector subclass
     help: str
-    # Usable when building a model for training; False: only swapped onto a trained library
-    # (`mttl.adapters.ops.use_router`), e.g. routers computed from the trained experts.
-    trainable: bool = True
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
@@ -48,7 +45,7 @@ ROUTERS: dict[str, RouterSpec] = {
     "average": RouterSpec("mttl.adapters.routing:AverageSelector", "uniform 1/K"),
     "private": RouterSpec("mttl.adapters.routing:PrivateSelector", "one skill per task"),
     "arrow": RouterSpec("mttl.adapters.arrow:ArrowRouter",
-                        "zero-shot per-token routing from the trained LoRA experts (evaluation)", trainable=False),
+                        "zero-shot per-token routing from the trained LoRA experts, for `mttl evaluate`"),
 }
 
 GRANULARITIES = ("finegrained", "coarsegrained", "coderwise", "blockwise", "layerwise")
