@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mttl.adapters.registry import GRANULARITIES, LAYER_KINDS, MODIFIERS, ROUTERS, SELECTORS
 from mttl.errors import ConfigError
 from mttl.tracking import absolute_tracking_uri
 
@@ -77,7 +78,7 @@ class Config:
     # ---------------------------------------------------------------------------------- model
     model: str | None = _f(None, "Backbone: a Hugging Face seq2seq hub name, a local folder, a run folder (its trained backbone), or `tiny-t5` (a small T5 built from a config). Example: -k model=google/t5-xl-lm-adapt", path=True)
     trust_remote_code: bool = _f(False, "Allow the Python code a backbone folder or hub model ships (`auto_map`) to run when loading it. Off by default; only your own -c/-k of the command set it, never a run folder's config.json. Example: -k trust_remote_code=True")
-    model_modifier: str | None = _f(None, "Adapter type: lora, ia3, poly (Poly/MHR routed LoRA; `poly_lora` accepted), poly_ia3, skilled (one private adapter per task), or none. Example: -k model_modifier=poly", choices=[None, "lora", "ia3", "poly", "poly_ia3", "skilled"])
+    model_modifier: str | None = _f(None, "Adapter type: " + ", ".join(f"{k} ({v.help})" for k, v in LAYER_KINDS.items()) + ", or none. Example: -k model_modifier=poly", choices=list(MODIFIERS))
     tiny_d_model: int = _f(128, "tiny-t5 backbone: hidden size. Example: -k tiny_d_model=64")
     tiny_num_layers: int = _f(2, "tiny-t5 backbone: encoder (and decoder) blocks. Example: -k tiny_num_layers=4")
     freeze_embeds: bool = _f(False, "Keep the token (and learned position) embeddings frozen even when `trainable_param_names` matches them (full-model training, finetune_type=F). Example: -k freeze_embeds=True")
@@ -94,8 +95,10 @@ class Config:
     n_skills: int = _f(8, "K: skills in each layer's inventory. Example: -k n_skills=4")
     n_splits: int = _f(1, "S: routing heads per layer (1 = Poly, >1 = MHR). Must divide the adapted layers' in and out dims. Example: -k n_splits=16")
     n_tasks: int | None = _f(None, "Routing rows; set from the data. Example: -k n_tasks=313")
-    router_selector: str = _f("poly", "Router: poly (learned per-task logits), average (uniform 1/K), private (one skill per task) (`poly_selector` accepted). Example: -k router_selector=average", choices=["poly", "average", "private"])
-    router_granularity: str = _f("finegrained", "Routers shared by: finegrained (each layer), coarsegrained (whole model), coderwise, blockwise, layerwise (`poly_granularity`, `finegrained=True|False` accepted). Example: -k router_granularity=blockwise", choices=["finegrained", "coarsegrained", "coderwise", "blockwise", "layerwise"])
+    router_selector: str = _f("poly", "Router: " + ", ".join(f"{k} ({v.help})" for k, v in ROUTERS.items()) + " (`poly_selector` accepted). Example: -k router_selector=average", choices=list(SELECTORS))
+    arrow_top_k: int = _f(3, "router_selector=arrow: experts mixed per token (the k highest |x·prototype|). Example: -k arrow_top_k=2")
+    arrow_temperature: float = _f(1.0, "router_selector=arrow: softmax temperature over the top-k |x·prototype| scores. Example: -k arrow_temperature=0.5")
+    router_granularity: str = _f("finegrained", "Routers shared by: finegrained (each layer), coarsegrained (whole model), coderwise, blockwise, layerwise (`poly_granularity`, `finegrained=True|False` accepted). Example: -k router_granularity=blockwise", choices=list(GRANULARITIES))
     module_logits_relaxed_bernoulli: bool = _f(True, "Training samples routing from a relaxed Bernoulli (τ=1). Example: -k module_logits_relaxed_bernoulli=False")
     module_logits_straight_through: bool = _f(False, "Routing forward = round(σ(z)) with σ(z)'s gradient. Example: -k module_logits_straight_through=True")
     module_logits_learning_rate: float = _f(0.1, "Learning rate of the routing logits. Example: -k module_logits_learning_rate=0.5")
@@ -225,7 +228,7 @@ class Config:
         return self
 
     def _derive(self) -> None:
-        if self.model_modifier == "skilled":
+        if self.model_modifier == "skilled" and self.router_selector == "poly":
             self.router_selector = "private"
         if self.compute_strategy:
             strategy = str(self.compute_strategy)

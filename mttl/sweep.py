@@ -23,6 +23,7 @@ from types import ModuleType
 
 from dataclasses import fields
 
+from mttl.adapters.registry import is_routed
 from mttl.config import Config
 from mttl.errors import ConfigError, MttlError
 
@@ -57,7 +58,7 @@ def load_space(name_or_path: str) -> ModuleType:
 
 def default_space_name(cfg: Config) -> str:
     """The space matching `finetune_type` and the model: Z → *_z, MuZ → mhr_mu, F → full, …"""
-    routed = cfg.model_modifier in ("poly", "poly_ia3")
+    routed = is_routed(cfg.model_modifier)
     family = "mhr" if cfg.n_splits > 1 else "poly"
     if cfg.finetune_type == "F":
         return "full"

@@ -1,10 +1,23 @@
-"""Adapters and routing, torch only (no Ray): LoRA, (IA)³, routed Poly / MHR layers, selectors,
-injection into Hugging Face models, save/load, and routing operations."""
+"""Adapters and routing, torch only (no Ray): LoRA, (IA)³, routed Poly / MHR layers, routers,
+injection into Hugging Face models, save/load, and routing operations.
 
-from mttl.adapters.config import AdapterConfig
-from mttl.adapters.inject import adapted_layers, modify_model, param_groups, selectors
-from mttl.adapters.routing import routing_context
-from mttl.adapters.state import load_adapters, read_adapter_config, save_adapters
+The names below load on first use, so the torch-free `mttl.adapters.registry` (the allowed layer
+kinds and routers, read by `mttl.config`) can be imported without torch."""
 
-__all__ = ["AdapterConfig", "adapted_layers", "load_adapters", "modify_model", "param_groups",
-           "read_adapter_config", "routing_context", "save_adapters", "selectors"]
+import importlib
+
+_EXPORTS = {
+    "AdapterConfig": "mttl.adapters.config", "adapted_layers": "mttl.adapters.inject",
+    "modify_model": "mttl.adapters.inject", "param_groups": "mttl.adapters.inject",
+    "selectors": "mttl.adapters.inject", "routing_context": "mttl.adapters.routing",
+    "load_adapters": "mttl.adapters.state", "read_adapter_config": "mttl.adapters.state",
+    "save_adapters": "mttl.adapters.state",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mttl.adapters' has no attribute {name!r}")

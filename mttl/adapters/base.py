@@ -19,6 +19,12 @@ class AdaptedLinear(nn.Module):
     # Local names of the tensors a subclass adds (saved with the adapters, grouped as 'adapters').
     adapter_tensor_names: tuple[str, ...] = ()
 
+    @classmethod
+    def from_adapter_config(cls, base: nn.Module, name: str, acfg, selector=None) -> "AdaptedLinear":
+        """The wrapper of `base` (full dotted name `name`) for an `AdapterConfig`; routed kinds get
+        their granularity group's `selector`. `mttl.adapters.registry` names the class per modifier."""
+        return cls(base)
+
     def __init__(self, base: nn.Module):
         super().__init__()
         if not isinstance(base, LINEAR_TYPES):

@@ -9,11 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mttl.adapters.registry import GRANULARITIES, MODIFIERS, SELECTORS, is_routed
 from mttl.errors import ConfigError
-
-MODIFIERS = (None, "lora", "ia3", "poly", "poly_ia3", "skilled")
-SELECTORS = ("poly", "average", "private")
-GRANULARITIES = ("finegrained", "coarsegrained", "coderwise", "blockwise", "layerwise")
 
 
 @dataclass
@@ -40,13 +37,18 @@ class AdapterConfig:
     modify_layers: str = "q|k|v|o|wi|wi_0|wi_1|wo"
     trainable_param_names: str = ".*"
     non_trainable_param_names: str | None = None
+    arrow_top_k: int = 3
+    arrow_temperature: float = 1.0
 
     def __post_init__(self):
         if self.modifier == "poly_lora":
             self.modifier = "poly"
         if self.modifier == "skilled":
-            # One private adapter per task: the reference's `skilled` modifier.
-            self.selector = "private"
+            # One private adapter per task: the reference's `skilled` modifier, whose router is
+            # private unless another one than the default is named (average or arrow routing
+            # over the same library, without task ids).
+            if self.selector == "poly":
+                self.selector = "private"
             self.n_skills = self.n_tasks
         self.validate()
 
@@ -61,10 +63,15 @@ class AdapterConfig:
             (int(self.n_tasks) >= 1, f"n_tasks must be >= 1, got {self.n_tasks}"),
             (0.0 <= self.dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.dropout}"),
             (0.0 <= self.logits_dropout < 1.0, f"module_logits_dropout must be in [0, 1), got {self.logits_dropout}"),
+            (int(self.arrow_top_k) >= 1, f"arrow_top_k must be >= 1, got {self.arrow_top_k}"),
+            (float(self.arrow_temperature) > 0, f"arrow_temperature must be > 0, got {self.arrow_temperature}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.selector == "arrow" and self.modifier not in ("poly", "skilled"):
+            raise ConfigError(f"router_selector=arrow routes over trained LoRA experts; it needs a model_modifier=poly "
+                              f"or skilled library, got model_modifier={self.modifier!r}")
         if self.routed and self.selector == "private" and self.n_skills != self.n_tasks:
             raise ConfigError(f"router_selector=private needs n_skills == n_tasks (one skill per task), got "
                               f"n_skills={self.n_skills}, n_tasks={self.n_tasks}; set -k n_skills={self.n_tasks}")
@@ -72,7 +79,7 @@ class AdapterConfig:
     @property
     def routed(self) -> bool:
         """True for the modifiers whose layers mix a skill inventory with a selector."""
-        return self.modifier in ("poly", "poly_ia3", "skilled")
+        return is_routed(self.modifier)
 
     @classmethod
     def from_config(cls, cfg) -> "AdapterConfig":
@@ -100,6 +107,8 @@ class AdapterConfig:
             modify_layers=cfg.modify_layers,
             trainable_param_names=cfg.trainable_param_names,
             non_trainable_param_names=cfg.non_trainable_param_names,
+            arrow_top_k=cfg.arrow_top_k,
+            arrow_temperature=cfg.arrow_temperature,
         )
 
     def to_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """Injection of adapters into any Hugging Face model, freezing, and optimizer parameter groups.
 
-`modify_model` wraps the matching linear layers in place (one selector per granularity group for
-routed modifiers), records the `AdapterConfig` on the model and freezes by the trainable regexes.
+`modify_model` wraps the matching linear layers in place with the layer kind the registry names
+for the modifier (one router per granularity group for routed modifiers), records the `AdapterConfig` on the model and freezes by the trainable regexes.
 `adapted_layers`, `selectors` and `adapter_tensors` enumerate what was injected.
 """
 
@@ -14,10 +14,8 @@ from torch import nn
 
 from mttl.adapters.base import LINEAR_TYPES, AdaptedLinear
 from mttl.adapters.config import AdapterConfig
-from mttl.adapters.ia3 import IA3Linear
-from mttl.adapters.lora import LoRALinear
+from mttl.adapters.registry import layer_class
 from mttl.adapters.routing import Selector, build_selector, group_key
-from mttl.adapters.skilled import SkilledIA3Linear, SkilledLoRALinear
 from mttl.errors import ConfigError
 
 CONFIG_ATTRIBUTE = "mttl_adapter_config"
@@ -45,16 +43,7 @@ def set_adapter_config(model: nn.Module, acfg: AdapterConfig | None) -> None:
 
 
 def _wrap(layer: nn.Module, name: str, acfg: AdapterConfig, selector: Selector | None) -> AdaptedLinear:
-    if acfg.modifier == "lora":
-        return LoRALinear(layer, acfg.rank, acfg.alpha, acfg.dropout, randb_init=acfg.randb_init,
-                          kaiming_init=acfg.kaiming_init, warmup=acfg.warmup)
-    if acfg.modifier == "ia3":
-        return IA3Linear(layer)
-    if acfg.modifier == "poly_ia3":
-        return SkilledIA3Linear(layer, selector, layer_name=name, n_skills=acfg.n_skills, n_splits=acfg.n_splits)
-    return SkilledLoRALinear(layer, selector, layer_name=name, rank=acfg.rank, n_skills=acfg.n_skills,
-                             n_splits=acfg.n_splits, alpha=acfg.alpha, dropout=acfg.dropout,
-                             randb_init=acfg.randb_init, kaiming_init=acfg.kaiming_init, warmup=acfg.warmup)
+    return layer_class(acfg.modifier).from_adapter_config(layer, name, acfg, selector)
 
 
 def modify_model(model: nn.Module, acfg: AdapterConfig) -> nn.Module:

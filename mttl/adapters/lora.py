@@ -39,6 +39,11 @@ class LoRALinear(WarmupMixin, AdaptedLinear):
 
     adapter_tensor_names = ("lora_a", "lora_b")
 
+    @classmethod
+    def from_adapter_config(cls, base, name, acfg, selector=None) -> "LoRALinear":
+        return cls(base, acfg.rank, acfg.alpha, acfg.dropout, randb_init=acfg.randb_init,
+                   kaiming_init=acfg.kaiming_init, warmup=acfg.warmup)
+
     def __init__(self, base: nn.Module, rank: int, alpha: float = 1.0, dropout: float = 0.0, *,
                  randb_init: bool = False, kaiming_init: bool = False, warmup: bool = False):
         super().__init__(base)

@@ -1,6 +1,7 @@
 """Operations on a modified model's routing and adapters: routing rows for new tasks, switching to
-average routing, interpolation towards uniform, reading routing weights, collapsing one task's
-routed adapter into a plain LoRA, merging it into the base weights, and removing adapters."""
+average routing or to any registered router (`use_router`), interpolation towards uniform,
+reading routing weights, collapsing one task's routed adapter into a plain LoRA, merging it into
+the base weights, and removing adapters."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 from mttl.adapters.ia3 import IA3Linear
 from mttl.adapters.inject import adapted_layers, adapter_config, base_model, selectors, set_adapter_config
 from mttl.adapters.lora import LoRALinear
-from mttl.adapters.routing import AverageSelector, PolySelector, Selector, fresh_logits
+from mttl.adapters.routing import AverageSelector, PolySelector, Selector, build_selector, fresh_logits
 from mttl.adapters.skilled import SkilledIA3Linear, SkilledLoRALinear
 from mttl.errors import ConfigError
 
@@ -71,6 +72,24 @@ def switch_to_average(model: nn.Module) -> None:
         set_adapter_config(model, acfg.replace(selector="average"))
 
 
+def use_router(model: nn.Module, selector: str, **settings) -> None:
+    """Route a trained model's skills with the router `selector` names from now on (e.g. "arrow"
+    over a Poly/MHR or per-task LoRA library), built from the model's AdapterConfig with the
+    `settings` (AdapterConfig fields, e.g. arrow_top_k) changed; layers sharing a router keep sharing."""
+    acfg = adapter_config(model)
+    if acfg is None or not acfg.routed:
+        raise ConfigError(f"router_selector={selector} needs a routed checkpoint (model_modifier poly, poly_ia3 or "
+                          f"skilled); this model has model_modifier={acfg.modifier if acfg else None!r}")
+    wanted = acfg.replace(selector=selector, **settings)
+    replacement: dict[int, Selector] = {}
+    for layer in adapted_layers(model).values():
+        old = layer.selector
+        if id(old) not in replacement:
+            replacement[id(old)] = build_selector(wanted).to(layer.weight.device)
+        layer.selector = replacement[id(old)]
+    set_adapter_config(model, wanted)
+
+
 def set_uniform_interpolation(model: nn.Module, alpha: float) -> None:
     """Every selector returns alpha·w + (1 − alpha)/K from now on; alpha = 1 switches it off."""
     if not 0.0 <= alpha <= 1.0:
@@ -94,6 +113,8 @@ def routing_weights(model: nn.Module, task_ids=None) -> dict[str, torch.Tensor]:
     """Evaluation-mode routing weights [T, S, K] of each selector (all its tasks by default)."""
     out = {}
     for name, selector in selectors(model).items():
+        if selector.routes_from_input:
+            continue  # its weights depend on each token, not on the task
         if task_ids is not None:
             ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
         elif isinstance(selector, PolySelector):

@@ -1,9 +1,13 @@
-"""Routing: selectors that turn task ids into mixing weights w[batch, S, K], and the forward-scoped
-routing context through which task ids reach every adapted layer.
+"""Routing: selectors that turn task ids into mixing weights w[batch, S, K], input routers that
+turn a layer's input into per-token weights w[tokens, K], and the forward-scoped routing context
+through which task ids reach every adapted layer.
 
 Selectors: `PolySelector` (learned per-task logits, Polytropon / MHR), `AverageSelector` (uniform
 1/K, no parameters; MHR-µ) and `PrivateSelector` (one skill per task). One selector instance is
-shared by all layers of a granularity group (`group_key`).
+shared by all layers of a granularity group (`group_key`). `InputRouter` is the extension point
+for routers that look at the layer input (Arrow, `mttl.adapters.arrow`): the layer hands it itself
+and its input tokens, and mixes its experts' outputs with the weights it returns. Which name
+builds which class is `mttl.adapters.registry`.
 
 Task ids are set for one forward call by `routing_context(task_ids)` (a `ContextVar`, reset on
 exit, so no state survives the call). Inside that call each selector computes its weights once
@@ -33,6 +37,11 @@ class Selector(nn.Module):
     """Maps task ids [B] to mixing weights [B, S, K]; then optionally interpolates towards 1/K."""
 
     needs_task_ids = True
+    routes_from_input = False
+
+    @classmethod
+    def from_adapter_config(cls, acfg) -> "Selector":
+        return cls(acfg.n_splits, acfg.n_skills)
 
     def __init__(self, n_splits: int, n_skills: int):
         super().__init__()
@@ -73,6 +82,13 @@ class PolySelector(Selector):
         self.logits_dropout = logits_dropout
         self.l2_norm = l2_norm
         self.module_logits = nn.Parameter(fresh_logits(n_tasks, n_splits * n_skills))
+
+    @classmethod
+    def from_adapter_config(cls, acfg) -> "PolySelector":
+        return cls(acfg.n_tasks, acfg.n_splits, acfg.n_skills, relaxed_bernoulli=acfg.relaxed_bernoulli,
+                   straight_through=acfg.straight_through, shared_skill=acfg.shared_skill,
+                   average_correction=acfg.average_correction, logits_dropout=acfg.logits_dropout,
+                   l2_norm=acfg.l2_norm)
 
     @property
     def n_tasks(self) -> int:
@@ -137,6 +153,29 @@ class PrivateSelector(Selector):
         return one_hot.unsqueeze(1).expand(-1, self.n_splits, -1)
 
 
+class InputRouter(Selector):
+    """A router that sees the layer input: `token_weights(layer, tokens [t, d_in])` returns
+    weights [t, K] over the layer's K experts, and the layer adds Σ_k w_k·(its expert k's output)
+    per token. It needs no task ids; it may keep per-layer state (keyed by `layer.layer_name`)
+    since one instance can serve many layers."""
+
+    needs_task_ids = False
+    routes_from_input = True
+
+    def token_weights(self, layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route_tokens(self, layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        weights = self.token_weights(layer, tokens)
+        if self.uniform_alpha != 1.0:
+            weights = self.uniform_alpha * weights + (1.0 - self.uniform_alpha) / self.n_skills
+        return weights
+
+    def mixing_weights(self, task_ids):
+        raise ConfigError(f"{type(self).__name__} routes each token from the layer input; it has no per-task "
+                          f"weights (only routed LoRA layers can use it)")
+
+
 def relaxed_bernoulli_sample(logits: torch.Tensor) -> torch.Tensor:
     """A reparameterised binary-concrete sample at temperature 1, σ(z + logit(u)) with u ~ U(0, 1):
     the draws and clamping of torch's RelaxedBernoulli(1, logits).rsample(), written as five
@@ -151,15 +190,10 @@ def fresh_logits(n_tasks: int, width: int) -> torch.Tensor:
 
 
 def build_selector(acfg) -> Selector:
-    """A new selector for the routed modifiers of `acfg` (an `AdapterConfig`)."""
-    if acfg.selector == "poly":
-        return PolySelector(acfg.n_tasks, acfg.n_splits, acfg.n_skills, relaxed_bernoulli=acfg.relaxed_bernoulli,
-                            straight_through=acfg.straight_through, shared_skill=acfg.shared_skill,
-                            average_correction=acfg.average_correction, logits_dropout=acfg.logits_dropout,
-                            l2_norm=acfg.l2_norm)
-    if acfg.selector == "average":
-        return AverageSelector(acfg.n_splits, acfg.n_skills)
-    return PrivateSelector(acfg.n_splits, acfg.n_skills)
+    """A new router of the kind `acfg.selector` names (an `AdapterConfig`), found in the registry."""
+    from mttl.adapters.registry import router_class
+
+    return router_class(acfg.selector).from_adapter_config(acfg)
 
 
 _INDEX = re.compile(r"\d+")

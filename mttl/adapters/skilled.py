@@ -37,6 +37,12 @@ def _check_divisible(layer_name: str, n_splits: int, **dims: int) -> None:
 class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
     adapter_tensor_names = ("lora_a", "lora_b")
 
+    @classmethod
+    def from_adapter_config(cls, base, name, acfg, selector=None) -> "SkilledLoRALinear":
+        return cls(base, selector, layer_name=name, rank=acfg.rank, n_skills=acfg.n_skills, n_splits=acfg.n_splits,
+                   alpha=acfg.alpha, dropout=acfg.dropout, randb_init=acfg.randb_init,
+                   kaiming_init=acfg.kaiming_init, warmup=acfg.warmup)
+
     def __init__(self, base: nn.Module, selector: Selector, *, layer_name: str, rank: int, n_skills: int,
                  n_splits: int, alpha: float = 1.0, dropout: float = 0.0, randb_init: bool = False,
                  kaiming_init: bool = False, warmup: bool = False):
@@ -81,7 +87,29 @@ class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
         b = b.view(n_splits, rows, rank, -1).permute(1, 2, 0, 3).reshape(rows, rank, self.out_features)
         return a, b
 
+    def expert_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each skill as a full-width LoRA, A [K, r, d_in] and B [K, d_out, r] (PEFT's orientation):
+        the update this layer applies when every head routes one-hot to that skill."""
+        a = self.lora_a.permute(1, 0, 2, 3).reshape(self.n_skills, self.in_features, self.rank).transpose(1, 2)
+        b = self.lora_b.permute(1, 2, 0, 3).reshape(self.n_skills, self.rank, self.out_features).transpose(1, 2)
+        return a, b
+
+    def forward_per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """An input router's weights w [t, K] per token: y = Wx + b + scale·Σ_k w_k B_k A_k x (the
+        experts' outputs are mixed, not their A and B as with per-task weights)."""
+        out = self.base_forward(x)
+        h = F.dropout(x, self.dropout, training=self.training).to(self.lora_a.dtype)
+        tokens = h.reshape(-1, self.in_features)
+        weights = self.selector.route_tokens(self, tokens).to(tokens.dtype)
+        a, b = self.expert_lora()
+        down = torch.einsum("tf,krf->tkr", tokens, a) * weights.unsqueeze(-1)
+        delta = torch.einsum("tkr,kor->to", down, b) * (self.scale * self.warmup_factor())
+        return out + delta.reshape(out.shape).to(out.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.selector.routes_from_input:
+            self.count_warmup_call()
+            return self.forward_per_token(x)
         weights, shared = current_weights(self.selector, x.shape[0], self.layer_name)
         self.count_warmup_call()
         out = self.base_forward(x)
@@ -104,6 +132,10 @@ class SkilledLoRALinear(WarmupMixin, AdaptedLinear):
 class SkilledIA3Linear(AdaptedLinear):
     # Named lora_a as in the reference, so its trainable regex `.*lora_[ab].*` keeps selecting it.
     adapter_tensor_names = ("lora_a",)
+
+    @classmethod
+    def from_adapter_config(cls, base, name, acfg, selector=None) -> "SkilledIA3Linear":
+        return cls(base, selector, layer_name=name, n_skills=acfg.n_skills, n_splits=acfg.n_splits)
 
     def __init__(self, base: nn.Module, selector: Selector, *, layer_name: str, n_skills: int, n_splits: int):
         super().__init__(base)

@@ -9,13 +9,16 @@ HELP = "score a pre-trained run on tasks without training (average routing for u
 DESCRIPTION = HELP + """
 
 Tasks default to the dataset's held-out tasks; tasks the run was not trained on are scored with
-average routing (MHR-mu). Results go to $output_dir/$run_name/results.csv. On T0 data, keys
+average routing (MHR-mu); with router_selector=arrow every task is routed per token by Arrow
+over the run's trained LoRA skills (arrow_top_k, arrow_temperature). Results go to
+$output_dir/$run_name/results.csv. On T0 data, keys
 you do not set take the reference's T0 values (mttl/configs/t0/finetune.json and the per-task
 files): rank classification length-normalised (length_norm=1), predict_batch_size 16.
 
 Examples:
   mttl evaluate -k checkpoint=output/synthetic_poly
   mttl evaluate -k checkpoint=output/t0_mhr tasks="['rte', 'cb']" run_name=t0_mhr_zero_shot
+  mttl evaluate -k checkpoint=output/synthetic_poly router_selector=arrow arrow_top_k=2
 """
 
 

@@ -1,7 +1,9 @@
 """Scoring a pre-trained run on tasks without training (`mttl evaluate`).
 
 Tasks the run was trained on keep their routing row; unseen (held-out) tasks are scored with
-every learned router replaced by the uniform average of the skills (MHR-µ zero-shot). Results go
+every learned router replaced by the uniform average of the skills (MHR-µ zero-shot). With
+`-k router_selector=arrow` every task is scored with Arrow routing over the library's skills
+(`arrow_top_k`, `arrow_temperature`), which needs no task id. Results go
 to `$output_dir/$run_name/results.jsonl` and `results.csv` (evaluation `zero_shot`), in the same
 row format as fine-tuning, with the mean over tasks and per category in `summary`. The model is
 scored on the device `use_gpu` gives this process, under `precision` (`mttl.device`).
@@ -17,7 +19,7 @@ from mttl.config import Config
 from mttl.errors import ConfigError
 from mttl.evaluation.metrics import SCORE_KEYS, evaluate_rows, task_metric
 
-SEEN, AVERAGE = "seen_routing", "average_routing"
+SEEN, AVERAGE, ARROW = "seen_routing", "average_routing", "arrow_routing"
 
 
 def held_out_tasks(data_dir: str) -> list[str]:
@@ -54,6 +56,11 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
     infos = {task: task_info(data_dir, task) for task in tasks}
     acfg = adapter_config(loaded.model)
     learned_routing = acfg is not None and acfg.routed and acfg.selector == "poly"
+    arrow = merged.router_selector == "arrow"
+    if arrow:
+        ops.use_router(loaded.model, "arrow", arrow_top_k=merged.arrow_top_k,
+                       arrow_temperature=merged.arrow_temperature)
+        learned_routing = False
     # seen tasks first: switching to average routing replaces the learned routers for good
     order = sorted(tasks, key=lambda t: t not in loaded.tasks)
     rows, switched = [], False
@@ -66,7 +73,7 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
         test_rows = eval_rows(data_dir, task, "test" if infos[task]["rows"].get("test") else "validation")
         metric = task_metric(test_rows, infos[task].get("metric"))
         scores = evaluate_rows(loaded.model, loaded.tokenizer, test_rows, loaded.tasks.get(task, 0), metric, merged)
-        rows.append({"task": task, "seed": merged.seed, "finetune_type": SEEN if seen else AVERAGE,
+        rows.append({"task": task, "seed": merged.seed, "finetune_type": ARROW if arrow else SEEN if seen else AVERAGE,
                      "evaluation": "zero_shot", "metric": scores["metric"], "value": scores["value"],
                      "step": 0, "epoch": 0, "category": infos[task].get("category"),
                      **{k: scores[k] for k in SCORE_KEYS if k in scores}})

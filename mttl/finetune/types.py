@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mttl.adapters.registry import ROUTED_MODIFIERS
 from mttl.config import Config
 from mttl.errors import CheckpointError, ConfigError
 
@@ -36,7 +37,6 @@ INHERITED_KEYS = (
     "poly_average_correction", "router_selector", "modify_modules", "modify_layers", "model_modifier",
     "trainable_param_names",
 )
-ROUTED_MODIFIERS = ("poly", "poly_ia3", "skilled")
 # The (IA)³ recipe (T-Few; the reference's t0/ia3.json): scale keys, values and the FFN's first
 # branch only, whatever layers the checkpoint's own (absent) adapters would have used.
 IA3_MODULES, IA3_LAYERS = ".*SelfAttention|.*EncDecAttention|.*DenseReluDense", "k|v|wi_1.*"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mttl.adapters.registry import LEARNED_ROUTING_MODIFIERS
 from mttl.config import Config
 from mttl.errors import ConfigError
 
@@ -67,7 +68,7 @@ def continuation_config(cfg: Config) -> Config:
     merged.checkpoint = str(run_dir)
     merged._derive()
     has_adapters = (run_dir / FINAL_DIR / ADAPTERS_DESCRIPTION).is_file()
-    if merged.switch_to_avg_modules and not (has_adapters and merged.model_modifier in ("poly", "poly_ia3")):
+    if merged.switch_to_avg_modules and not (has_adapters and merged.model_modifier in LEARNED_ROUTING_MODIFIERS):
         raise ConfigError(f"switch_to_avg_modules needs a checkpoint with routed adapters (model_modifier poly or "
                           f"poly_ia3); '{run_dir}' has model_modifier={run_cfg.model_modifier!r}")
     if has_adapters:
@@ -85,7 +86,7 @@ def continuation_config(cfg: Config) -> Config:
 def check_uniform_interp(cfg: Config) -> None:
     if not cfg.uniform_interp_steps:
         return
-    if cfg.model_modifier not in ("poly", "poly_ia3") or cfg.router_selector != "poly":
+    if cfg.model_modifier not in LEARNED_ROUTING_MODIFIERS or cfg.router_selector != "poly":
         raise ConfigError(f"uniform_interp_steps anneals learned routing to uniform; it needs model_modifier poly "
                           f"or poly_ia3 with router_selector=poly (got {cfg.model_modifier!r}, "
                           f"{cfg.router_selector!r}); set -k uniform_interp_steps=0")
