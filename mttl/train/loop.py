@@ -261,7 +261,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir)
-    model = build_routed_model(cfg, tokenizer, dtype=backbone_dtype(cfg))
+    ds_config = deepspeed_config(cfg, world)
+    # ZeRO-3: partitioned as it is built, never whole in any worker
+    model = build_routed_model(cfg, tokenizer, dtype=backbone_dtype(cfg),
+                               zero3_config=ds_config if cfg.zero_stage == 3 else None)
     if cfg.checkpoint:
         # before the optimizer: switching to average routing removes the routing parameters
         start_from_checkpoint(model, cfg)
@@ -275,7 +278,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             latest = Path(stack.enter_context(checkpoint.as_directory()))
             resume_from, state, damaged = usable_checkpoint([latest] + older_checkpoints(run_dir, latest), rank)
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+            model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
         if resume_from is not None:
             state = load_checkpoint(engine, resume_from)
