@@ -77,7 +77,9 @@ class PolySelector(Selector):
 
     @property
     def n_tasks(self) -> int:
-        return self.module_logits.shape[0]
+        # a parameter partitioned by ZeRO-3 is an empty tensor wherever DeepSpeed has not gathered it
+        # (e.g. while a checkpointed block is recomputed in backward); `ds_shape` keeps its real shape
+        return getattr(self.module_logits, "ds_shape", self.module_logits.shape)[0]
 
     def n_rows(self) -> int:
         return self.n_tasks
