@@ -434,9 +434,19 @@ class _Window:
         row = {"step": step, "loss": float(totals[0] / max(totals[1], 1)),
                "tokens_per_s": float(totals[2]) / elapsed, "step_time_s": elapsed / steps,
                "data_wait_s": float(totals[3]) / world / steps}
+        # the largest resident set any worker process reached so far (what must fit in a node's RAM)
+        peak = torch.tensor([_peak_rss_bytes()], dtype=torch.float64, device=_collective_device())
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        row["peak_rss_gb"] = float(peak.cpu()[0]) / 1e9
         for name, group in zip(group_names, optimizer.param_groups):
             row[f"lr/{name}"] = group["lr"]
         return row
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def _print_progress(row: dict, total: int, start_step: int, started: float) -> None:
