@@ -283,7 +283,8 @@ def plan(cfg: Config) -> dict:
                                output_len=cfg.max_output_length, precision=precision, checkpointing=ckpt)
         return states, act
 
-    states, act = total(cfg.zero_stage, cfg.offload_optimizer == "cpu", cfg.offload_params == "cpu", micro)
+    states, act = total(cfg.zero_stage, cfg.offload_optimizer == "cpu", cfg.offload_params == "cpu", micro,
+                        ckpt=cfg.gradient_checkpointing)
     _, act_ckpt = total(cfg.zero_stage, False, False, micro, ckpt=True)
     limit = cfg.device_memory_gb * GB if cfg.device_memory_gb else None
     # headroom for what is not modelled: CUDA context, allocator fragmentation, communication buffers

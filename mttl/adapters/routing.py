@@ -13,6 +13,7 @@ Task ids are set for one forward call by `routing_context(task_ids)` (a `Context
 exit, so no state survives the call). Inside that call each selector computes its weights once
 and every layer sharing it reuses them; a layer whose batch is m × len(task_ids) (beam search,
 answer choices) gets the ids repeated m times, also computed once per selector and batch size.
+`checkpoint_contexts` carries a block's routing into its recomputation under gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class PolySelector(Selector):
 
     @property
     def n_tasks(self) -> int:
-        return self.module_logits.shape[0]
+        # a parameter partitioned by ZeRO-3 is an empty tensor wherever DeepSpeed has not gathered it
+        # (e.g. while a checkpointed block is recomputed in backward); `ds_shape` keeps its real shape
+        return getattr(self.module_logits, "ds_shape", self.module_logits.shape)[0]
 
     def n_rows(self) -> int:
         return self.n_tasks
@@ -254,6 +257,35 @@ def routing_context(task_ids):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+class _Restore:
+    """Sets one routing snapshot for the calls inside; re-enterable (a second backward recomputes again)."""
+
+    def __init__(self, routing: _Routing | None):
+        self.routing = routing
+        self.tokens: list = []
+
+    def __enter__(self):
+        self.tokens.append(_ACTIVE.set(self.routing))
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self.tokens.pop())
+
+
+def checkpoint_contexts():
+    """`context_fn` for non-reentrant `torch.utils.checkpoint`: (forward, recomputation) contexts.
+
+    Backward recomputes a checkpointed block after `routing_context` has exited (and, on a GPU, in
+    autograd's own thread, which a ContextVar does not reach), so the block's routing is captured when
+    its forward starts and set again while it is recomputed. The captured cache holds only the weights
+    computed before the block: a selector first used inside the block is recomputed there (with the
+    RNG state the checkpoint restores), as in the forward, so both runs save the same tensors.
+    """
+    routing = _ACTIVE.get()
+    snapshot = None if routing is None else _Routing(routing.task_ids, routing.single_task, routing.max_id,
+                                                     dict(routing.weights))
+    return contextlib.nullcontext(), _Restore(snapshot)
 
 
 def current_weights(selector: Selector, batch_size: int, layer_name: str) -> tuple[torch.Tensor, bool]:

@@ -1,8 +1,10 @@
 """Backbone loading: `tiny-t5` (a small T5 built from a config, for tests and smoke runs), a local
-folder, or a Hugging Face hub name, always as a seq2seq `PreTrainedModel`."""
+folder, or a Hugging Face hub name, always as a seq2seq `PreTrainedModel`; under ZeRO-3 built
+partitioned across the process group, so that no process ever holds the whole backbone."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -30,13 +32,35 @@ def tiny_t5_config(vocab_size: int, d_model: int = 128, num_layers: int = 2) -> 
     )
 
 
+@contextlib.contextmanager
+def _partitioned_init(zero3_config: dict):
+    """Modules created inside are partitioned as each is built (DeepSpeed's `zero.Init`).
+
+    Transformers initialises a model's weights in `post_init`, after its sub-modules were already
+    partitioned into empty tensors; its ZeRO-3 variant gathers one module at a time and initialises
+    it on rank 0 in the same order and with the same draws, so a seeded build gives the very weights
+    of the whole build. `initialize_weights` is pointed at that variant for the build only."""
+    import deepspeed
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
+    original = transformers.PreTrainedModel.initialize_weights
+    transformers.PreTrainedModel.initialize_weights = initialize_weights_zero3
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+            yield
+    finally:
+        transformers.PreTrainedModel.initialize_weights = original
+
+
 def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None,
                   vocab_size: int | None = None, tiny_d_model: int = 128, tiny_num_layers: int = 2,
-                  seed: int = 0) -> transformers.PreTrainedModel:
+                  seed: int = 0, zero3_config: dict | None = None) -> transformers.PreTrainedModel:
     """The backbone named by `name_or_path`, in eval mode.
 
     `tiny-t5` needs `vocab_size` and is initialised from `seed` alone (same weights every time).
-    A loaded model whose embedding has fewer rows than `vocab_size` is resized to it."""
+    A loaded model whose embedding has fewer rows than `vocab_size` is resized to it.
+    `zero3_config`: build it partitioned under that ZeRO-3 DeepSpeed config (a process group must be
+    initialised), in the dtype of the config's precision mode."""
     if not name_or_path:
         raise ConfigError("no backbone given: set -k model=tiny-t5, a local folder, or a hub name")
     if name_or_path == TINY_T5:
@@ -44,7 +68,9 @@ def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_d
             raise ConfigError("model=tiny-t5 needs the tokenizer's vocab size (vocab_size)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = transformers.T5ForConditionalGeneration(tiny_t5_config(vocab_size, tiny_d_model, tiny_num_layers))
+            with _partitioned_init(zero3_config) if zero3_config else contextlib.nullcontext():
+                model = transformers.T5ForConditionalGeneration(tiny_t5_config(vocab_size, tiny_d_model,
+                                                                               tiny_num_layers))
         return model.eval()
     path = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or path.exists()
@@ -52,6 +78,12 @@ def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_d
         raise ConfigError(f"model folder '{name_or_path}' does not exist; give a folder written by save_pretrained, "
                           f"a hub name, or tiny-t5")
     source = str(path) if looks_local else name_or_path
+    hf_deepspeed = None
+    if zero3_config:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers builds and loads partitioned while this object lives (it keeps a weak reference)
+        hf_deepspeed = HfDeepSpeedConfig(zero3_config)
     try:
         # float32 whatever dtype the files hold (transformers' default loads their own): adapters are
         # created in their layer's dtype and must be fp32; `mttl.device` then casts the frozen weights
@@ -62,4 +94,5 @@ def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_d
         raise ConfigError(f"cannot load seq2seq model '{name_or_path}': {first_line}") from None
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
+    del hf_deepspeed
     return model.eval()

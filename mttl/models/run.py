@@ -36,13 +36,20 @@ class LoadedRun:
 
 
 def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None,
-                       dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                       dtype: torch.dtype = torch.float32, zero3_config: dict | None = None) -> torch.nn.Module:
     """`cfg.model` (or `backbone`) with `cfg.model_modifier` adapters, wrapped in a RoutedModel.
 
     Without a modifier the backbone's parameters are trained as `trainable_param_names` and
     `non_trainable_param_names` select (a modifier applies the same rule itself). The frozen
     backbone weights are then held in `dtype` (`mttl.device.backbone_dtype`); everything trained
     and every adapter stays fp32.
+
+    `zero3_config` (a ZeRO-3 DeepSpeed config, inside an initialised process group): the backbone is
+    built partitioned (`mttl.models.backbone`), so no process holds it whole; its dtype is then the
+    one DeepSpeed's precision mode holds the module in. Adapters are created whole (they are small)
+    and partitioned by `deepspeed.initialize`.
+    `gradient_checkpointing`: transformers' non-reentrant checkpointing of every block, with the
+    routing of each block restored while it is recomputed (`checkpoint_contexts`).
     """
     from mttl.device import cast_frozen_backbone
 
@@ -54,12 +61,18 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None,
 
     hf_model = load_backbone(backbone or cfg.model, trust_remote_code=cfg.trust_remote_code,
                              vocab_size=len(tokenizer), tiny_d_model=cfg.tiny_d_model,
-                             tiny_num_layers=cfg.tiny_num_layers, seed=cfg.seed)
+                             tiny_num_layers=cfg.tiny_num_layers, seed=cfg.seed, zero3_config=zero3_config)
     # without a modifier this only freezes by the regexes (all parameters train by default)
     hf_model = modify_model(hf_model, AdapterConfig.from_config(cfg))
     if cfg.freeze_embeds:
         freeze_embeddings(hf_model)
-    cast_frozen_backbone(hf_model, dtype)
+    if zero3_config is None:
+        cast_frozen_backbone(hf_model, dtype)
+    if cfg.gradient_checkpointing:
+        from mttl.adapters.routing import checkpoint_contexts
+
+        hf_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
     return RoutedModel(hf_model, label_smoothing=cfg.resolved_label_smoothing())
 
 

@@ -266,7 +266,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir)
-    model = build_routed_model(cfg, tokenizer, dtype=backbone_dtype(cfg))
+    ds_config = deepspeed_config(cfg, world)
+    # ZeRO-3: partitioned as it is built, never whole in any worker
+    model = build_routed_model(cfg, tokenizer, dtype=backbone_dtype(cfg),
+                               zero3_config=ds_config if cfg.zero_stage == 3 else None)
     if cfg.checkpoint:
         # before the optimizer: switching to average routing removes the routing parameters
         start_from_checkpoint(model, cfg)
@@ -280,7 +283,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             latest = Path(stack.enter_context(checkpoint.as_directory()))
             resume_from, state, damaged = usable_checkpoint([latest] + older_checkpoints(run_dir, latest), rank)
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+            model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
         if resume_from is not None:
             state = load_checkpoint(engine, resume_from)
@@ -436,9 +439,19 @@ class _Window:
         row = {"step": step, "loss": float(totals[0] / max(totals[1], 1)),
                "tokens_per_s": float(totals[2]) / elapsed, "step_time_s": elapsed / steps,
                "data_wait_s": float(totals[3]) / world / steps}
+        # the largest resident set any worker process reached so far (what must fit in a node's RAM)
+        peak = torch.tensor([_peak_rss_bytes()], dtype=torch.float64, device=_collective_device())
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        row["peak_rss_gb"] = float(peak.cpu()[0]) / 1e9
         for name, group in zip(group_names, optimizer.param_groups):
             row[f"lr/{name}"] = group["lr"]
         return row
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def _print_progress(row: dict, total: int, start_step: int, started: float) -> None:

@@ -1,0 +1,101 @@
+"""Peak resident memory per pre-training worker: ZeRO-0 against ZeRO-3 with the partitioned build,
+and gradient checkpointing's activation saving; each against `mttl plan`'s model-state figure.
+
+Runs `mttl.train.loop.pretrain` with 2 CPU workers on the synthetic suite, fp32, MHR (poly,
+8 skills, 4 splits, rank 16), a random backbone built from a config: `tiny-t5` widened to the
+T5-large shape (d_model 1024, 24 encoder + 24 decoder layers; d_ff 4096 and 4 heads of 256, so
+~0.9 B parameters instead of T5-large's 0.78 B). Each run logs `peak_rss_gb`, the largest resident
+set of any worker process (`getrusage`), in metrics.jsonl. A process's own overhead (Python, torch,
+Ray, DeepSpeed) is measured by the same runs on a 32-wide, 1-layer backbone and subtracted before
+the comparison with the plan.
+
+    python benchmarks/memory.py --quick       # the small backbone only (a few minutes on 2 cores)
+    python benchmarks/memory.py               # + the T5-large-shaped runs (~8 GB RAM, run alone)
+    python benchmarks/memory.py --activations # + checkpointing at batch 8 x 512 tokens (slow on CPU)
+Writes benchmarks/out/memory.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environment
+
+from mttl.config import Config  # noqa: E402
+
+SMALL = dict(tiny_d_model=32, tiny_num_layers=1)
+LARGE = dict(tiny_d_model=1024, tiny_num_layers=24)
+
+
+def config(work: Path, name: str, shape: dict, **overrides) -> Config:
+    values = dict(model="tiny-t5", tokenizer="byte", model_modifier="poly", n_skills=8, n_splits=4, lora_rank=16,
+                  trainable_param_names=".*lora_[ab].*|.*module_logits.*", dataset="synthetic",
+                  cache_dir=str(work / "cache"), output_dir=str(work / "runs"), run_name=name,
+                  num_workers=2, train_batch_size=2, max_input_length=32, max_output_length=32,
+                  total_steps=2, log_every=1, save_every=None, eval_every=None, tensorboard=False, seed=0,
+                  **shape)
+    values.update(overrides)
+    return Config().update(values, source="benchmark")
+
+
+def measure(cfg: Config) -> dict:
+    from mttl.plan import plan
+    from mttl.train.loop import pretrain
+
+    run_dir = pretrain(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    peak = max(r["peak_rss_gb"] for r in rows if "peak_rss_gb" in r)
+    p = plan(cfg.copy(n_tasks=cfg.n_tasks or 8))
+    return {"run": cfg.run_name, "zero_stage": cfg.zero_stage, "gradient_checkpointing": cfg.gradient_checkpointing,
+            "micro_batch": cfg.train_batch_size // cfg.num_workers, "input_len": cfg.max_input_length,
+            "peak_rss_gb": peak, "plan_model_states_gb": p["per_worker_bytes"]["model_states"] / 1e9,
+            "plan_activations_gb": p["per_worker_bytes"]["activations"] / 1e9,
+            "params_m": p["params"]["total"] / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small backbone only")
+    parser.add_argument("--activations", action="store_true", help="also batch 8 x 512 with/without checkpointing")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mttl-memory-"))
+    results = []
+    shapes = {"small": SMALL} if args.quick else {"small": SMALL, "t5-large-shaped": LARGE}
+    for shape_name, shape in shapes.items():
+        for stage in (0, 3):
+            results.append({"shape": shape_name, **measure(config(work, f"{shape_name}-z{stage}", shape,
+                                                                  zero_stage=stage))})
+            print(json.dumps(results[-1]), flush=True)
+    if args.activations:
+        for ckpt in (False, True):
+            cfg = config(work, f"act-ckpt{int(ckpt)}", LARGE, zero_stage=3, gradient_checkpointing=ckpt,
+                         train_batch_size=16, max_input_length=512, max_output_length=512, total_steps=1)
+            results.append({"shape": "t5-large-shaped", **measure(cfg)})
+            print(json.dumps(results[-1]), flush=True)
+    overhead = {r["zero_stage"]: r["peak_rss_gb"] for r in results if r["shape"] == "small"}
+    for r in results:
+        r["above_process_overhead_gb"] = r["peak_rss_gb"] - overhead[r["zero_stage"]]
+        r["plan_vs_measured"] = (r["plan_model_states_gb"] / r["above_process_overhead_gb"]
+                                 if r["above_process_overhead_gb"] > 0 else None)
+    large = {r["zero_stage"]: r["peak_rss_gb"] for r in results if r["shape"] != "small" and r["input_len"] == 32}
+    summary = {"zero3_over_zero0": large[3] / large[0] if len(large) == 2 else None}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "memory.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
+    lines = ["| backbone | ZeRO | ckpt | micro batch × tokens | peak RSS/worker GB | above overhead GB | "
+             "plan model states GB | plan ÷ measured |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = "" if r["plan_vs_measured"] is None else f"{r['plan_vs_measured']:.2f}"
+        lines.append(f"| {r['shape']} ({r['params_m']:.0f} M) | {r['zero_stage']} | {r['gradient_checkpointing']} | "
+                     f"{r['micro_batch']} × {r['input_len']} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['above_process_overhead_gb']:.2f} | {r['plan_model_states_gb']:.3f} | {ratio} |")
+    if summary["zero3_over_zero0"] is not None:
+        lines.append(f"\nZeRO-3 (partitioned build) ÷ ZeRO-0 peak RSS: {summary['zero3_over_zero0']:.2f}")
+    (OUT / "memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
