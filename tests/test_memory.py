@@ -1,10 +1,9 @@
 """Memory at scale on the tiny model: gradient checkpointing with routed adapters (same loss and
 gradients as without, blocks really recomputed), and the ZeRO-3 partitioned build (the very weights
-of the whole build; under Ray, the losses of ZeRO-0 and a resume)."""
+of the whole build; under Ray, the losses of ZeRO-0)."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -124,9 +123,8 @@ LOSS_TOLERANCE = 2e-5
 
 
 @pytest.mark.slow
-def test_partitioned_zero3_with_checkpointing_matches_zero0_and_resumes(ray_cluster, default_synthetic,
+def test_partitioned_zero3_with_checkpointing_matches_zero0(ray_cluster, default_synthetic,
                                                                          tmp_path):
-    from test_resume_matrix import assert_same_end, copy_run, cut_back_to_first_checkpoint
     from train_support import tiny_config, train_rows
 
     from mttl.train.loop import pretrain
@@ -143,8 +141,5 @@ def test_partitioned_zero3_with_checkpointing_matches_zero0_and_resumes(ray_clus
     assert len(losses) == RAY_STEPS["total_steps"]
     assert losses == pytest.approx(reference, rel=0, abs=LOSS_TOLERANCE), (losses, reference)
     assert losses[0] != losses[-1]  # the adapters moved
-
-    stopped = copy_run(zero3, tmp_path / "runs" / "zero3_stopped")
-    assert cut_back_to_first_checkpoint(stopped) == 3
-    resumed = run(stopped.name, zero_stage=3, gradient_checkpointing=True)
-    assert assert_same_end(resumed, zero3, "32") is None
+    # Resuming a partitioned ZeRO-3 run (bf16, damaged latest checkpoint) is the resume matrix's ZeRO-3
+    # point (tests/test_resume_matrix.py), which builds through the same partitioned path.
