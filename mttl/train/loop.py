@@ -273,6 +273,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.checkpoint:
         # before the optimizer: switching to average routing removes the routing parameters
         start_from_checkpoint(model, cfg)
+    if cfg.zero_stage == 3:
+        _match_partitioned_dtype(model, cfg)
     optimizer = build_optimizer(optimizer_groups(model, cfg), cfg)
     group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
 
@@ -452,6 +454,21 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _match_partitioned_dtype(model, cfg: Config) -> None:
+    """Adapters and routing logits (built whole, in fp32) in the engine's half precision under ZeRO-3.
+
+    DeepSpeed casts a module it received whole to bf16/fp16 itself, but not one built partitioned by
+    zero.Init, and its ZeRO-3 partitions require one dtype per group. The cast is in place (same
+    Parameter objects); the fp32 master copies the optimizer steps on are DeepSpeed's, as before.
+    """
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(cfg.precision))
+    if dtype is None:
+        return
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtype and not hasattr(tensor, "ds_id"):
+            tensor.data = tensor.data.to(dtype)
 
 
 def _print_progress(row: dict, total: int, start_step: int, started: float) -> None:
