@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SETTINGS = ["num_beams=1", "predict_batch_size=16", "max_output_length=16", "tensorboard=False"]
 
 
-def test_evaluate_seen_and_unseen_tasks(tmp_path):
+def test_evaluate_seen_and_unseen_tasks(tmp_path, ray_cluster, capsys):
     from mttl.data.synthetic import prepare_synthetic
 
     data = tmp_path / "data"
@@ -64,6 +64,31 @@ def test_evaluate_seen_and_unseen_tasks(tmp_path):
                                      [row_references(r) for r in unseen_rows])["exact_match"]
     assert by_task[seen]["value"] == pytest.approx(want_seen)
     assert by_task[unseen]["value"] == pytest.approx(want_unseen)
+
+    # the same command again scores nothing: the run folder is left exactly as it was
+    written = (tmp_path / "ev" / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["evaluate", "-k", f"checkpoint={checkpoint}", f"tasks=['{unseen}','{seen}']",
+                 f"output_dir={tmp_path}", "run_name=ev", *SETTINGS]) == 0
+    assert "2 of 2 tasks already scored" in capsys.readouterr().out
+    assert (tmp_path / "ev" / "results.jsonl").read_bytes() == written
+    # a key that changes the scores (a shorter generation limit) scores both tasks again
+    assert main(["evaluate", "-k", f"checkpoint={checkpoint}", f"tasks=['{unseen}','{seen}']",
+                 f"output_dir={tmp_path}", "run_name=ev", *SETTINGS, "max_output_length=1"]) == 0
+    assert "already scored" not in capsys.readouterr().out
+    assert len((tmp_path / "ev" / "results.jsonl").read_text().splitlines()) == 2
+
+    # one Ray task per task on the session's cluster: each loads the run itself and must route its
+    # task as above (its own row when seen, the average otherwise), with a progress line per task
+    address = ray_cluster.get_runtime_context().gcs_address
+    assert main(["evaluate", "-k", f"checkpoint={checkpoint}", f"tasks=['{unseen}','{seen}']",
+                 f"output_dir={tmp_path}", "run_name=ev_ray", f"ray_address={address}",
+                 "resources_per_run={'CPU': 1}", *SETTINGS]) == 0
+    out = capsys.readouterr().out
+    assert "scoring 2 tasks as Ray tasks" in out and "[2/2]" in out, out
+    fanned = {r["task"]: r for r in map(json.loads, (tmp_path / "ev_ray" / "results.jsonl").read_text().splitlines())}
+    assert {t: (r["finetune_type"], r["value"]) for t, r in fanned.items()} == {
+        seen: ("seen_routing", pytest.approx(want_seen)), unseen: ("average_routing", pytest.approx(want_unseen))}
 
 
 def test_evaluate_without_checkpoint_is_a_user_error(capsys):

@@ -77,6 +77,31 @@ def _ray_options(resources: dict) -> dict:
     return options
 
 
+def run_as_ray_tasks(function, cfg: Config, units: list[tuple], resources: dict, describe):
+    """`function(cfg, *unit)` for every unit as its own Ray task with `resources`, yielding
+    (unit, result) as each finishes. The first failure cancels the rest and raises one line naming
+    the unit (`describe(unit)`): the cause's own MttlError where there is one."""
+    import ray
+
+    remote = ray.remote(function).options(**_ray_options(resources))
+    cfg_ref = ray.put(cfg)
+    refs = {remote.remote(cfg_ref, *unit): unit for unit in units}
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        unit = refs.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as err:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, MttlError):
+                raise type(cause)(f"{describe(unit)}: {cause}") from None
+            raise MttlError(f"{describe(unit)} failed: {str(err).splitlines()[0]} (the full traceback "
+                            f"is in the Ray logs)") from None
+        yield unit, result
+
+
 def run_pair(cfg: Config, task: str, seed: int) -> tuple[list[dict], list[dict]]:
     """One task × seed in this process (a Ray task): its result rows and its metric records."""
     from mttl.finetune.loop import finetune_seed, prepare_seed
@@ -91,8 +116,6 @@ def run_pair(cfg: Config, task: str, seed: int) -> tuple[list[dict], list[dict]]
 
 def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     """Every task × seed of `names` as Ray tasks; returns the run folder (results.jsonl / .csv)."""
-    import ray
-
     from mttl.device import backbone_dtype, check_before_ray, check_precision, resolve_device
     from mttl.errors import set_interrupt_hint
     from mttl.finetune.loop import (default_seeds, read_results, resolve_data_dir, safe_name, task_info,
@@ -135,27 +158,13 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
         return run_dir
     init_ray(cfg)
     resources = resources_per_run(cfg)
-    remote = ray.remote(run_pair).options(**_ray_options(resources))
     set_interrupt_hint(f"finished task x seed pairs are kept in {run_dir / 'results.jsonl'}; run the same command "
                        "again to run only the rest")
     echo(f"running {len(pending)} task x seed pairs as Ray tasks, each with {resources}")
-    cfg_ref = ray.put(cfg)
-    refs = {remote.remote(cfg_ref, task, seed): (task, seed) for task, seed in pending}
     start, finished = time.monotonic(), 0
     with MetricsLogger(run_dir, cfg) as logger:
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            task, seed = refs.pop(ready[0])
-            try:
-                pair_rows, records = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as err:
-                for ref in refs:
-                    ray.cancel(ref, force=True)
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, MttlError):
-                    raise type(cause)(f"task {task} seed {seed}: {cause}") from None
-                raise MttlError(f"task {task} seed {seed} failed: {str(err).splitlines()[0]} (the full traceback "
-                                f"is in the Ray logs)") from None
+        for (task, seed), (pair_rows, records) in run_as_ray_tasks(run_pair, cfg, pending, resources,
+                                                                   lambda pair: f"task {pair[0]} seed {pair[1]}"):
             rows += pair_rows
             write_results(run_dir, rows)
             for record in records:
