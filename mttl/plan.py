@@ -184,7 +184,7 @@ class ModelStates:
 
 
 def model_states(c: ParamCounts, *, stage: int, world: int, precision: str, offload_optimizer: bool = False,
-                 offload_params: bool = False) -> ModelStates:
+                 offload_params: bool = False, live_parameters: int | None = None) -> ModelStates:
     """Per-worker bytes of weights, gradients and optimizer states.
 
     Half precision (DeepSpeed's bf16/fp16 modes) holds the whole module in 2 bytes and gives every
@@ -192,7 +192,8 @@ def model_states(c: ParamCounts, *, stage: int, world: int, precision: str, offl
     states, as DeepSpeed's estimators count them (ZeRO-3 reduces straight into its fp32 partition, so
     no persistent 16-bit gradient there). fp32 has no master copy: 4 bytes weight, 4 gradient.
     Stage 1 partitions optimizer states (and master, fp32 gradients), 2 adds the gradients, 3 the
-    weights plus a gather buffer of the largest layer. Offloading moves the partitioned optimizer
+    weights plus a gather buffer of `live_parameters` (`zero3_live_parameters`; default twice the
+    largest layer), the most DeepSpeed holds gathered at once. Offloading moves the partitioned optimizer
     side (offload_optimizer) or the weights too (offload_params, stage 3) to host RAM."""
     half = precision in ("bf16", "16")
     w = 2 if half else 4
@@ -206,7 +207,7 @@ def model_states(c: ParamCounts, *, stage: int, world: int, precision: str, offl
         backbone, weights = _div(backbone, n), _div(weights, n)
     grads = (grad16 if stage < 2 else _div(grad16, n)) + (grad32 if stage < (1 if half else 2) else _div(grad32, n))
     optim = optim if stage < 1 else _div(optim, n)
-    gather = 2 * w * c.largest_layer if stage >= 3 else 0
+    gather = w * (live_parameters or 2 * c.largest_layer) if stage >= 3 else 0
     host = 0
     if offload_optimizer:
         host += grads + optim
@@ -278,7 +279,8 @@ def plan(cfg: Config) -> dict:
 
     def total(stage, off_opt, off_par, mb, ckpt=False):
         states = model_states(counts, stage=stage, world=world, precision=precision,
-                              offload_optimizer=off_opt, offload_params=off_par)
+                              offload_optimizer=off_opt, offload_params=off_par,
+                              live_parameters=cfg.zero3_live_parameters)
         act = activation_bytes(config, micro_batch=mb, input_len=cfg.max_input_length,
                                output_len=cfg.max_output_length, precision=precision, checkpointing=ckpt)
         return states, act

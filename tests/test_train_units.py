@@ -42,6 +42,25 @@ def test_deepspeed_config_carries_stage_precision_and_clipping():
         deepspeed_config(_cfg(precision="16"), 1)
 
 
+def test_zero3_bounds_the_gathered_parameters():
+    """DeepSpeed's defaults (1e9 live parameters, 1e9 reuse distance) would keep a whole sub-billion
+    backbone gathered beside its partition; mttl bounds it by `zero3_live_parameters`, by default
+    twice the largest layer: for T5 the shared embedding, vocab x d_model."""
+    import transformers
+
+    from mttl.train.deepspeed_config import largest_layer_params, zero3_gather_limits
+
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=1000, d_model=48, d_ff=96, num_layers=2, num_heads=2, d_kv=24))
+    assert largest_layer_params(t5) == 1000 * 48
+    assert zero3_gather_limits(_cfg(zero_stage=3), 48_000) == {
+        "stage3_max_live_parameters": 96_000, "stage3_max_reuse_distance": 96_000,
+        "stage3_prefetch_bucket_size": 48_000}
+    zero = deepspeed_config(_cfg(zero_stage=3, zero3_live_parameters=10**6), 1)["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 10**6
+    assert "stage3_max_live_parameters" not in deepspeed_config(_cfg(zero_stage=2), 1)["zero_optimization"]
+
+
 def test_resume_allows_only_a_larger_total():
     saved = _cfg(total_steps=100, learning_rate=1e-3)
     check_resume(saved, _cfg(total_steps=200, learning_rate=1e-3, log_every=5), Path("run/config.json"))

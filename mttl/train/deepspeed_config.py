@@ -3,6 +3,7 @@
 `train_batch_size` is the global batch: micro batch × gradient_accumulation_steps × workers. It
 must divide exactly; DeepSpeed checks the same identity and would otherwise fail inside a worker.
 Offload: `offload_optimizer` / `offload_params` = cpu map to DeepSpeed's offload sections.
+ZeRO-3: `zero3_live_parameters` bounds the gathered parameters (`zero3_gather_limits`).
 Precision: `bf16` and `16` turn on DeepSpeed's bf16 / fp16 (dynamic loss scaling) modes, which hold
 the module in half precision and keep fp32 master copies of the trained parameters in the optimizer.
 """
@@ -39,6 +40,22 @@ def offload_sections(cfg: Config) -> dict:
     return sections
 
 
+def zero3_gather_limits(cfg: Config, largest_layer: int) -> dict:
+    """DeepSpeed's stage-3 settings bounding the parameters gathered at once: `zero3_live_parameters`,
+    else twice the largest layer. DeepSpeed's defaults (1e9 live, 1e9 reuse distance) keep every
+    gathered layer of a sub-billion backbone until the step ends: the partition plus the whole
+    model, more than ZeRO-0 holds."""
+    live = int(cfg.zero3_live_parameters or 2 * largest_layer)
+    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
+            "stage3_prefetch_bucket_size": max(live // 2, 1)}
+
+
+def largest_layer_params(model) -> int:
+    """Most parameters held directly by one module, counted whole under ZeRO-3 (`ds_numel`)."""
+    return max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False)) for m in model.modules()),
+               default=0)
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """A DeepSpeed config dict for `deepspeed.initialize` with a client optimizer and scheduler."""
     if cfg.precision == "16" and not uses_gpu(cfg):
@@ -49,6 +66,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if cfg.zero_stage == 3:
         # adapters are gathered explicitly when saved; never gather the whole model implicitly
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if cfg.zero3_live_parameters:
+            zero.update(zero3_gather_limits(cfg, 0))  # else from the built model: `zero3_gather_limits`
     config = {
         "train_batch_size": cfg.train_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),

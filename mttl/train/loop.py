@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -37,7 +36,8 @@ from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resu
                                    usable_checkpoint)
 from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
                                      uniform_alpha)
-from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size, offload_sections
+from mttl.train.deepspeed_config import (deepspeed_config, largest_layer_params, micro_batch_size, offload_sections,
+                                         zero3_gather_limits)
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
 SYNTHETIC_DIR = "synthetic"
@@ -275,6 +275,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_from_checkpoint(model, cfg)
     if cfg.zero_stage == 3:
         _match_partitioned_dtype(model, cfg)
+        if not cfg.zero3_live_parameters:  # the default depends on the model: twice its largest layer
+            ds_config["zero_optimization"].update(zero3_gather_limits(cfg, largest_layer_params(model)))
     optimizer = build_optimizer(optimizer_groups(model, cfg), cfg)
     group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
 
