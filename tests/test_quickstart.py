@@ -8,7 +8,11 @@ this test checks both phases too (one run of the default serves both commands' t
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +36,21 @@ def test_quickstart_runs_every_method_and_reports(tmp_path, ray_cluster, capsys)
     prepare_synthetic(data_dir, seed=0, n_heldout=2, rows_per_task=40, warmup_rows_per_task=40, validation_rows=8,
                       heldout_pool=40, heldout_validation=8, heldout_test=8)
     runs = tmp_path / "runs"
-    code = main(["quickstart", "-k", f"output_dir={runs}", f"data_dir={data_dir}", "run_name=qs", *TINY,
-                 "--finetune", "total_steps=2", "seeds=[13, 42]", "num_shots=4", "predict_batch_size=8"])
-    assert code == 0
-    printed = capsys.readouterr().out
+    # its own process joining the session's cluster, so the console holds what a user's terminal
+    # would: the driver's lines and those Ray forwards from the training workers and tasks
+    mttl = shutil.which("mttl", path=str(Path(sys.executable).parent)) or "mttl"
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = subprocess.run([mttl, "quickstart", "-k", f"output_dir={runs}", f"data_dir={data_dir}", "run_name=qs",
+                           f"ray_address={address}", *TINY, "--finetune", "total_steps=2", "seeds=[13, 42]",
+                           "num_shots=4", "predict_batch_size=8"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    printed = done.stdout
+    assert done.returncode == 0, printed
+    # a readable console (at most 40 lines) that ends with the table, what it shows, and the report
+    lines = printed.rstrip("\n").splitlines()
+    assert len(lines) <= 40, printed
+    last = [line for line in lines if line.strip()][-3:]
+    assert last[0].startswith("| **mean**") and "exact match" in last[1] and "report:" in last[2], printed
     held_out = sorted(t for t, meta in read_manifest(data_dir)["tasks"].items() if meta["role"] == "test")
 
     adapters = json.loads((runs / "qs" / "config.json").read_text())

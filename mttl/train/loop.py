@@ -36,6 +36,7 @@ from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resu
                                    usable_checkpoint)
 from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
                                      uniform_alpha)
+from mttl.train.ds_ops import prepare_comm_op
 from mttl.train.deepspeed_config import (deepspeed_config, largest_layer_params, micro_batch_size, offload_sections,
                                          zero3_gather_limits)
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
@@ -263,6 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
+    prepare_comm_op()  # a killed worker's leftover build lock would otherwise hang this one for good
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir)
@@ -328,6 +330,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     window = _Window()
     start_step, started = state.step, time.perf_counter()
+    console = ConsoleSchedule(start_step, cfg.total_steps)
     # a function of the step alone, so a resumed run anneals exactly as an uninterrupted one
     alpha = set_alpha(engine.module, cfg, state.step, 1.0)
     engine.train()
@@ -372,7 +375,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             "adapters_learning_rate or check the data, then run again (checkpoints before it are kept)")
                     if rank == 0:
                         logger.log(row)
-                        _print_progress(row, cfg.total_steps, start_step, started)
+                        if console.due(state.step):
+                            _print_progress(row, cfg.total_steps, start_step, started)
                     window = _Window()
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     val = {"step": state.step, **evaluate()}
@@ -471,6 +475,24 @@ def _match_partitioned_dtype(model, cfg: Config) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point() and tensor.dtype != dtype and not hasattr(tensor, "ds_id"):
             tensor.data = tensor.data.to(dtype)
+
+
+class ConsoleSchedule:
+    """When a logged step also gets a console line: the first (an early ETA), then every fifth of
+    the run, at least every ten minutes, and the last step. metrics.jsonl and TensorBoard get every `log_every` row; the console
+    gets a readable handful per run whatever its length."""
+
+    def __init__(self, start_step: int, total: int, fraction: float = 0.2, max_seconds: float = 600.0):
+        self.total, self.every = total, max(1, round(total * fraction))
+        self.next_step, self.max_seconds, self.last = start_step + 1, max_seconds, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if step < self.next_step and step < self.total and time.monotonic() - self.last < self.max_seconds:
+            return False
+        while self.next_step <= step:
+            self.next_step += self.every
+        self.last = time.monotonic()
+        return True
 
 
 def _print_progress(row: dict, total: int, start_step: int, started: float) -> None:
