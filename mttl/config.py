@@ -1,7 +1,10 @@
 """Typed run configuration: defaults, `-c a.json+b.json -k key=value` merging, aliases, dumps.
 
-One `Config` dataclass holds every key any command reads; each field carries its help text in
-`metadata["help"]` (the configuration reference in docs/ is generated from it). Merge order:
+One `Config` dataclass holds every key any command reads, as flat attributes; it inherits them from
+one dataclass per section (`SECTIONS`: run, data, model, adapters, training, finetune, search,
+cluster), the adapters section being built from `AdapterConfig`'s own fields. Each field carries
+its help text in `metadata["help"]` (the configuration reference in docs/ is generated from it).
+Config files may be flat or grouped by section; config.json in run folders is flat. Merge order:
 defaults < config files (left to right) < `-k` overrides. Keys set by a file or `-k` are
 remembered so fine-tuning can tell them from defaults (`was_overridden`).
 
@@ -21,12 +24,13 @@ import math
 import os
 import string
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mttl.adapters.registry import GRANULARITIES, LAYER_KINDS, MODIFIERS, ROUTERS, SELECTORS
+from mttl.adapters.config import AdapterConfig
 from mttl.errors import ConfigError
+from mttl.finetune.type_table import FINETUNE_TYPE_CHOICES, finetune_type_help
 from mttl.tracking import absolute_tracking_uri
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -38,8 +42,9 @@ def _env(name: str, default: str | None) -> str | None:
 
 
 def _f(default: Any, help: str, *, env: str | None = None, path: bool = False, choices=None):
-    """A config field with help text; `env` names the environment variable its default honours."""
-    meta = {"help": help, "env": env, "path": path, "choices": choices}
+    """A config field with help text; `env` names the environment variable its default honours
+    (`metadata["default"]` keeps the declared default, which the generated docs show)."""
+    meta = {"help": help, "env": env, "path": path, "choices": choices, "default": default}
     if env is not None:
         return field(default_factory=lambda: _env(env, default), metadata=meta)
     if isinstance(default, (list, dict)):
@@ -47,143 +52,295 @@ def _f(default: Any, help: str, *, env: str | None = None, path: bool = False, c
     return field(default=default, metadata=meta)
 
 
+# ----------------------------------------------------------------------------------- sections
+# Each section is a dataclass of its keys; `Config` inherits them all, so every key stays a flat
+# attribute (`cfg.learning_rate`) and a flat key in config.json, while `Config.section(name)`,
+# `to_dict(sectioned=True)`, `mttl configs --show` and docs/configuration.md group them.
+
 @dataclass
-class Config:
-    # ----------------------------------------------------------------- paths and run identity
-    output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`. Example: -k output_dir=/mnt/shared/runs", env="OUTPUT_DIR", path=True)
-    run_name: str | None = _f(None, "Name of the run folder; the same name resumes the same run. Default: derived from the command and model modifier. Example: -k run_name=mhr_ni_s8")
-    cache_dir: str = _f("./cache", "Cache for downloaded models and tokenized data. Example: -k cache_dir=/mnt/cache", env="CACHE_DIR", path=True)
-    checkpoint_dir: str = _f("./checkpoints", "Where `checkpoint=NAME` is looked up when NAME is not an existing path. Example: -k checkpoint_dir=/mnt/ckpts", env="CHECKPOINT_DIR", path=True)
-    data_dir: str | None = _f(None, "Folder of prepared shards (`mttl prepare … --out DIR`). Default: the dataset's *_DATA_DIR, else a fresh synthetic suite. Example: -k data_dir=data/shards/ni", path=True)
-    t0_data_dir: str | None = _f(None, "Prepared T0 shards (default for dataset=t0). Example: -k t0_data_dir=data/shards/t0", env="T0_DATA_DIR", path=True)
-    ni_data_dir: str | None = _f(None, "Prepared Super-NaturalInstructions shards (default for dataset=ni). Example: -k ni_data_dir=data/shards/ni", env="NI_DATA_DIR", path=True)
-    xfit_data_dir: str | None = _f(None, "Prepared CrossFit shards (default for dataset=xfit). Example: -k xfit_data_dir=data/shards/xfit", env="XFIT_DATA_DIR", path=True)
-    checkpoint: str | None = _f(None, "A finished run folder (or its `final/` folder; a plain name is looked up in `checkpoint_dir`) to start from. Fine-tuning and evaluation load it; `mttl pretrain` continues its adapters and routing in a new run (fresh optimizer, schedule and step count; the architecture and data keys you leave unset come from it). Example: -k checkpoint=output/mhr_synthetic", path=True)
-    ray_address: str | None = _f(None, "Existing Ray cluster to connect to (also read from RAY_ADDRESS). Default: start a local cluster on 127.0.0.1. Example: -k ray_address=auto")
+class RunSection:
+    """Where a run writes, what it is called, and where it reports its metrics."""
 
-    # ----------------------------------------------------------------------------------- data
-    dataset: str = _f("synthetic", "Task collection: synthetic, ni, t0 or xfit. Example: -k dataset=ni", choices=["synthetic", "ni", "t0", "xfit"])
-    tasks: list | None = _f(None, "Task names to use (pre-training: training tasks; sweeps/evaluate/finetune: held-out tasks, finetune running each task x seed as a Ray task; finetune and evaluate also take held_out for every held-out task). Default: all tasks of the right role. Example: -k tasks=['cb','rte']")
-    custom_tasks_splits: str | None = _f(None, "Reference key: a file listing the task names to train on, one per line. Example: -k custom_tasks_splits=splits/my_tasks.txt", path=True)
-    finetune_task_name: str | list | None = _f(None, "Held-out task(s) to adapt to. One name runs its seeds in this process; a list runs every task x seed as its own Ray task (resources_per_run), as does tasks=[...] or tasks=held_out (every held-out task of the data) with this key unset. Example: -k finetune_task_name=\"['cb','rte']\"")
-    resources_per_run: dict | None = _f(None, "Ray resources of one task x seed of a multi-task `mttl finetune`, and of one task of `mttl evaluate` (which runs each task as a Ray task when this is set or a cluster is joined). Default: 1 CPU, plus 1 GPU when use_gpu finds GPUs in the cluster. Example: -k resources_per_run=\"{'CPU': 2, 'GPU': 0.25}\"")
-    tokenizer: str | None = _f(None, "Tokenizer: a local folder, a hub name, or `byte` (ByT5 bytes, needs no files). Default: the model's own, else `byte`. Example: -k tokenizer=../shared/tokenizers/t5", path=True)
-    task_mixing: str = _f("proportional", "How training tasks are mixed: proportional (examples-proportional with `mixing_cap`), uniform, temperature. Example: -k task_mixing=temperature", choices=["proportional", "uniform", "temperature"])
-    mixing_cap: int = _f(500_000, "Examples-proportional mixing: at most this many examples per task per epoch. Example: -k mixing_cap=1000")
-    mixing_temperature: float = _f(2.0, "Temperature mixing: task rate ∝ size^(1/T). Example: -k mixing_temperature=3")
+    output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`. "
+                         "Example: -k output_dir=/mnt/shared/runs", env="OUTPUT_DIR", path=True)
+    run_name: str | None = _f(None, "Name of the run folder; the same name resumes the same run. Default: derived from "
+                              "the command and model modifier. Example: -k run_name=mhr_ni_s8")
+    cache_dir: str = _f("./cache", "Cache for downloaded models and tokenized data. Example: -k cache_dir=/mnt/cache",
+                        env="CACHE_DIR", path=True)
+    tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
+    verbose: bool = _f(False, "Show Ray's, DeepSpeed's and Hugging Face's own log lines on the console; by default "
+                       "they go to the run folder's logs/internal.log (or <output_dir>/logs/) and the console keeps "
+                       "mttl's progress and results. Example: -k verbose=True")
+    mlflow_tracking_uri: str | None = _f(None, "Log runs to MLflow at this URI (experiment `mttl`, one MLflow run per "
+                                         "run folder); a relative local path is taken from the folder you run mttl in. "
+                                         "Example: -k mlflow_tracking_uri=file:./mlruns")
+    wandb_project: str | None = _f(None, "Log runs to this Weights & Biases project (needs `pip install 'mttl[wandb]'` "
+                                   "and WANDB_API_KEY, or WANDB_MODE=offline). Example: -k wandb_project=mttl")
+
+
+@dataclass
+class DataSection:
+    """The task collection, its prepared shards, the tasks used and how they are mixed and cut."""
+
+    dataset: str = _f("synthetic", "Task collection: synthetic, ni, t0 or xfit. Example: -k dataset=ni",
+                      choices=["synthetic", "ni", "t0", "xfit"])
+    data_dir: str | None = _f(None, "Folder of prepared shards (`mttl prepare … --out DIR`). Default: the dataset's "
+                              "*_DATA_DIR, else a fresh synthetic suite. Example: -k data_dir=data/shards/ni",
+                              path=True)
+    t0_data_dir: str | None = _f(None, "Prepared T0 shards (default for dataset=t0). "
+                                 "Example: -k t0_data_dir=data/shards/t0", env="T0_DATA_DIR", path=True)
+    ni_data_dir: str | None = _f(None, "Prepared Super-NaturalInstructions shards (default for dataset=ni). "
+                                 "Example: -k ni_data_dir=data/shards/ni", env="NI_DATA_DIR", path=True)
+    xfit_data_dir: str | None = _f(None, "Prepared CrossFit shards (default for dataset=xfit). "
+                                   "Example: -k xfit_data_dir=data/shards/xfit", env="XFIT_DATA_DIR", path=True)
+    tasks: list | None = _f(None, "Task names to use (pre-training: training tasks; sweeps/evaluate/finetune: held-out "
+                            "tasks, finetune running each task x seed as a Ray task; finetune and evaluate also take "
+                            "held_out for every held-out task). Default: all tasks of the right role. "
+                            "Example: -k tasks=['cb','rte']")
+    custom_tasks_splits: str | None = _f(None, "Reference key: a file listing the task names to train on, one per "
+                                         "line. Example: -k custom_tasks_splits=splits/my_tasks.txt", path=True)
+    tokenizer: str | None = _f(None, "Tokenizer: a local folder, a hub name, or `byte` (ByT5 bytes, needs no files). "
+                               "Default: the model's own, else `byte`. Example: -k tokenizer=../shared/tokenizers/t5",
+                               path=True)
+    task_mixing: str = _f("proportional", "How training tasks are mixed: proportional (examples-proportional with "
+                          "`mixing_cap`), uniform, temperature. Example: -k task_mixing=temperature",
+                          choices=["proportional", "uniform", "temperature"])
+    mixing_cap: int = _f(500_000, "Examples-proportional mixing: at most this many examples per task per epoch. "
+                         "Example: -k mixing_cap=1000")
+    mixing_temperature: float = _f(2.0, "Temperature mixing: task rate ∝ size^(1/T). "
+                                   "Example: -k mixing_temperature=3")
     max_input_length: int = _f(512, "Input tokens kept per example. Example: -k max_input_length=256")
-    max_output_length: int = _f(64, "Target tokens kept per example; also the generation limit. Example: -k max_output_length=128")
-    num_beams: int = _f(4, "Beam width for generation tasks. Example: -k num_beams=1")
+    max_output_length: int = _f(64, "Target tokens kept per example; also the generation limit. "
+                                "Example: -k max_output_length=128")
 
-    # ---------------------------------------------------------------------------------- model
-    model: str | None = _f(None, "Backbone: a Hugging Face seq2seq hub name, a local folder, a run folder (its trained backbone), or `tiny-t5` (a small T5 built from a config). Example: -k model=google/t5-xl-lm-adapt", path=True)
-    trust_remote_code: bool = _f(False, "Allow the Python code a backbone folder or hub model ships (`auto_map`) to run when loading it. Off by default; only your own -c/-k of the command set it, never a run folder's config.json. Example: -k trust_remote_code=True")
-    model_modifier: str | None = _f(None, "Adapter type: " + ", ".join(f"{k} ({v.help})" for k, v in LAYER_KINDS.items()) + ", or none. Example: -k model_modifier=poly", choices=list(MODIFIERS))
+
+@dataclass
+class ModelSection:
+    """The frozen backbone, and the finished run a command starts from."""
+
+    model: str | None = _f(None, "Backbone: a Hugging Face seq2seq hub name, a local folder, a run folder (its trained "
+                           "backbone), or `tiny-t5` (a small T5 built from a config). "
+                           "Example: -k model=google/t5-xl-lm-adapt", path=True)
+    trust_remote_code: bool = _f(False, "Allow the Python code a backbone folder or hub model ships (`auto_map`) to "
+                                 "run when loading it. Off by default; only your own -c/-k of the command set it, "
+                                 "never a run folder's config.json. Example: -k trust_remote_code=True")
     tiny_d_model: int = _f(128, "tiny-t5 backbone: hidden size. Example: -k tiny_d_model=64")
     tiny_num_layers: int = _f(2, "tiny-t5 backbone: encoder (and decoder) blocks. Example: -k tiny_num_layers=4")
-    freeze_embeds: bool = _f(False, "Keep the token (and learned position) embeddings frozen even when `trainable_param_names` matches them (full-model training, finetune_type=F). Example: -k freeze_embeds=True")
+    freeze_embeds: bool = _f(False, "Keep the token (and learned position) embeddings frozen even when "
+                             "`trainable_param_names` matches them (full-model training, finetune_type=F). "
+                             "Example: -k freeze_embeds=True")
+    checkpoint: str | None = _f(None, "A finished run folder (or its `final/` folder; a plain name is looked up in "
+                                "`checkpoint_dir`) to start from. Fine-tuning and evaluation load it; `mttl pretrain` "
+                                "continues its adapters and routing in a new run (fresh optimizer, schedule and step "
+                                "count; the architecture and data keys you leave unset come from it). "
+                                "Example: -k checkpoint=output/mhr_synthetic", path=True)
+    checkpoint_dir: str = _f("./checkpoints", "Where `checkpoint=NAME` is looked up when NAME is not an existing path. "
+                             "Example: -k checkpoint_dir=/mnt/ckpts", env="CHECKPOINT_DIR", path=True)
 
-    # ------------------------------------------------------------------------------- adapters
-    lora_rank: int = _f(16, "Rank r of each LoRA skill. Example: -k lora_rank=1")
-    lora_alpha: float = _f(1.0, "LoRA scaling numerator: the update is (alpha / r)·B A x. Example: -k lora_alpha=16")
-    lora_dropout: float = _f(0.0, "Dropout on the adapter input. Example: -k lora_dropout=0.1")
-    lora_randb_init: bool = _f(False, "Initialise B like A instead of zeros (adapter is not a no-op at start). Example: -k lora_randb_init=True")
-    lora_kaiming_init: bool = _f(False, "Kaiming-uniform init per head and skill block of A. Example: -k lora_kaiming_init=True")
-    lora_warmup: bool = _f(False, "Scale the adapter output by min(step/10000, 1) during training. Example: -k lora_warmup=True")
-    modify_modules: str = _f(".*SelfAttention|.*EncDecAttention|.*DenseReluDense", "Regex the full dotted name of a parent module must fully match for its children to be adapted (`lora_modules` accepted). Example: -k modify_modules='.*SelfAttention'")
-    modify_layers: str = _f("q|k|v|o|wi|wi_0|wi_1|wo", "Regex a child's local name must fully match to be adapted (`lora_layers` accepted). Example: -k modify_layers='q|v'")
-    n_skills: int = _f(8, "K: skills in each layer's inventory. Example: -k n_skills=4")
-    n_splits: int = _f(1, "S: routing heads per layer (1 = Poly, >1 = MHR). Must divide the adapted layers' in and out dims. Example: -k n_splits=16")
-    n_tasks: int | None = _f(None, "Routing rows; set from the data. Example: -k n_tasks=313")
-    router_selector: str = _f("poly", "Router: " + ", ".join(f"{k} ({v.help})" for k, v in ROUTERS.items()) + " (`poly_selector` accepted). Example: -k router_selector=average", choices=list(SELECTORS))
-    arrow_top_k: int = _f(3, "router_selector=arrow: experts mixed per token (the k highest |x·prototype|). Example: -k arrow_top_k=2")
-    arrow_temperature: float = _f(1.0, "router_selector=arrow: softmax temperature over the top-k |x·prototype| scores. Example: -k arrow_temperature=0.5")
-    router_granularity: str = _f("finegrained", "Routers shared by: finegrained (each layer), coarsegrained (whole model), coderwise, blockwise, layerwise (`poly_granularity`, `finegrained=True|False` accepted). Example: -k router_granularity=blockwise", choices=list(GRANULARITIES))
-    module_logits_relaxed_bernoulli: bool = _f(True, "Training samples routing from a relaxed Bernoulli (τ=1). Example: -k module_logits_relaxed_bernoulli=False")
-    module_logits_straight_through: bool = _f(False, "Routing forward = round(σ(z)) with σ(z)'s gradient. Example: -k module_logits_straight_through=True")
-    module_logits_learning_rate: float = _f(0.1, "Learning rate of the routing logits. Example: -k module_logits_learning_rate=0.5")
-    module_logits_dropout: float = _f(0.0, "Dropout on routing probabilities during training (off at eval). Example: -k module_logits_dropout=0.1")
-    module_logits_l2_norm: bool = _f(False, "Routing weights = z/‖z‖₂ over skills instead of normalised sigmoids. Example: -k module_logits_l2_norm=True")
-    poly_use_shared_skill: bool = _f(False, "Last skill always active for every task. Example: -k poly_use_shared_skill=True")
-    poly_average_correction: bool = _f(False, "Weights = p·√S/√K instead of normalising over skills. Example: -k poly_average_correction=True")
-    adapters_learning_rate: float | None = _f(None, "Learning rate of adapter weights (default: learning_rate). Example: -k adapters_learning_rate=1e-3")
-    adapters_weight_decay: float | None = _f(None, "Weight decay of adapter weights (default: weight_decay). Example: -k adapters_weight_decay=0")
-    trainable_param_names: str = _f(".*", "Regex: parameters whose full name matches are trained, the rest frozen. Example: -k trainable_param_names='.*lora_[ab].*|.*module_logits.*'")
-    non_trainable_param_names: str | None = _f(None, "Regex: parameters matching it stay frozen even if trainable_param_names matches. Example: -k non_trainable_param_names='.*layer_norm.*'")
 
-    # ------------------------------------------------------------------------------- training
-    optimizer: str = _f("adamw", "adamw or adafactor (adam and sgd also accepted). Example: -k optimizer=adafactor", choices=["adamw", "adam", "sgd", "adafactor"])
-    learning_rate: float = _f(1e-3, "Learning rate of everything that is not routing logits or adapters. Example: -k learning_rate=3e-4")
+@dataclass
+class TrainingSection:
+    """Optimizer, schedule, batches, precision, validation and checkpoints of a training run."""
+
+    optimizer: str = _f("adamw", "adamw or adafactor (adam and sgd also accepted). Example: -k optimizer=adafactor",
+                        choices=["adamw", "adam", "sgd", "adafactor"])
+    learning_rate: float = _f(1e-3, "Learning rate of everything that is not routing logits or adapters. "
+                              "Example: -k learning_rate=3e-4")
+    adapters_learning_rate: float | None = _f(
+        None, "Learning rate of adapter weights (default: learning_rate). Example: -k adapters_learning_rate=1e-3")
+    module_logits_learning_rate: float = _f(0.1, "Learning rate of the routing logits. "
+                                            "Example: -k module_logits_learning_rate=0.5")
     weight_decay: float = _f(0.01, "Weight decay (routing logits get none). Example: -k weight_decay=0")
+    adapters_weight_decay: float | None = _f(
+        None, "Weight decay of adapter weights (default: weight_decay). Example: -k adapters_weight_decay=0")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon. Example: -k adam_epsilon=1e-6")
-    adafactor_scale_parameter: bool = _f(True, "Adafactor: scale the step by the parameter's RMS. Example: -k adafactor_scale_parameter=False")
-    adafactor_relative_step: bool = _f(False, "Adafactor: time-dependent relative step (ignores learning rates). Example: -k adafactor_relative_step=True")
-    adafactor_warmup_init: bool = _f(False, "Adafactor: warm-up initialisation of the relative step. Example: -k adafactor_warmup_init=True")
-    scheduler: str = _f("linear_decay_with_warmup", "Learning-rate schedule: linear_decay_with_warmup or constant. Example: -k scheduler=constant", choices=["linear_decay_with_warmup", "constant"])
-    warmup_proportion: float = _f(0.06, "Warm-up steps as a fraction of total_steps (used when warmup_steps < 0). Example: -k warmup_proportion=0.1")
+    adafactor_scale_parameter: bool = _f(True, "Adafactor: scale the step by the parameter's RMS. "
+                                         "Example: -k adafactor_scale_parameter=False")
+    adafactor_relative_step: bool = _f(False, "Adafactor: time-dependent relative step (ignores learning rates). "
+                                       "Example: -k adafactor_relative_step=True")
+    adafactor_warmup_init: bool = _f(False, "Adafactor: warm-up initialisation of the relative step. "
+                                     "Example: -k adafactor_warmup_init=True")
+    scheduler: str = _f("linear_decay_with_warmup", "Learning-rate schedule: linear_decay_with_warmup or constant. "
+                        "Example: -k scheduler=constant", choices=["linear_decay_with_warmup", "constant"])
+    warmup_proportion: float = _f(0.06, "Warm-up steps as a fraction of total_steps (used when warmup_steps < 0). "
+                                  "Example: -k warmup_proportion=0.1")
     warmup_steps: int = _f(-1, "Warm-up steps; -1 = warmup_proportion × total_steps. Example: -k warmup_steps=1500")
-    total_steps: int = _f(-1, "Optimizer steps; -1 = from num_train_epochs and the data size. Example: -k total_steps=20_000")
+    total_steps: int = _f(-1, "Optimizer steps; -1 = from num_train_epochs and the data size. "
+                          "Example: -k total_steps=20_000")
     num_train_epochs: int = _f(-1, "Epochs when total_steps < 0. Example: -k num_train_epochs=3")
-    train_batch_size: int = _f(8, "Global batch = micro batch × gradient_accumulation_steps × num_workers. Example: -k train_batch_size=32")
+    train_batch_size: int = _f(8, "Global batch = micro batch × gradient_accumulation_steps × num_workers. "
+                               "Example: -k train_batch_size=32")
     predict_batch_size: int = _f(32, "Batch size for evaluation and generation. Example: -k predict_batch_size=8")
-    gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step. Example: -k gradient_accumulation_steps=2")
-    label_smoothing: float | None = _f(None, "Label smoothing ε of the training loss (pre-training and few-shot generation tasks): (1−ε)·NLL + ε·mean over the vocabulary of −log p. Default: NI 0.1 (the reference's), others 0 (T0 trains without). Example: -k label_smoothing=0")
+    gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step. "
+                                          "Example: -k gradient_accumulation_steps=2")
+    num_beams: int = _f(4, "Beam width for generation tasks. Example: -k num_beams=1")
+    label_smoothing: float | None = _f(None, "Label smoothing ε of the training loss (pre-training and few-shot "
+                                       "generation tasks): (1−ε)·NLL + ε·mean over the vocabulary of −log p. "
+                                       "Default: NI 0.1 (the reference's), others 0 (T0 trains without). "
+                                       "Example: -k label_smoothing=0")
     max_grad_norm: float = _f(0.1, "Gradient clipping norm (0 = off). Example: -k max_grad_norm=1.0")
-    precision: str = _f("32", "Numeric precision of training and scoring: 32, bf16 or 16 (fp16 with a gradient scaler, GPU only). Fine-tuning and evaluation compute under autocast, adapters and routing logits stay fp32; pre-training uses DeepSpeed's bf16/fp16 modes. Example: -k precision=bf16", choices=["32", "bf16", "16"])
-    backbone_dtype: str = _f("auto", "dtype of the frozen backbone weights: auto (bf16 under precision=bf16, else 32), 32, bf16 or 16 (must match precision); trained weights stay fp32. Pre-training's DeepSpeed bf16/fp16 modes hold the whole module in that dtype, so there 32 is refused under half precision. Example: -k backbone_dtype=32", choices=["auto", "32", "bf16", "16"])
-    gradient_checkpointing: bool = _f(False, "Recompute each transformer block's activations in backward instead of keeping them (transformers' non-reentrant checkpointing; routed adapters get their task ids again), trading about a third more compute for activation memory. Example: -k gradient_checkpointing=True")
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0–3. Example: -k zero_stage=3", choices=[0, 1, 2, 3])
-    offload_optimizer: str = _f("none", "Pre-training, ZeRO stage 1–3: keep the optimizer states, fp32 master weights and gradients on the CPU (DeepSpeed's `zero_optimization.offload_optimizer`), leaving only the module's weights on the device. Example: -k zero_stage=2 offload_optimizer=cpu", choices=["none", "cpu"])
-    offload_params: str = _f("none", "Pre-training, ZeRO stage 3: keep the partitioned weights on the CPU too, gathered to the device layer by layer (DeepSpeed's `zero_optimization.offload_param`). Example: -k zero_stage=3 offload_params=cpu", choices=["none", "cpu"])
-    zero3_live_parameters: int | None = _f(None, "ZeRO-3: the most parameters a worker holds gathered at once (DeepSpeed's `stage3_max_live_parameters` and `stage3_max_reuse_distance`; half of it is the prefetch bucket). Gathered layers beyond it are released after use, so a worker holds its partition plus about this much of the frozen backbone. Default: twice the largest layer (DeepSpeed's own default, 1e9, keeps a whole sub-billion backbone gathered). Example: -k zero_stage=3 zero3_live_parameters=200000000")
-    device_memory_gb: float | None = _f(None, "Memory of one worker's device in GB (10^9 bytes) that `mttl plan` checks a run against (GPU memory with use_gpu, else the worker's share of RAM). Example: -k device_memory_gb=80")
-    num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each). Example: -k num_workers=8")
-    use_gpu: bool | str = _f("auto", "auto (a GPU when the process has one: in Ray tasks and trials the GPUs Ray assigned them, for pre-training the cluster's), True (fail at once when there is none) or False. Pre-training: one GPU per worker, NCCL. Example: -k use_gpu=True", choices=["auto", True, False])
-    resources_per_worker: dict | None = _f(None, "Ray resources per train worker. Default: {'CPU': 1} on GPU, a fraction of the free CPUs on CPU. Example: -k resources_per_worker=\"{'CPU': 4}\"")
+    precision: str = _f("32", "Numeric precision of training and scoring: 32, bf16 or 16 (fp16 with a gradient scaler, "
+                        "GPU only). Fine-tuning and evaluation compute under autocast, adapters and routing logits "
+                        "stay fp32; pre-training uses DeepSpeed's bf16/fp16 modes. Example: -k precision=bf16",
+                        choices=["32", "bf16", "16"])
+    backbone_dtype: str = _f("auto", "dtype of the frozen backbone weights: auto (bf16 under precision=bf16, else 32), "
+                             "32, bf16 or 16 (must match precision); trained weights stay fp32. Pre-training's "
+                             "DeepSpeed bf16/fp16 modes hold the whole module in that dtype, so there 32 is refused "
+                             "under half precision. Example: -k backbone_dtype=32",
+                             choices=["auto", "32", "bf16", "16"])
+    gradient_checkpointing: bool = _f(False, "Recompute each transformer block's activations in backward instead of "
+                                      "keeping them (transformers' non-reentrant checkpointing; routed adapters get "
+                                      "their task ids again), trading about a third more compute for activation "
+                                      "memory. Example: -k gradient_checkpointing=True")
     eval_every: int | None = _f(None, "Validate every N optimizer steps (pre-training). Example: -k eval_every=500")
-    save_every: int | None = _f(None, "Checkpoint every N optimizer steps (also at the end). Example: -k save_every=1000")
+    save_every: int | None = _f(None, "Checkpoint every N optimizer steps (also at the end). "
+                                "Example: -k save_every=1000")
     log_every: int = _f(10, "Log a metrics row every N optimizer steps. Example: -k log_every=50")
     num_to_keep: int = _f(2, "Checkpoints kept by Ray Train. Example: -k num_to_keep=3")
-    max_failures: int = _f(0, "Worker/node failures the run survives by restarting from its last checkpoint. Example: -k max_failures=3")
-    worker_start_timeout_s: float = _f(120.0, "Seconds Ray Train waits for its workers to get their resources before the run fails with a message (raise it for an autoscaling cluster that must add nodes first). Example: -k worker_start_timeout_s=900")
-    data_timeout_s: float = _f(600.0, "Seconds a training worker waits for its next batch from Ray Data before the run fails with a message (a node lost with its blocks, a stalled read) instead of hanging. Example: -k data_timeout_s=1800")
-    collective_timeout_s: float = _f(1800.0, "Seconds every worker waits for the others at a report or checkpoint before the run fails with a message instead of hanging. Example: -k collective_timeout_s=3600")
     seed: int = _f(42, "Random seed (data order, init, sampling). Example: -k seed=13")
-    uniform_interp_steps: int = _f(0, "Pre-training: over the last N steps pull learned routing towards uniform, w ← α·w + (1−α)/K with α = cos(π/2·n/N), n = N − (total_steps − step) (1 until then, logged as `uniform_alpha`); 0 = off. Needs router_selector=poly, N ≤ total_steps. Example: -k uniform_interp_steps=1000")
-    switch_to_avg_modules: bool = _f(False, "Pre-training from `checkpoint`: replace its learned routing by the uniform average 1/K and train the averaged adapters on the multi-task data (MHR-µ zero-shot); the run saves average routing, which fine-tuning uses with finetune_type=MuZ. Example: -k switch_to_avg_modules=True")
-    compute_strategy: str | None = _f(None, "Reference key mapped onto zero_stage: ddp → 0, deepspeed_stage_N → N. Example: -k compute_strategy=deepspeed_stage_2")
+    uniform_interp_steps: int = _f(0, "Pre-training: over the last N steps pull learned routing towards uniform, w ← "
+                                   "α·w + (1−α)/K with α = cos(π/2·n/N), n = N − (total_steps − step) (1 "
+                                   "until then, logged as `uniform_alpha`); 0 = off. Needs router_selector=poly, N ≤ "
+                                   "total_steps. Example: -k uniform_interp_steps=1000")
+    switch_to_avg_modules: bool = _f(False, "Pre-training from `checkpoint`: replace its learned routing by the "
+                                     "uniform average 1/K and train the averaged adapters on the multi-task data "
+                                     "(MHR-µ zero-shot); the run saves average routing, which fine-tuning uses with "
+                                     "finetune_type=MuZ. Example: -k switch_to_avg_modules=True")
 
-    # ----------------------------------------------------------------------------- fine-tuning
-    finetune_type: str | None = _f(None, "F (all), A (adapters), Z (routing only), MuZ (average routing, adapters trained), PolyRand (no pre-trained adapters), None/Poly (adapters + a fresh routing row). Example: -k finetune_type=Z", choices=[None, "F", "A", "Z", "MuZ", "PolyRand", "Poly"])
-    seeds: list | None = _f(None, "Fine-tuning seeds. Default: T0 [42, 1024, 0]; NI and others [13, 42, 58]. Example: -k seeds=[13]")
-    num_shots: int | None = _f(None, "k training examples per held-out task. Default: the dataset's (T0: per task; NI: 32; synthetic: 32). Example: -k num_shots=16")
-    eval_every_epochs: int | None = _f(None, "Validate every N epochs during fine-tuning. Default: T0 50, others 10. Example: -k eval_every_epochs=5")
-    finetune_skip_es: bool = _f(False, "Test the last weights instead of the best validation checkpoint. Example: -k finetune_skip_es=True")
+
+@dataclass
+class FinetuneSection:
+    """Few-shot adaptation of a finished run to held-out tasks (`mttl finetune`)."""
+
+    finetune_type: str | None = _f(None, finetune_type_help() + ". Example: -k finetune_type=Z",
+                                   choices=FINETUNE_TYPE_CHOICES)
+    finetune_task_name: str | list | None = _f(
+        None, "Held-out task(s) to adapt to. One name runs its seeds in this process; a list runs every task x seed as "
+        "its own Ray task (resources_per_run), as does tasks=[...] or tasks=held_out (every held-out task of the data) "
+        "with this key unset. Example: -k finetune_task_name=\"['cb','rte']\"")
+    seeds: list | None = _f(None, "Fine-tuning seeds. Default: T0 [42, 1024, 0]; NI and others [13, 42, 58]. "
+                            "Example: -k seeds=[13]")
+    num_shots: int | None = _f(None, "k training examples per held-out task. Default: the dataset's (T0: per task; NI: "
+                               "32; synthetic: 32). Example: -k num_shots=16")
+    eval_every_epochs: int | None = _f(None, "Validate every N epochs during fine-tuning. Default: T0 50, others 10. "
+                                       "Example: -k eval_every_epochs=5")
+    finetune_skip_es: bool = _f(False, "Test the last weights instead of the best validation checkpoint. "
+                                "Example: -k finetune_skip_es=True")
     do_zs: bool = _f(True, "Score the task zero-shot before fine-tuning. Example: -k do_zs=False")
     mc_loss: float = _f(0.0, "Weight of the multiple-choice cross-entropy (T-Few). Example: -k mc_loss=1")
-    unlikely_loss: float = _f(0.0, "Weight of the unlikelihood loss on wrong choices (T-Few). Example: -k unlikely_loss=1")
+    unlikely_loss: float = _f(0.0, "Weight of the unlikelihood loss on wrong choices (T-Few). "
+                              "Example: -k unlikely_loss=1")
     length_norm: float = _f(0.0, "Choice score = NLL / length^length_norm. Example: -k length_norm=1")
 
-    # ----------------------------------------------------------------------------------- sweeps
-    tune_space: str | None = _f(None, "Search space: a module name in tune_spaces/ or a path to a .py file. Default: from finetune_type and model_modifier. Example: -k tune_space=mhr_z")
-    search: str = _f("optuna", "optuna (TPE + ASHA) or grid (the reference preset). Example: -k search=grid", choices=["optuna", "grid"])
+
+@dataclass
+class SearchSection:
+    """Hyper-parameter sweeps over fine-tuning (`mttl sweep`)."""
+
+    tune_space: str | None = _f(None, "Search space: a module name in tune_spaces/ or a path to a .py file. Default: "
+                                "from finetune_type and model_modifier. Example: -k tune_space=mhr_z")
+    search: str = _f("optuna", "optuna (TPE + ASHA) or grid (the reference preset). Example: -k search=grid",
+                     choices=["optuna", "grid"])
     num_samples: int = _f(8, "Trials per study (optuna search). Example: -k num_samples=16")
-    max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
+    max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's "
+                                           "resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
     trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")
-    study_per_task: bool = _f(True, "One study per task (False: one study across all tasks). Example: -k study_per_task=False")
+    study_per_task: bool = _f(True, "One study per task (False: one study across all tasks). "
+                              "Example: -k study_per_task=False")
     asha_grace_period: int = _f(1, "ASHA: validations before a trial can be stopped. Example: -k asha_grace_period=2")
     asha_reduction_factor: int = _f(2, "ASHA: reduction factor. Example: -k asha_reduction_factor=3")
-    trust_sweep_state: bool = _f(False, "Resume a sweep whose Ray Tune state files (pickles) this machine's mttl did not sign, e.g. one started on another machine or by another user: only for a sweep folder whose every file you trust, as loading it runs code. Set only by your own -c/-k, never read from a saved config.json. Example: -k trust_sweep_state=True")
+    trust_sweep_state: bool = _f(False, "Resume a sweep whose Ray Tune state files (pickles) this machine's mttl did "
+                                 "not sign, e.g. one started on another machine or by another user: only for a sweep "
+                                 "folder whose every file you trust, as loading it runs code. Set only by your own "
+                                 "-c/-k, never read from a saved config.json. Example: -k trust_sweep_state=True")
 
-    # ---------------------------------------------------------------------------------- tracking
-    tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
-    verbose: bool = _f(False, "Show Ray's, DeepSpeed's and Hugging Face's own log lines on the console; by default they "
-                              "go to the run folder's logs/internal.log (or <output_dir>/logs/) and the console keeps "
-                              "mttl's progress and results. Example: -k verbose=True")
-    mlflow_tracking_uri: str | None = _f(None, "Log runs to MLflow at this URI (experiment `mttl`, one MLflow run per run folder); a relative local path is taken from the folder you run mttl in. Example: -k mlflow_tracking_uri=file:./mlruns")
-    wandb_project: str | None = _f(None, "Log runs to this Weights & Biases project (needs `pip install 'mttl[wandb]'` and WANDB_API_KEY, or WANDB_MODE=offline). Example: -k wandb_project=mttl")
 
-    # ---------------------------------------------------------------------- bookkeeping (private)
+@dataclass
+class ClusterSection:
+    """The Ray cluster, workers, devices, DeepSpeed ZeRO and failure handling."""
+
+    ray_address: str | None = _f(None, "Existing Ray cluster to connect to (also read from RAY_ADDRESS). Default: "
+                                 "start a local cluster on 127.0.0.1. Example: -k ray_address=auto")
+    num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each). Example: -k num_workers=8")
+    use_gpu: bool | str = _f("auto", "auto (a GPU when the process has one: in Ray tasks and trials the GPUs Ray "
+                             "assigned them, for pre-training the cluster's), True (fail at once when there is none) "
+                             "or False. Pre-training: one GPU per worker, NCCL. Example: -k use_gpu=True",
+                             choices=["auto", True, False])
+    resources_per_worker: dict | None = _f(None, "Ray resources per train worker. Default: {'CPU': 1} on GPU, a "
+                                           "fraction of the free CPUs on CPU. "
+                                           "Example: -k resources_per_worker=\"{'CPU': 4}\"")
+    resources_per_run: dict | None = _f(None, "Ray resources of one task x seed of a multi-task `mttl finetune`, "
+                                        "and of one task of `mttl evaluate` (which runs each task as a Ray task "
+                                        "when this is set or a cluster is joined). "
+                                        "Default: 1 CPU, plus 1 GPU when use_gpu finds GPUs in the cluster. "
+                                        "Example: -k resources_per_run=\"{'CPU': 2, 'GPU': 0.25}\"")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0–3. Example: -k zero_stage=3", choices=[0, 1, 2, 3])
+    offload_optimizer: str = _f("none", "Pre-training, ZeRO stage 1–3: keep the optimizer states, fp32 master "
+                                "weights and gradients on the CPU (DeepSpeed's `zero_optimization.offload_optimizer`), "
+                                "leaving only the module's weights on the device. "
+                                "Example: -k zero_stage=2 offload_optimizer=cpu", choices=["none", "cpu"])
+    offload_params: str = _f("none", "Pre-training, ZeRO stage 3: keep the partitioned weights on the CPU too, "
+                             "gathered to the device layer by layer (DeepSpeed's `zero_optimization.offload_param`). "
+                             "Example: -k zero_stage=3 offload_params=cpu", choices=["none", "cpu"])
+    zero3_live_parameters: int | None = _f(None, "ZeRO-3: the most parameters a worker holds gathered at once "
+                                           "(DeepSpeed's `stage3_max_live_parameters` and "
+                                           "`stage3_max_reuse_distance`; half of it is the prefetch bucket). Layers "
+                                           "beyond it are released after use, so a worker holds its partition plus "
+                                           "about this much of the frozen backbone. Default: twice the largest layer "
+                                           "(DeepSpeed's own default, 1e9, keeps a whole sub-billion backbone "
+                                           "gathered). Example: -k zero_stage=3 zero3_live_parameters=200000000")
+    compute_strategy: str | None = _f(None, "Reference key mapped onto zero_stage: ddp → 0, deepspeed_stage_N → N. "
+                                      "Example: -k compute_strategy=deepspeed_stage_2")
+    device_memory_gb: float | None = _f(None, "Memory of one worker's device in GB (10^9 bytes) that `mttl plan` "
+                                        "checks a run against (GPU memory with use_gpu, else the worker's share of "
+                                        "RAM). Example: -k device_memory_gb=80")
+    max_failures: int = _f(0, "Worker/node failures the run survives by restarting from its last checkpoint. "
+                           "Example: -k max_failures=3")
+    worker_start_timeout_s: float = _f(120.0, "Seconds Ray Train waits for its workers to get their resources before "
+                                       "the run fails with a message (raise it for an autoscaling cluster that must "
+                                       "add nodes first). Example: -k worker_start_timeout_s=900")
+    data_timeout_s: float = _f(600.0, "Seconds a training worker waits for its next batch from Ray Data before the run "
+                               "fails with a message (a node lost with its blocks, a stalled read) instead of hanging. "
+                               "Example: -k data_timeout_s=1800")
+    collective_timeout_s: float = _f(1800.0, "Seconds every worker waits for the others at a report or checkpoint "
+                                     "before the run fails with a message instead of hanging. "
+                                     "Example: -k collective_timeout_s=3600")
+
+
+def _adapters_section() -> type:
+    """The adapters section, built from `AdapterConfig`'s own fields: each field's `key` metadata
+    is its run-config key, with the field's default, allowed values and help (`run_type` and
+    `run_default` where the run config differs: `n_tasks` is unset until the data sets it)."""
+    specs = []
+    for f in fields(AdapterConfig):
+        meta = f.metadata
+        default = meta.get("run_default", f.default)
+        specs.append((meta["key"], meta.get("run_type", f.type), _f(default, meta["help"], choices=meta["choices"])))
+    section = make_dataclass("AdaptersSection", specs)
+    section.__module__ = __name__  # pickles (Ray) find it here
+    section.__doc__ = ("Adapter layers and routing: the settings of `mttl.adapters.config.AdapterConfig` "
+                       "(`AdapterConfig.from_config` reads them).")
+    return section
+
+
+AdaptersSection = _adapters_section()
+
+# Section name → its dataclass, in the order the docs and `to_dict(sectioned=True)` show them. A
+# sectioned JSON file nests keys under these names; "model" and "search" are keys too, told apart
+# by their value (a section is an object, those keys never are).
+SECTIONS: dict[str, type] = {
+    "run": RunSection, "data": DataSection, "model": ModelSection, "adapters": AdaptersSection,
+    "training": TrainingSection, "finetune": FinetuneSection, "search": SearchSection, "cluster": ClusterSection,
+}
+KEY_SECTIONS = {f.name: name for name, section in SECTIONS.items() for f in fields(section)}
+
+
+# Dataclass fields come from the last base first: this order lists them as SECTIONS does.
+@dataclass
+class Config(ClusterSection, SearchSection, FinetuneSection, TrainingSection, AdaptersSection, ModelSection,
+             DataSection, RunSection):
+    """Every key any command reads (see the sections above), with the merge bookkeeping."""
+
     _overridden: set = field(default_factory=set, repr=False, compare=False, metadata={"help": "internal"})
 
     # ------------------------------------------------------------------------------------ API
@@ -194,6 +351,18 @@ class Config:
     @classmethod
     def help_for(cls, key: str) -> str:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}[key]
+
+    @staticmethod
+    def section_of(key: str) -> str:
+        """The section a key (or alias) belongs to, e.g. 'training' for learning_rate."""
+        return KEY_SECTIONS[canonical_key(key)]
+
+    def section(self, name: str):
+        """The section `name` of SECTIONS as its own dataclass, holding this config's values."""
+        if name not in SECTIONS:
+            raise ConfigError(f"config section '{name}' does not exist; use one of {list(SECTIONS)}")
+        section = SECTIONS[name]
+        return section(**{f.name: getattr(self, f.name) for f in fields(section)})
 
     def was_overridden(self, key: str) -> bool:
         """True when `key` was set by a config file or `-k`, not left at its default."""
@@ -208,14 +377,15 @@ class Config:
         `expand_env=False` keeps `$VAR` and `~` in path keys as written (values read back from a
         saved config.json were expanded when they were first set)."""
         known = {f.name: f for f in fields(self) if not f.name.startswith("_")}
-        for raw_key, value in values.items():
+        for raw_key, value in flatten_sections(values, source).items():
             if raw_key in PREPARE_ONLY_KEYS:
                 raise ConfigError(f"config key '{raw_key}' (from {source}) shapes the prepared data, so it is an "
                                   f"option of `mttl prepare` only: drop the key and prepare with "
                                   f"`{PREPARE_ONLY_KEYS[raw_key]}`")
             key, value = _resolve_alias(raw_key, value)
             if key is None:
-                warnings.warn(f"config key '{raw_key}' (from {source}) has no effect in mttl, as in the reference; ignored")
+                warnings.warn(f"config key '{raw_key}' (from {source}) has no effect in mttl, as in the reference; "
+                              "ignored")
                 continue
             if key not in known:
                 raise ConfigError(_unknown_key_message(raw_key, source, known))
@@ -258,7 +428,11 @@ class Config:
             return self.label_smoothing
         return 0.1 if self.dataset == "ni" else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self, sectioned: bool = False) -> dict:
+        """{key: value}, or with `sectioned` {section: {key: value}} in SECTIONS order."""
+        if sectioned:
+            return {name: {f.name: getattr(self, f.name) for f in fields(section)}
+                    for name, section in SECTIONS.items()}
         return {k: getattr(self, k) for k in self.field_names()}
 
     def overridden_dict(self) -> dict:
@@ -280,7 +454,7 @@ class Config:
         (they stay at their defaults) and its paths are not expanded: a `$VAR` in it would
         otherwise copy this shell's environment, credentials included, into the configs saved
         from it."""
-        data = _read_json(Path(path))
+        data = flatten_sections(_read_json(Path(path)), str(path))
         overridden = set(data.pop("_overridden", []))
         # run folders of earlier versions saved the data-shaping keys with the rest
         for key in (*SECURITY_KEYS, *PREPARE_ONLY_KEYS):
@@ -363,6 +537,32 @@ def _resolve_alias(key: str, value: Any) -> tuple[str | None, Any]:
     return key, value
 
 
+def flatten_sections(values: dict, source: str) -> dict:
+    """Flat {key: value} from a mapping whose keys may be grouped by section ({"training": {...}}),
+    as config files may be written; a key under another section than its own is refused."""
+    flat: dict = {}
+    for key, value in values.items():
+        if key not in SECTIONS or not isinstance(value, dict):
+            if key in SECTIONS and key not in KEY_SECTIONS:
+                raise ConfigError(f"config section '{key}' (from {source}) must be an object of key: value pairs, "
+                                  f"got {value!r}")
+            if key in flat:
+                raise ConfigError(f"config key '{key}' (from {source}) is given twice (flat and in its section); "
+                                  "keep one")
+            flat[key] = value
+            continue
+        for inner, inner_value in value.items():
+            owner = KEY_SECTIONS.get(canonical_key(inner))
+            if owner is not None and owner != key:
+                raise ConfigError(f"config key '{inner}' (from {source}) belongs to section '{owner}', not '{key}'; "
+                                  f"move it to \"{owner}\" (or write it flat)")
+            if inner in flat:
+                raise ConfigError(f"config key '{inner}' (from {source}) is given twice (flat and in its section); "
+                                  "keep one")
+            flat[inner] = inner_value
+    return flat
+
+
 def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
@@ -380,7 +580,8 @@ def _expand(value: str, key: str, source: str) -> str:
     try:
         return os.path.expanduser(string.Template(value).substitute(os.environ))
     except KeyError as err:
-        raise ConfigError(f"config key '{key}' (from {source}) uses ${err.args[0]}, which is not set in the environment; export it or write the path out") from None
+        raise ConfigError(f"config key '{key}' (from {source}) uses ${err.args[0]}, which is not set in the "
+                          "environment; export it or write the path out") from None
     except ValueError as err:
         raise ConfigError(f"config key '{key}' (from {source}) has a bad $-expression in {value!r}: {err}") from None
 
@@ -439,7 +640,8 @@ VALUE_RULES: dict[str, _Rule] = {
     "max_failures": _at_least(0, or_value=-1, meaning="retry without limit"), "uniform_interp_steps": _at_least(0),
     "num_shots": _at_least(1), "eval_every_epochs": _at_least(1), "max_concurrent_trials": _at_least(1),
     "asha_grace_period": _at_least(1), "asha_reduction_factor": _at_least(2),
-    "device_memory_gb": _above(0), "worker_start_timeout_s": _above(0), "collective_timeout_s": _above(0), "data_timeout_s": _above(0),
+    "device_memory_gb": _above(0), "worker_start_timeout_s": _above(0), "collective_timeout_s": _above(0),
+    "data_timeout_s": _above(0),
     "mc_loss": _at_least(0), "unlikely_loss": _at_least(0), "length_norm": _at_least(0),
 }
 
@@ -498,7 +700,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     except (TypeError, ValueError, OverflowError):
         expected = {"bool": "True or False", "float": "a finite number", "list": "a list"}.get(
             type_name.split(" ")[0], type_name.split(" ")[0])
-        raise ConfigError(f"config key '{key}' (from {source}) must be {expected}, got {value!r}{_example_hint(f)}") from None
+        raise ConfigError(f"config key '{key}' (from {source}) must be {expected}, got "
+                          f"{value!r}{_example_hint(f)}") from None
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         allowed = [c for c in choices if c is not None]
@@ -523,7 +726,8 @@ def _coerce_use_gpu(value: Any, f: dataclasses.Field, source: str) -> bool | str
             return "auto"
         if text in ("true", "false", "1", "0", "yes", "no"):
             return text in ("true", "1", "yes")
-    raise ConfigError(f"config key 'use_gpu' (from {source}) must be auto, True or False, got {value!r}{_example_hint(f)}")
+    raise ConfigError(f"config key 'use_gpu' (from {source}) must be auto, True or False, got "
+                      f"{value!r}{_example_hint(f)}")
 
 
 def _example_hint(f: dataclasses.Field) -> str:
@@ -569,7 +773,8 @@ def find_config_file(name: str) -> Path:
             if (folder / n).is_file():
                 return folder / n
     searched = ", ".join(str(d) for d in config_search_dirs())
-    raise ConfigError(f"config file '{name}' not found (looked in the current folder and {searched}); give a path or a name from `mttl configs`")
+    raise ConfigError(f"config file '{name}' not found (looked in the current folder and {searched}); give a "
+                      "path or a name from `mttl configs`")
 
 
 def _read_json(path: Path) -> dict:
@@ -578,7 +783,8 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except json.JSONDecodeError as err:
-        raise ConfigError(f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); fix the file") from None
+        raise ConfigError(f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
+                          f"{err.msg}); fix the file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); give a JSON config file") from None
     except (IsADirectoryError, PermissionError) as err:

@@ -11,7 +11,8 @@ HELP = "list ready-made configs, or print the merged config for -c/-k"
 DESCRIPTION = HELP + """
 
 Without options, lists the config files that -c finds by name. With -c and/or -k, prints the
-configuration a training command would use (defaults < files left to right < -k).
+configuration a training command would use (defaults < files left to right < -k), grouped by
+section (a config file may be written the same way, or flat).
 
 Examples:
   mttl configs
@@ -29,7 +30,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.show or args.config_files or flat_kwargs(args):
         cfg = load_config(args.config_files, flat_kwargs(args))
-        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        print(json.dumps(cfg.to_dict(sectioned=True), indent=2, default=str))
         return 0
     for folder in config_search_dirs():
         if folder.is_dir():

@@ -1,30 +1,24 @@
 """Generates docs/configuration.md from `mttl/config.py`: every key's type, default, environment
-variable, help text and example, grouped by the section comments of `Config`, plus the accepted
-aliases, the reference's no-effect keys and its data keys that are `mttl prepare` options here.
+variable, help text and example, grouped by the sections of `Config` (`SECTIONS`), plus the
+accepted aliases, the reference's no-effect keys and its data keys that are `mttl prepare` options.
 
     python -m mttl.docs_gen            # rewrite docs/configuration.md
     python -m mttl.docs_gen --check    # exit 1 when the committed file is out of date
 
-Defaults are read from the source (the literal given to `_f`), not from a `Config()` instance,
-so keys whose default honours an environment variable document the default, not this shell.
+Defaults are the declared ones (`metadata["default"]`), not those of a `Config()` instance, so keys
+whose default honours an environment variable document the default, not this shell.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
-import re
 import sys
 from dataclasses import fields
-from pathlib import Path
 
-from mttl import config as config_module
-from mttl.config import (ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, Config,
+from mttl.config import (ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, SECTIONS,
                          atomic_write_text)
 
 OUTPUT = REPO_ROOT / "docs" / "configuration.md"
-SECTION_COMMENT = re.compile(r"#\s*-{3,}\s*(?P<title>[^-].*?)\s*$")
 
 INTRO = """\
 # Configuration reference
@@ -44,33 +38,11 @@ entry points) reads one configuration, merged in this order:
 result. Path keys expand `~` and `$VARIABLES`. A key set by a file or `-k` counts as overridden:
 fine-tuning takes architecture keys from the checkpoint's config unless you override them.
 Unknown keys are an error that names the closest known key.
+
+Keys are grouped in sections below. A config file may be flat (`{"learning_rate": 1e-3}`) or nest
+keys under their section (`{"training": {"learning_rate": 1e-3}}`); `mttl configs --show` prints
+the sectioned form, while run folders save config.json flat.
 """
-
-
-def _declared_defaults() -> dict[str, object]:
-    """Each field's default as written in the class body: the first argument of `_f(...)`."""
-    tree = ast.parse(inspect.getsource(Config))
-    defaults = {}
-    for node in tree.body[0].body:
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "_f"):
-            defaults[node.target.id] = ast.literal_eval(node.value.args[0])
-    return defaults
-
-
-def _sections() -> list[tuple[str, list[str]]]:
-    """(section title, field names) in source order, from the `# ---- title` comments."""
-    sections: list[tuple[str, list[str]]] = []
-    public = set(Config.field_names())
-    for line in inspect.getsource(Config).splitlines():
-        match = SECTION_COMMENT.search(line)
-        if match:
-            sections.append((match.group("title"), []))
-            continue
-        name = line.strip().split(":", 1)[0]
-        if sections and name in public and re.match(rf"\s+{name}\s*:", line):
-            sections[-1][1].append(name)
-    return [(title, names) for title, names in sections if names]
 
 
 def _code(value) -> str:
@@ -102,25 +74,24 @@ def _row(f, default) -> str:
 
 
 def render() -> str:
-    by_name = {f.name: f for f in fields(Config)}
-    defaults = _declared_defaults()
     out = [INTRO]
-    sections = _sections()
     out.append("## Sections\n")
-    out += [f"- [{title}](#{re.sub(r'[^a-z0-9 -]', '', title.lower()).replace(' ', '-')})" for title, _ in sections]
+    out += [f"- [{name}](#{name}): {(section.__doc__ or '').strip()}" for name, section in SECTIONS.items()]
     out.append("")
-    for title, names in sections:
-        out.append(f"## {title}\n")
+    for name, section in SECTIONS.items():
+        out.append(f"## {name}\n")
+        out.append(f"{(section.__doc__ or '').strip()}\n")
         out.append("| key | type | default | env var | meaning | example |")
         out.append("|---|---|---|---|---|---|")
-        out += [_row(by_name[name], defaults[name]) for name in names]
+        out += [_row(f, f.metadata["default"]) for f in fields(section)]
         out.append("")
     out.append("## Accepted aliases\n")
     out.append("The reference system's key names keep working; each is read as the current key.\n")
     out.append("| alias | read as |")
     out.append("|---|---|")
     for alias, target in sorted(ALIASES.items()):
-        meaning = f"`{target}`" if target else "`router_granularity`: `True` → `finegrained`, `False` → `coarsegrained`"
+        meaning = (f"`{target}`" if target
+                   else "`router_granularity`: `True` → `finegrained`, `False` → `coarsegrained`")
         out.append(f"| `{alias}` | {meaning} |")
     out.append("")
     out.append("Values of `model_modifier`: " + ", ".join(
@@ -142,7 +113,8 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mttl.docs_gen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help=f"compare with {OUTPUT.relative_to(REPO_ROOT)} instead of writing it; exit 1 when they differ")
+                        help=f"compare with {OUTPUT.relative_to(REPO_ROOT)} instead of writing it; "
+                             "exit 1 when they differ")
     args = parser.parse_args(argv)
     text = render()
     if args.check:

@@ -23,9 +23,9 @@ from types import ModuleType
 
 from dataclasses import fields
 
-from mttl.adapters.registry import is_routed
 from mttl.config import Config
 from mttl.errors import ConfigError, MttlError
+from mttl.finetune.type_table import finetune_type
 
 SPACES_PACKAGE = "tune_spaces"
 
@@ -57,18 +57,8 @@ def load_space(name_or_path: str) -> ModuleType:
 
 
 def default_space_name(cfg: Config) -> str:
-    """The space matching `finetune_type` and the model: Z → *_z, MuZ → mhr_mu, F → full, …"""
-    routed = is_routed(cfg.model_modifier)
-    family = "mhr" if cfg.n_splits > 1 else "poly"
-    if cfg.finetune_type == "F":
-        return "full"
-    if cfg.finetune_type == "Z":
-        return f"{family}_z"
-    if cfg.finetune_type == "MuZ":
-        return "mhr_mu"
-    if routed:
-        return family
-    return "ia3" if cfg.model_modifier == "ia3" else "lora"
+    """The space the finetune type's table row names for the model: Z → *_z, MuZ → mhr_mu, F → full, …"""
+    return finetune_type(cfg.finetune_type).default_space(cfg.model_modifier, cfg.n_splits)
 
 
 # ------------------------------------------------------------------------------------ trials

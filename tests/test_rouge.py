@@ -71,8 +71,10 @@ def test_grouped_metrics_per_category():
 
 
 def test_aggregate_median_over_seeds_then_mean_over_tasks():
-    rows = [{"task": "cb", "seed": s, "evaluation": "best_val", "value": v} for s, v in [(0, 50.0), (1, 70.0), (2, 60.0)]]
-    rows += [{"task": "rte", "seed": s, "evaluation": "best_val", "value": v} for s, v in [(0, 40.0), (1, 10.0), (2, 90.0)]]
+    rows = [{"task": "cb", "seed": s, "evaluation": "best_val", "value": v}
+            for s, v in [(0, 50.0), (1, 70.0), (2, 60.0)]]
+    rows += [{"task": "rte", "seed": s, "evaluation": "best_val", "value": v}
+             for s, v in [(0, 40.0), (1, 10.0), (2, 90.0)]]
     rows += [{"task": "rte", "seed": 0, "evaluation": "test", "value": 0.0}]
     out = aggregate(rows)
     assert out["per_task"] == {"cb": 60.0, "rte": 40.0}

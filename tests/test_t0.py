@@ -157,13 +157,14 @@ def test_mixture_rows_become_dataset_or_template_tasks(tmp_path):
         assert meta["role"] == "train" and meta["metric"] == "rouge"
         assert meta["rows"] == {"train": n - min(100, n // 10), "validation": min(100, n // 10)}
     written = shards.read_rows(tmp_path / "datasets").to_pylist()
-    assert Counter((r["source"], r["target"]) for r in written) == Counter((r["source"].strip(), r["target"].strip()) for r in rows)
+    assert (Counter((r["source"], r["target"]) for r in written)
+            == Counter((r["source"].strip(), r["target"].strip()) for r in rows))
 
     per_template = prepare_t0(source, out=tmp_path / "templates", use_t0_templates_as_tasks=True,
                               max_train_per_task=50)
     by_template = Counter(rows_t["template"] for rows_t in rows)
-    expected_names = {("glue_mrpc/" + t[len("glue_mrpc_"):]) if t.startswith("glue_mrpc_") else "ag_news/" + t[len("ag_news_"):]
-                      for t in by_template}
+    expected_names = {("glue_mrpc/" + t[len("glue_mrpc_"):]) if t.startswith("glue_mrpc_")
+                      else "ag_news/" + t[len("ag_news_"):] for t in by_template}
     assert set(per_template["tasks"]) == expected_names
     for name, meta in per_template["tasks"].items():
         n = by_template[name.replace("/", "_")]
@@ -178,7 +179,8 @@ def test_raw_dataset_rendered_with_every_template(tmp_path):
             for i in range(30)]
     (source / "glue_mrpc" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     manifest = prepare_t0(source, out=tmp_path / "out", use_t0_templates_as_tasks=True)
-    raw = yaml.load((source / "promptsource_templates/glue/mrpc/templates.yaml").read_text(), Loader=_PlainLoader)["templates"]
+    raw = yaml.load((source / "promptsource_templates/glue/mrpc/templates.yaml").read_text(),
+                    Loader=_PlainLoader)["templates"]
     n_paraphrase = sum(r["label"] == 1 for r in data)
     for template in raw.values():
         task = "glue_mrpc/" + re.sub(r"\W+", "_", template["name"])
@@ -199,7 +201,8 @@ templates:
   s1: !Template
     answer_choices: '{{sentence_quiz1}} ||| {{sentence_quiz2}}'
     id: s1
-    jinja: '{{input_sentence_1}} {{input_sentence_2}} {{input_sentence_3}} {{input_sentence_4}} What happens next? ||| {{answer_choices[answer_right_ending | int - 1]}}'
+    jinja: '{{input_sentence_1}} {{input_sentence_2}} {{input_sentence_3}} {{input_sentence_4}} What happens next?
+      ||| {{answer_choices[answer_right_ending | int - 1]}}'
     metadata: !TemplateMetadata
       choices_in_prompt: false
       metrics: [Accuracy]
@@ -250,7 +253,8 @@ def _cb_source(tmp_path, rows=None, template_text=None):
     source = tmp_path / "source"
     (source / "heldout_eval" / "super_glue_cb").mkdir(parents=True)
     rows = rows if rows is not None else _lines(root / "heldout_eval" / "super_glue_cb" / "validation.jsonl.gz")[:5]
-    (source / "heldout_eval" / "super_glue_cb" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (source / "heldout_eval" / "super_glue_cb" / "validation.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
     templates = source / "promptsource_templates" / "super_glue" / "cb"
     templates.mkdir(parents=True)
     text = (root / "promptsource_templates" / "super_glue" / "cb" / "templates.yaml").read_text()

@@ -52,7 +52,8 @@ def test_train_and_test_tasks_become_the_documented_splits(tmp_path):
     assert row["target"] == "ans train 0" and row["references"] == ["ans train 0", "alt 0"]
     validation = [r["source"] for r in rows if r["task_name"] == "quoref" and r["split"] == "validation"]
     assert validation == [f"[quoref] quoref dev s100 {i}" for i in range(4)]
-    train_sources = Counter(r["source"].split()[-2] for r in rows if r["task_name"] == "ag_news" and r["split"] == "train")
+    train_sources = Counter(r["source"].split()[-2] for r in rows
+                            if r["task_name"] == "ag_news" and r["split"] == "train")
     assert train_sources == {f"s{seed}": 4 for seed in SEEDS}
     assert not any(r["task_name"] == "ag_news" and r["split"] == "test" for r in rows)
 

@@ -31,7 +31,8 @@ class AdaptedLinear(nn.Module):
             raise TypeError(f"can only adapt nn.Linear or Conv1D layers, got {type(base).__name__}")
         # Conv1D stores its weight as [d_in, d_out]; nn.Linear as [d_out, d_in].
         self.conv1d = isinstance(base, Conv1D)
-        self.in_features, self.out_features = (base.nx, base.nf) if self.conv1d else (base.in_features, base.out_features)
+        self.in_features, self.out_features = ((base.nx, base.nf) if self.conv1d
+                                               else (base.in_features, base.out_features))
         self.weight = base.weight
         self.bias = base.bias
 

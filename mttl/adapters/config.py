@@ -1,44 +1,86 @@
 """`AdapterConfig`: the adapter and routing settings of one model, independent of the run config.
 
-It owns the mapping from the run `Config` keys (and the reference's modifier names) onto the
-settings the adapter layers read, and its JSON form stored next to saved adapters.
+It owns the one definition of each adapter key: every field names its run-config key (`key`
+metadata; the run `Config`'s adapters section is built from these fields, with their defaults,
+allowed values and help), and the JSON form stored next to saved adapters (field names).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
-from mttl.adapters.registry import GRANULARITIES, MODIFIERS, SELECTORS, is_routed
+from mttl.adapters.registry import GRANULARITIES, LAYER_KINDS, MODIFIERS, ROUTERS, SELECTORS, is_routed
 from mttl.errors import ConfigError
+
+
+def _key(config_key: str, default: Any, help: str, *, choices: list | None = None, run_type: str | None = None,
+         run_default: Any = MISSING):
+    """An adapter setting read from the run-config key `config_key` (help text and allowed values
+    shared with it). `run_type`/`run_default`: the run key's own type and default where they differ."""
+    meta = {"key": config_key, "help": help, "choices": choices}
+    if run_type is not None:
+        meta["run_type"] = run_type
+    if run_default is not MISSING:
+        meta["run_default"] = run_default
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class AdapterConfig:
-    modifier: str | None = None
-    rank: int = 16
-    alpha: float = 1.0
-    dropout: float = 0.0
-    n_skills: int = 8
-    n_splits: int = 1
-    n_tasks: int = 1
-    selector: str = "poly"
-    granularity: str = "finegrained"
-    relaxed_bernoulli: bool = True
-    straight_through: bool = False
-    shared_skill: bool = False
-    average_correction: bool = False
-    logits_dropout: float = 0.0
-    l2_norm: bool = False
-    randb_init: bool = False
-    kaiming_init: bool = False
-    warmup: bool = False
-    modify_modules: str = ".*SelfAttention|.*EncDecAttention|.*DenseReluDense"
-    modify_layers: str = "q|k|v|o|wi|wi_0|wi_1|wo"
-    trainable_param_names: str = ".*"
-    non_trainable_param_names: str | None = None
-    arrow_top_k: int = 3
-    arrow_temperature: float = 1.0
+    modifier: str | None = _key("model_modifier", None, "Adapter type: " + ", ".join(
+        f"{k} ({v.help})" for k, v in LAYER_KINDS.items()) + ", or none. Example: -k model_modifier=poly",
+                                choices=list(MODIFIERS))
+    rank: int = _key("lora_rank", 16, "Rank r of each LoRA skill. Example: -k lora_rank=1")
+    alpha: float = _key("lora_alpha", 1.0, "LoRA scaling numerator: the update is (alpha / r)·B A x. "
+                        "Example: -k lora_alpha=16")
+    dropout: float = _key("lora_dropout", 0.0, "Dropout on the adapter input. Example: -k lora_dropout=0.1")
+    n_skills: int = _key("n_skills", 8, "K: skills in each layer's inventory. Example: -k n_skills=4")
+    n_splits: int = _key("n_splits", 1, "S: routing heads per layer (1 = Poly, >1 = MHR). Must divide the adapted "
+                         "layers' in and out dims. Example: -k n_splits=16")
+    n_tasks: int = _key("n_tasks", 1, "Routing rows; set from the data. Example: -k n_tasks=313",
+                        run_type="int | None", run_default=None)
+    selector: str = _key("router_selector", "poly", "Router: " + ", ".join(
+        f"{k} ({v.help})" for k, v in ROUTERS.items()) + " (`poly_selector` accepted). "
+        "Example: -k router_selector=average", choices=list(SELECTORS))
+    granularity: str = _key("router_granularity", "finegrained", "Routers shared by: finegrained (each layer), "
+                            "coarsegrained (whole model), coderwise, blockwise, layerwise (`poly_granularity`, "
+                            "`finegrained=True|False` accepted). Example: -k router_granularity=blockwise",
+                            choices=list(GRANULARITIES))
+    relaxed_bernoulli: bool = _key("module_logits_relaxed_bernoulli", True, "Training samples routing from a relaxed "
+                                   "Bernoulli (τ=1). Example: -k module_logits_relaxed_bernoulli=False")
+    straight_through: bool = _key("module_logits_straight_through", False, "Routing forward = round(σ(z)) with "
+                                  "σ(z)'s gradient. Example: -k module_logits_straight_through=True")
+    shared_skill: bool = _key("poly_use_shared_skill", False, "Last skill always active for every task. "
+                              "Example: -k poly_use_shared_skill=True")
+    average_correction: bool = _key("poly_average_correction", False, "Weights = p·√S/√K instead of normalising "
+                                    "over skills. Example: -k poly_average_correction=True")
+    logits_dropout: float = _key("module_logits_dropout", 0.0, "Dropout on routing probabilities during training (off "
+                                 "at eval). Example: -k module_logits_dropout=0.1")
+    l2_norm: bool = _key("module_logits_l2_norm", False, "Routing weights = z/‖z‖₂ over skills instead of "
+                         "normalised sigmoids. Example: -k module_logits_l2_norm=True")
+    randb_init: bool = _key("lora_randb_init", False, "Initialise B like A instead of zeros (adapter is not a no-op at "
+                            "start). Example: -k lora_randb_init=True")
+    kaiming_init: bool = _key("lora_kaiming_init", False, "Kaiming-uniform init per head and skill block of A. "
+                              "Example: -k lora_kaiming_init=True")
+    warmup: bool = _key("lora_warmup", False, "Scale the adapter output by min(step/10000, 1) during training. "
+                        "Example: -k lora_warmup=True")
+    modify_modules: str = _key("modify_modules", ".*SelfAttention|.*EncDecAttention|.*DenseReluDense", "Regex the full "
+                               "dotted name of a parent module must fully match for its children to be adapted "
+                               "(`lora_modules` accepted). Example: -k modify_modules='.*SelfAttention'")
+    modify_layers: str = _key("modify_layers", "q|k|v|o|wi|wi_0|wi_1|wo", "Regex a child's local name must fully match "
+                              "to be adapted (`lora_layers` accepted). Example: -k modify_layers='q|v'")
+    trainable_param_names: str = _key("trainable_param_names", ".*", "Regex: parameters whose full name matches are "
+                                      "trained, the rest frozen. "
+                                      "Example: -k trainable_param_names='.*lora_[ab].*|.*module_logits.*'")
+    non_trainable_param_names: str | None = _key(
+        "non_trainable_param_names", None, "Regex: parameters matching it stay frozen even if trainable_param_names "
+        "matches. Example: -k non_trainable_param_names='.*layer_norm.*'")
+    arrow_top_k: int = _key("arrow_top_k", 3, "router_selector=arrow: experts mixed per token (the k highest "
+                            "|x·prototype|). Example: -k arrow_top_k=2")
+    arrow_temperature: float = _key("arrow_temperature", 1.0, "router_selector=arrow: softmax temperature over the "
+                                    "top-k |x·prototype| scores. Example: -k arrow_temperature=0.5")
 
     def __post_init__(self):
         if self.modifier == "poly_lora":
@@ -53,10 +95,13 @@ class AdapterConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            allowed, value = f.metadata["choices"], getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                also = " or None" if None in allowed else ""
+                raise ConfigError(f"{f.metadata['key']} must be one of {[c for c in allowed if c is not None]}{also}, "
+                                  f"got {value!r}")
         checks = [
-            (self.modifier in MODIFIERS, f"model_modifier must be one of {[m for m in MODIFIERS if m]} or None, got {self.modifier!r}"),
-            (self.selector in SELECTORS, f"router_selector must be one of {list(SELECTORS)}, got {self.selector!r}"),
-            (self.granularity in GRANULARITIES, f"router_granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}"),
             (int(self.rank) >= 1, f"lora_rank must be >= 1, got {self.rank}"),
             (int(self.n_skills) >= 1, f"n_skills must be >= 1, got {self.n_skills}"),
             (int(self.n_splits) >= 1, f"n_splits must be >= 1, got {self.n_splits}"),
@@ -83,33 +128,10 @@ class AdapterConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "AdapterConfig":
-        """Read the adapter keys of a run `mttl.config.Config`."""
-        return cls(
-            modifier=cfg.model_modifier,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            n_skills=cfg.n_skills,
-            n_splits=cfg.n_splits,
-            n_tasks=cfg.n_tasks or 1,
-            selector=cfg.router_selector,
-            granularity=cfg.router_granularity,
-            relaxed_bernoulli=cfg.module_logits_relaxed_bernoulli,
-            straight_through=cfg.module_logits_straight_through,
-            shared_skill=cfg.poly_use_shared_skill,
-            average_correction=cfg.poly_average_correction,
-            logits_dropout=cfg.module_logits_dropout,
-            l2_norm=cfg.module_logits_l2_norm,
-            randb_init=cfg.lora_randb_init,
-            kaiming_init=cfg.lora_kaiming_init,
-            warmup=cfg.lora_warmup,
-            modify_modules=cfg.modify_modules,
-            modify_layers=cfg.modify_layers,
-            trainable_param_names=cfg.trainable_param_names,
-            non_trainable_param_names=cfg.non_trainable_param_names,
-            arrow_top_k=cfg.arrow_top_k,
-            arrow_temperature=cfg.arrow_temperature,
-        )
+        """Read the adapter keys of a run `mttl.config.Config` (each field's `key`)."""
+        values = {f.name: getattr(cfg, f.metadata["key"]) for f in dataclasses.fields(cls)}
+        values["n_tasks"] = values["n_tasks"] or 1  # unset until the data sets it: one routing row
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,7 +16,8 @@ class IA3Linear(AdaptedLinear):
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
-        self.multi_lora_b = nn.Parameter(torch.ones(self.out_features, device=self.weight.device, dtype=self.weight.dtype))
+        self.multi_lora_b = nn.Parameter(torch.ones(self.out_features, device=self.weight.device,
+                                                    dtype=self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)

@@ -1,7 +1,8 @@
 """Injection of adapters into any Hugging Face model, freezing, and optimizer parameter groups.
 
 `modify_model` wraps the matching linear layers in place with the layer kind the registry names
-for the modifier (one router per granularity group for routed modifiers), records the `AdapterConfig` on the model and freezes by the trainable regexes.
+for the modifier (one router per granularity group for routed modifiers), records the
+`AdapterConfig` on the model and freezes by the trainable regexes.
 `adapted_layers`, `selectors` and `adapter_tensors` enumerate what was injected.
 """
 

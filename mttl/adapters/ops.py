@@ -19,8 +19,8 @@ from mttl.errors import ConfigError
 def _poly_selectors(model: nn.Module, operation: str) -> list[PolySelector]:
     found = [s for s in selectors(model).values() if isinstance(s, PolySelector)]
     if not found:
-        raise ConfigError(f"{operation} needs learned routing (model_modifier poly/poly_ia3 with router_selector=poly); "
-                          f"this model has none")
+        raise ConfigError(f"{operation} needs learned routing (model_modifier poly/poly_ia3 with "
+                          "router_selector=poly); this model has none")
     return found
 
 

@@ -56,7 +56,8 @@ def _read_description(folder: Path) -> dict:
     try:
         description = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"'{path}' is not valid JSON ({err.msg}, line {err.lineno}); the save was damaged") from None
+        raise CheckpointError(f"'{path}' is not valid JSON ({err.msg}, line {err.lineno}); "
+                              "the save was damaged") from None
     if description.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not an mttl adapter description (format {description.get('format')!r})")
     return description

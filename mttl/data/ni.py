@@ -152,7 +152,8 @@ def read_split(source: Path, split: str) -> tuple[list[str], list[str]]:
                             "list task names only, e.g. task001_quoref_question_generation")
     both = sorted(set(names["train"]) & set(names["test"]))
     if both:
-        raise DataError(f"{folder}: task(s) {both[:3]} are in both train_tasks.txt and test_tasks.txt; keep each in one")
+        raise DataError(f"{folder}: task(s) {both[:3]} are in both train_tasks.txt and test_tasks.txt; "
+                        "keep each in one")
     return names["train"], names["test"]
 
 
@@ -259,7 +260,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-pos-examples", type=int, default=0,
                         help="positive examples shown in each prompt (default 0). Example: --num-pos-examples 2")
     parser.add_argument("--num-neg-examples", type=int, default=0,
-                        help="negative examples shown after the positive ones (default 0). Example: --num-neg-examples 1")
+                        help="negative examples shown after the positive ones (default 0). "
+                             "Example: --num-neg-examples 1")
     parser.add_argument("--use-task-descriptions", action=argparse.BooleanOptionalAction, default=True,
                         help="put 'Definition: …' into each prompt (default on). Example: --no-use-task-descriptions")
     parser.add_argument("--add-task-name", action="store_true",

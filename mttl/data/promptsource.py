@@ -130,7 +130,8 @@ def load_templates(path: str | Path) -> DatasetTemplates:
         raise TemplateError(f"{path} not found; --templates must be a promptsource templates folder "
                             "(<dataset>[/<subset>]/templates.yaml)") from None
     except yaml.YAMLError as err:
-        raise TemplateError(f"{path} is not valid template YAML ({' '.join(str(err).split())[:200]}); fix the file") from None
+        raise TemplateError(f"{path} is not valid template YAML ({' '.join(str(err).split())[:200]}); "
+                            "fix the file") from None
     if not isinstance(data, dict) or not isinstance(data.get("templates"), dict) or "dataset" not in data:
         raise TemplateError(f"{path} lacks 'dataset' or 'templates'; it is not a promptsource templates file")
     templates = []
@@ -215,7 +216,8 @@ class Renderer:
         """
         self._rng.seed(f"{self.seed}/{template.id}/{row_key}")
         if "answer_choices" in row:
-            raise TemplateError(f"{origin}: rows have a field named 'answer_choices', which templates reserve; rename it")
+            raise TemplateError(f"{origin}: rows have a field named 'answer_choices', which templates reserve; "
+                                "rename it")
         variables = _protect(row)
         try:
             choices = None
@@ -227,7 +229,8 @@ class Renderer:
             raise TemplateError(f"{where}: template {template.name!r} uses a field missing from {origin} "
                                 f"({err.message}); the rows do not match this dataset's templates") from None
         except jinja2.TemplateError as err:
-            raise TemplateError(f"{where}: template {template.name!r} fails on {origin} ({err}); fix the template") from None
+            raise TemplateError(f"{where}: template {template.name!r} fails on {origin} ({err}); "
+                                "fix the template") from None
         parts = output.split(SEPARATOR)
         source = _unprotect(parts[0])
         target = _unprotect(parts[1]) if len(parts) > 1 else ""

@@ -244,7 +244,8 @@ def read_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> dict:
     """
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise DataError(f"{path} not found: prepare the data first, e.g. `mttl prepare ni --source DIR --out {data_dir}`")
+        raise DataError(f"{path} not found: prepare the data first, e.g. "
+                        f"`mttl prepare ni --source DIR --out {data_dir}`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

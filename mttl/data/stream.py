@@ -119,7 +119,8 @@ def row_keys(task_names: list[str], instance_ids: list[str], sources: list[str],
         for t, i, s in zip(task_names, instance_ids, sources)], dtype=np.uint64)
 
 
-def _sampling_plan(data_dir, split: str, sizes: dict[str, int], counts: dict[str, int], seed: int) -> dict[str, tuple[int, int]]:
+def _sampling_plan(data_dir, split: str, sizes: dict[str, int], counts: dict[str, int],
+                   seed: int) -> dict[str, tuple[int, int]]:
     """Per task (q, threshold): every row is repeated q times, plus once more when its key < threshold.
 
     A task of n rows that must contribute m = q·n + r rows gets its r extra rows as the r smallest

@@ -255,16 +255,26 @@ def prepare_synthetic(out: str | Path, *, seed: int = 0, n_heldout: int = 6, row
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder. Example: --out data/shards/synthetic")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and of every row. Example: --seed 1")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the held-out choice and of every row. Example: --seed 1")
     parser.add_argument("--n-heldout", type=int, default=6, help="held-out compositions. Example: --n-heldout 4")
-    parser.add_argument("--rows-per-task", type=int, default=1000, help="training rows per training composition. Example: --rows-per-task 500")
-    parser.add_argument("--warmup-rows-per-task", type=int, default=2000, help="training rows per warm-up task (copy and each primitive). Example: --warmup-rows-per-task 1000")
-    parser.add_argument("--validation-rows", type=int, default=100, help="validation rows per warm-up and training task. Example: --validation-rows 50")
-    parser.add_argument("--heldout-pool", type=int, default=200, help="rows per held-out task from which k-shot training sets are drawn. Example: --heldout-pool 100")
-    parser.add_argument("--heldout-validation", type=int, default=100, help="validation rows per held-out task. Example: --heldout-validation 50")
-    parser.add_argument("--heldout-test", type=int, default=200, help="test rows per held-out task. Example: --heldout-test 500")
+    parser.add_argument("--rows-per-task", type=int, default=1000,
+                        help="training rows per training composition. Example: --rows-per-task 500")
+    parser.add_argument("--warmup-rows-per-task", type=int, default=2000,
+                        help="training rows per warm-up task (copy and each primitive). "
+                             "Example: --warmup-rows-per-task 1000")
+    parser.add_argument("--validation-rows", type=int, default=100,
+                        help="validation rows per warm-up and training task. Example: --validation-rows 50")
+    parser.add_argument("--heldout-pool", type=int, default=200,
+                        help="rows per held-out task from which k-shot training sets are drawn. "
+                             "Example: --heldout-pool 100")
+    parser.add_argument("--heldout-validation", type=int, default=100,
+                        help="validation rows per held-out task. Example: --heldout-validation 50")
+    parser.add_argument("--heldout-test", type=int, default=200,
+                        help="test rows per held-out task. Example: --heldout-test 500")
     parser.add_argument("--max-heldout-agreement", type=float, default=0.1,
-                        help="a held-out composition agrees with its nearest training task or primitive on fewer than this fraction of probes. Example: --max-heldout-agreement 0.05")
+                        help="a held-out composition agrees with its nearest training task or primitive on fewer than "
+                             "this fraction of probes. Example: --max-heldout-agreement 0.05")
 
 
 def prepare_from_args(args: argparse.Namespace) -> dict:

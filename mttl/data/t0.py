@@ -45,7 +45,8 @@ from mttl.data import shards
 from mttl.data.promptsource import DatasetTemplates, Renderer, Template, find_template_files, load_templates
 from mttl.errors import DataError
 
-SOURCE_HELP = "T0/P3 from a folder like ../shared/data/t0 (held-out eval, T-Few few-shot files, training mixture) with promptsource templates"
+SOURCE_HELP = ("T0/P3 from a folder like ../shared/data/t0 (held-out eval, T-Few few-shot files, training mixture) "
+               "with promptsource templates")
 
 HELDOUT_EVAL = "heldout_eval"
 HELDOUT_FEWSHOT = "heldout_fewshot"
@@ -152,7 +153,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({err.msg}); fix or remove the line") from None
+                    raise DataError(f"{path}: line {number} is not valid JSON ({err.msg}); "
+                                    "fix or remove the line") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}: line {number} is not a JSON object")
                 yield number, row
@@ -217,7 +219,8 @@ def _render_heldout(task: str, spec: HeldoutTask, templates: DatasetTemplates, c
         for template in chosen:
             key = f"{task}/{split}/{index}/{template.id}"
             try:
-                out = renderer.render(template, row, row_key=key, where=templates.path, origin=f"{path} row {index + 1}")
+                out = renderer.render(template, row, row_key=key, where=templates.path,
+                                      origin=f"{path} row {index + 1}")
             except _ROW_ERRORS as err:
                 skips.add(templates, template, f"render error ({type(err).__name__})")
                 continue
@@ -285,7 +288,8 @@ def prepare_t0(source: str | Path, templates: str | Path | None = None, out: str
     unknown = sorted(set(tasks or []) - set(HELDOUT_TASKS))
     if unknown:
         raise DataError(f"unknown T0 held-out task(s) {unknown} in --tasks; known: {', '.join(HELDOUT_TASKS)}")
-    args = {"source": str(source), "templates": str(templates_dir), "use_t0_templates_as_tasks": use_t0_templates_as_tasks,
+    args = {"source": str(source), "templates": str(templates_dir),
+            "use_t0_templates_as_tasks": use_t0_templates_as_tasks,
             "storycloze_dir": str(storycloze_dir) if storycloze_dir else None, "tasks": tasks, "seed": seed,
             "max_train_per_task": max_train_per_task, "validation_per_task": validation_per_task,
             "examples_per_dataset": examples_per_dataset}
@@ -332,7 +336,8 @@ def _load_dataset_templates(key: str, template_files: dict[str, Path], renderer:
     if key not in template_files:
         close = difflib.get_close_matches(key, list(template_files), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
-        raise DataError(f"unknown dataset {key!r} for {wanted_by}: no templates.yaml for it in the templates folder{hint}")
+        raise DataError(f"unknown dataset {key!r} for {wanted_by}: no templates.yaml for it in the templates "
+                        f"folder{hint}")
     templates = load_templates(template_files[key])
     for template in templates.templates:
         renderer.check(template, templates.path)
@@ -368,13 +373,15 @@ def _plan_heldout(plan: _Plan, source: Path, template_files: dict[str, Path], re
             path = _jsonl_file(eval_root / spec.eval_folder, spec.eval_split)
             if path is not None:
                 parts.append(("test", path, [row for _, row in read_jsonl(path)]))
-        for path in sorted((fewshot_root / task).glob("*_shot/*_seed.jsonl*")) if (fewshot_root / task).is_dir() else []:
+        fewshot_files = (fewshot_root / task).glob("*_shot/*_seed.jsonl*") if (fewshot_root / task).is_dir() else []
+        for path in sorted(fewshot_files):
             match = FEWSHOT_FILE.search(path.relative_to(fewshot_root / task).as_posix())
             if match:
                 parts.append((f"fewshot_k{match.group(1)}_seed{match.group(2)}", path,
                               [row for _, row in read_jsonl(path)]))
         if not parts:
-            reason = f"no {HELDOUT_EVAL}/{spec.eval_folder}/{spec.eval_split}.jsonl[.gz] and no {HELDOUT_FEWSHOT}/{task}/ files"
+            reason = (f"no {HELDOUT_EVAL}/{spec.eval_folder}/{spec.eval_split}.jsonl[.gz] and no "
+                      f"{HELDOUT_FEWSHOT}/{task}/ files")
             if wanted:
                 raise DataError(f"held-out task {task} was asked for in --tasks but {source} has {reason}")
             plan.skipped["absent"][task] = reason
@@ -384,7 +391,8 @@ def _plan_heldout(plan: _Plan, source: Path, template_files: dict[str, Path], re
         if not chosen:
             raise DataError(f"{templates.path}: no original-task templates for held-out task {task}")
         if not any(split == "test" for split, _, _ in parts):
-            plan.skipped["absent"][f"{task}:test"] = f"no {HELDOUT_EVAL}/{spec.eval_folder}/{spec.eval_split}.jsonl[.gz]"
+            plan.skipped["absent"][f"{task}:test"] = (f"no {HELDOUT_EVAL}/{spec.eval_folder}/"
+                                                      f"{spec.eval_split}.jsonl[.gz]")
         plan.tasks[task] = {"role": "test", "metric": "accuracy", "dataset": templates.key,
                             "rows_per_instance": len(chosen), "templates": [_template_meta(t) for t in chosen]}
         for split, path, rows in parts:
@@ -457,7 +465,8 @@ def _plan_raw_datasets(plan: _Plan, source: Path, template_files: dict[str, Path
                        skips: _Skips, per_template: bool, examples_per_dataset: int = EXAMPLES_PER_DATASET) -> None:
     """`<source>/<dataset>/train.jsonl[.gz]`: its first `per_template_cap` rows rendered with every
     template of that dataset that is not in `TASK_BLACKLIST`."""
-    heldout_keys = {spec.templates_key for spec in HELDOUT_TASKS.values()} | {spec.eval_folder for spec in HELDOUT_TASKS.values()}
+    heldout_keys = ({spec.templates_key for spec in HELDOUT_TASKS.values()}
+                    | {spec.eval_folder for spec in HELDOUT_TASKS.values()})
     for folder in sorted(p for p in source.iterdir() if p.is_dir() and p.name not in RESERVED_FOLDERS):
         path = _jsonl_file(folder, "train")
         if path is None:
@@ -494,23 +503,32 @@ def _plan_raw_datasets(plan: _Plan, source: Path, template_files: dict[str, Path
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="folder laid out like ../shared/data/t0. Example: --source ../shared/data/t0")
-    parser.add_argument("--templates", default=None, help="promptsource templates folder. Default: <source>/promptsource_templates. Example: --templates ../shared/data/t0/promptsource_templates")
+    parser.add_argument("--source", required=True,
+                        help="folder laid out like ../shared/data/t0. Example: --source ../shared/data/t0")
+    parser.add_argument("--templates", default=None,
+                        help="promptsource templates folder. Default: <source>/promptsource_templates. "
+                             "Example: --templates ../shared/data/t0/promptsource_templates")
     parser.add_argument("--out", required=True, help="output folder. Example: --out data/shards/t0")
     parser.add_argument("--use-t0-templates-as-tasks", action="store_true",
-                        help="one training task per (dataset, template), named <dataset>/<template>. Example: --use-t0-templates-as-tasks")
+                        help="one training task per (dataset, template), named <dataset>/<template>. "
+                             "Example: --use-t0-templates-as-tasks")
     parser.add_argument("--storycloze-dir", default=os.environ.get("STORYCLOZE_DIR"),
-                        help="folder with the official StoryCloze 2016 CSV files. Default: $STORYCLOZE_DIR. Example: --storycloze-dir ~/storycloze")
+                        help="folder with the official StoryCloze 2016 CSV files. Default: $STORYCLOZE_DIR. "
+                             "Example: --storycloze-dir ~/storycloze")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
-                        help=f"held-out tasks to prepare (default: all present; one of {', '.join(HELDOUT_TASKS)}). Example: --tasks cb rte")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the choice filter and the validation draw. Example: --seed 13")
-    parser.add_argument("--max-train-per-task", type=int, default=None, help="cap on training rows per training task. Example: --max-train-per-task 1000")
+                        help=f"held-out tasks to prepare (default: all present; one of {', '.join(HELDOUT_TASKS)}). "
+                             "Example: --tasks cb rte")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the choice filter and the validation draw. Example: --seed 13")
+    parser.add_argument("--max-train-per-task", type=int, default=None,
+                        help="cap on training rows per training task. Example: --max-train-per-task 1000")
     parser.add_argument("--examples-per-dataset", type=int, default=EXAMPLES_PER_DATASET,
                         help="training rows per dataset, split evenly over its templates (each renders the same "
                              "first min(rows, N // templates) rows), as the reference's T0 mixture. Default: 500000. "
                              "Example: --examples-per-dataset 50000")
     parser.add_argument("--validation-per-task", type=int, default=100,
-                        help="validation rows per training task (at most 10%% of its rows). Example: --validation-per-task 50")
+                        help="validation rows per training task (at most 10%% of its rows). "
+                             "Example: --validation-per-task 50")
 
 
 def prepare_from_args(args: argparse.Namespace) -> dict:

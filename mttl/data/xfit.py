@@ -157,11 +157,12 @@ def prepare_xfit(source: str | Path, out: str | Path, *, partition: str | Path, 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, metavar="DIR",
-                        help="CrossFit data folder holding one folder per task. Example: --source data/xfit_data/processed")
+                        help="CrossFit data folder holding one folder per task. "
+                             "Example: --source data/xfit_data/processed")
     parser.add_argument("--partition", required=True, metavar="FILE",
                         help='JSON {"train": [...], "dev": [...], "test": [...]} of task names. '
-                             "A bare name is also looked up in the repository's data/xfit/ (random.json: CrossFit's random "
-                             "split, 120/20/20 tasks). Example: --partition random.json")
+                             "A bare name is also looked up in the repository's data/xfit/ (random.json: CrossFit's "
+                             "random split, 120/20/20 tasks). Example: --partition random.json")
     parser.add_argument("--descriptions", default=None, metavar="FILE",
                         help='JSON {task: description} used with --use-task-descriptions. '
                              "Example: --descriptions xfit_descriptions.json")

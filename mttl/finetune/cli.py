@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from mttl.cli import add_config_arguments, flat_kwargs
 from mttl.config import load_config
+from mttl.finetune.type_table import FINETUNE_TYPES
 
-HELP = "few-shot adaptation of a pre-trained run to held-out tasks (types F, A, Z, MuZ, PolyRand, Poly)"
+HELP = f"few-shot adaptation of a pre-trained run to held-out tasks (types {', '.join(FINETUNE_TYPES)})"
+TYPES = "\n".join(f"  {t.name:<9}trains {t.trains}; starts from {t.starting_point}" for t in FINETUNE_TYPES.values())
 DESCRIPTION = HELP + """
 
 Every seed of `seeds` is trained on num_shots examples of the task, validated every
@@ -25,6 +27,9 @@ On T0 data, keys you do not set take the reference's T0 few-shot values (those o
 mttl/configs/t0/finetune.json and t0/<task>.json): Adafactor at lr 3e-3, 1,000 steps, batch 8,
 length-normalised rank classification (length_norm=1) and the T-Few losses (mc_loss=1,
 unlikely_loss=1); ANLI tasks default to 32 shots. NI trains with label_smoothing 0.1.
+
+Finetune types (finetune_type; unset = Poly):
+""" + TYPES + """
 
 Examples:
   mttl finetune -k checkpoint=output/t0_mhr finetune_task_name=rte finetune_type=Z

@@ -1,19 +1,11 @@
 """Finetune types: which checkpoint settings a few-shot run inherits and which weights it trains.
 
-| type            | weights trained                      | starting point                                  |
-|-----------------|--------------------------------------|-------------------------------------------------|
-| `F`             | everything                           | checkpoint (routed: a fresh routing row)        |
-| `A`             | adapters                             | checkpoint; fresh LoRA/(IA)³ from the current config when it has none |
-| `Z`             | the new task's routing logits        | checkpoint + a fresh routing row (Poly-z/MHR-z) |
-| `MuZ`           | adapters                             | checkpoint, routing replaced by the average (MHR-µ) |
-| `PolyRand`      | as `trainable_param_names` says      | the backbone with freshly initialised adapters  |
-| `Poly` / None   | as `trainable_param_names` says      | checkpoint + a fresh routing row (Poly/MHR)     |
-
-Architecture keys come from the checkpoint's config unless the user set them (`was_overridden`),
-as the reference's ARGS_TO_OVERWRITE; learning rates are never inherited. On T0 data the keys the
-user did not set then take the reference's T0 few-shot values (`mttl.finetune.presets`).
+What each type trains and starts from is the table `mttl.finetune.type_table.FINETUNE_TYPES`; this
+module builds the model it describes. Architecture keys come from the checkpoint's config unless
+the user set them (`was_overridden`), as the reference's ARGS_TO_OVERWRITE; learning rates are
+never inherited. On T0 data the keys the user did not set then take the reference's T0 few-shot
+values (`mttl.finetune.presets`).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +16,7 @@ import torch
 from mttl.adapters.registry import ROUTED_MODIFIERS
 from mttl.config import Config
 from mttl.errors import CheckpointError, ConfigError
+from mttl.finetune.type_table import FINETUNE_TYPE_CHOICES, finetune_type
 
 # The reference's ARGS_TO_OVERWRITE in this repo's key names, plus the keys that rebuild the same
 # backbone and tokenizer (tiny-t5 size, tokenizer, LoRA scaling) and find the held-out data. Its
@@ -40,9 +33,6 @@ INHERITED_KEYS = (
 # The (IA)³ recipe (T-Few; the reference's t0/ia3.json): scale keys, values and the FFN's first
 # branch only, whatever layers the checkpoint's own (absent) adapters would have used.
 IA3_MODULES, IA3_LAYERS = ".*SelfAttention|.*EncDecAttention|.*DenseReluDense", "k|v|wi_1.*"
-ADAPTER_PARAMS = ".*lora_[ab].*"  # LoRA A/B, routed skills, (IA)³ scales (`multi_lora_b`)
-ROUTING_PARAMS = ".*module_logits.*"
-FINETUNE_TYPES = ("F", "A", "Z", "MuZ", "PolyRand", "Poly", None)
 
 
 @dataclass
@@ -71,9 +61,10 @@ def finetune_config(run_cfg: Config, cfg: Config) -> Config:
     kind = cfg.finetune_type
     merged = inherit_checkpoint_config(run_cfg, cfg)
     routed = merged.model_modifier in ROUTED_MODIFIERS
-    if kind in ("Z", "MuZ") and not routed:
+    if finetune_type(kind).needs_routed_checkpoint and not routed:
         raise ConfigError(f"finetune_type={kind} needs a routed checkpoint (model_modifier poly/poly_ia3), but "
-                          f"'{cfg.checkpoint}' has model_modifier={merged.model_modifier!r}; use finetune_type=A or None")
+                          f"'{cfg.checkpoint}' has model_modifier={merged.model_modifier!r}; "
+                          "use finetune_type=A or None")
     if kind == "A":
         if run_cfg.model_modifier in ROUTED_MODIFIERS:
             raise ConfigError(f"finetune_type=A is for lora/ia3 or full-model checkpoints, but '{cfg.checkpoint}' "
@@ -82,16 +73,15 @@ def finetune_config(run_cfg: Config, cfg: Config) -> Config:
             raise ConfigError(f"finetune_type=A adds adapters to '{cfg.checkpoint}', which has none: "
                               "set -k model_modifier=ia3 (or lora), e.g. -c t0/ia3.json")
         if merged.model_modifier in ROUTED_MODIFIERS:
-            raise ConfigError(f"finetune_type=A trains lora/ia3 adapters, got model_modifier={merged.model_modifier}; "
-                              "use finetune_type=PolyRand for fresh routed adapters")
+            raise ConfigError(f"finetune_type=A trains lora/ia3 adapters, got model_modifier="
+                              f"{merged.model_modifier}; use finetune_type=PolyRand for fresh routed adapters")
         if run_cfg.model_modifier is None and merged.model_modifier == "ia3":
             for key, value in (("modify_modules", IA3_MODULES), ("modify_layers", IA3_LAYERS)):
                 if not cfg.was_overridden(key):
                     setattr(merged, key, value)
-    if not cfg.was_overridden("trainable_param_names"):
-        merged.trainable_param_names = {
-            "F": ".*", "Z": ROUTING_PARAMS, "A": ADAPTER_PARAMS, "MuZ": ADAPTER_PARAMS,
-        }.get(kind, merged.trainable_param_names)
+    trainable = finetune_type(kind).trainable_param_names
+    if trainable is not None and not cfg.was_overridden("trainable_param_names"):
+        merged.trainable_param_names = trainable
     return merged
 
 
@@ -113,8 +103,9 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
     from mttl.models.run import FINAL_DIR, backbone_source, build_routed_model, resolve_run_dir
     from mttl.models.tokenizer import load_tokenizer
 
-    if cfg.finetune_type not in FINETUNE_TYPES:
-        raise ConfigError(f"finetune_type={cfg.finetune_type!r} is not one of {[t for t in FINETUNE_TYPES if t]} or None")
+    if cfg.finetune_type not in FINETUNE_TYPE_CHOICES:
+        raise ConfigError(f"finetune_type={cfg.finetune_type!r} is not one of "
+                          f"{[t for t in FINETUNE_TYPE_CHOICES if t]} or None")
     if not cfg.checkpoint:
         raise ConfigError("fine-tuning needs a pre-trained run: -k checkpoint=$output_dir/$run_name")
     run_dir = resolve_run_dir(cfg.checkpoint_path())
@@ -125,14 +116,15 @@ def load_for_finetuning(cfg: Config) -> FinetuneModel:
     backbone = backbone_source(run_cfg, run_dir)
     tokenizer = load_tokenizer(merged.tokenizer, model=backbone, cache_dir=merged.cache_dir)
     model = build_routed_model(merged, tokenizer, backbone=backbone, dtype=device.backbone_dtype(merged))
+    kind = finetune_type(cfg.finetune_type)
     same_adapters = merged.model_modifier == run_cfg.model_modifier and run_cfg.model_modifier is not None
-    if cfg.finetune_type != "PolyRand" and same_adapters:
+    if not kind.fresh_adapters and same_adapters:
         if not (run_dir / FINAL_DIR / "adapters.json").is_file():
             raise CheckpointError(f"run folder '{run_dir}' has no {FINAL_DIR}/adapters.json; finish the run first")
         load_adapters(model, run_dir / FINAL_DIR)
     if merged.model_modifier in ROUTED_MODIFIERS:
         learned = adapter_config(model).selector == "poly"  # a switch_to_avg_modules run saved the average
-        if cfg.finetune_type == "MuZ":
+        if kind.average_routing:
             if learned:
                 ops.switch_to_average(model)
         elif learned:
@@ -156,4 +148,5 @@ def set_trainable(model: torch.nn.Module, trainable: str, frozen: str | None) ->
 
     freeze(base_model(model), trainable, frozen)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"trainable_param_names={trainable!r} matches no parameter of the fine-tuned model; fix the regex")
+        raise ConfigError(f"trainable_param_names={trainable!r} matches no parameter of the fine-tuned model; "
+                          "fix the regex")

@@ -53,8 +53,9 @@ def _from_hub(name: str, *, key: str, cache_dir):
                           f"-k tokenizer={BYTE}") from None
     except OSError as err:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise ConfigError(f"{key} '{name}' is no local folder and could not be loaded from the Hugging Face Hub{offline}: "
-                          f"{str(err).splitlines()[0]}; give a local folder (-k tokenizer=PATH) or -k tokenizer={BYTE}") from None
+        raise ConfigError(f"{key} '{name}' is no local folder and could not be loaded from the Hugging Face "
+                          f"Hub{offline}: {str(err).splitlines()[0]}; give a local folder (-k tokenizer=PATH) "
+                          f"or -k tokenizer={BYTE}") from None
 
 
 def _first_line(err: BaseException) -> str:
