@@ -46,8 +46,9 @@ def zero3_gather_limits(cfg: Config, largest_layer: int) -> dict:
     gathered layer of a sub-billion backbone until the step ends: the partition plus the whole
     model, more than ZeRO-0 holds."""
     live = int(cfg.zero3_live_parameters or 2 * largest_layer)
+    # the gradient reduce bucket too: DeepSpeed's 5e8 elements are 2 GB (fp32) allocated per worker
     return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
-            "stage3_prefetch_bucket_size": max(live // 2, 1)}
+            "stage3_prefetch_bucket_size": max(live // 2, 1), "reduce_bucket_size": live}
 
 
 def largest_layer_params(model) -> int:
