@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from mttl.adapters import AdapterConfig, modify_model  # noqa: E402
-from mttl.config import atomic_write_text  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.models.backbone import tiny_t5_config  # noqa: E402
 from mttl.models.routed import RoutedModel  # noqa: E402
 

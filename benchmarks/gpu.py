@@ -54,7 +54,7 @@ if torch.cuda.is_available() and not DS_ACCELERATOR_GIVEN and "--dry" not in sys
     # _env picks DeepSpeed's CPU accelerator for the CPU benchmarks; here DeepSpeed must find the GPU
     os.environ.pop("DS_ACCELERATOR", None)
 
-from mttl.config import atomic_write_text  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.plan import T5_V1_1_SHAPES, T5_VOCAB as VOCAB  # noqa: E402
 
 OUT = _env.OUT

@@ -76,8 +76,7 @@ def finetune_configs(base: Config, backbone_run: Path, runs: dict[str, Path], fi
 
 
 def summarise(ft_runs: dict[str, Path]) -> dict:
-    from mttl.evaluation.metrics import aggregate
-    from mttl.finetune.loop import read_results
+    from mttl.run_folder import aggregate, read_results
 
     out = {}
     for label, path in ft_runs.items():

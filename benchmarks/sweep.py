@@ -30,7 +30,8 @@ from pathlib import Path
 from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environment
 
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
-from mttl.config import Config, atomic_write_text, load_config  # noqa: E402
+from mttl.config import Config, load_config  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.sweep import OBJECTIVE, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
 
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100

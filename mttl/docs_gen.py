@@ -17,11 +17,9 @@ import inspect
 import re
 import sys
 from dataclasses import fields
-from pathlib import Path
 
-from mttl import config as config_module
-from mttl.config import (ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, Config,
-                         atomic_write_text)
+from mttl.config import ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, Config
+from mttl.run_folder import atomic_write_text
 
 OUTPUT = REPO_ROOT / "docs" / "configuration.md"
 SECTION_COMMENT = re.compile(r"#\s*-{3,}\s*(?P<title>[^-].*?)\s*$")

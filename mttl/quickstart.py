@@ -105,7 +105,7 @@ def method_config(cfg: Config, method: str, adapters_run: Path, backbone_run: Pa
 
 def held_out(adapters_run: Path) -> list[str]:
     from mttl.evaluation.zeroshot import held_out_tasks
-    from mttl.finetune.loop import resolve_data_dir
+    from mttl.data.locate import resolve_data_dir
 
     return held_out_tasks(resolve_data_dir(Config.load(adapters_run / "config.json")))
 
@@ -151,8 +151,7 @@ def adapt_all(configs: dict[str, Config], tasks: list[str], started: float) -> d
 
 def results_table(runs: dict[str, Path]) -> str:
     """Test exact match per held-out task (median over seeds) and the mean over tasks, per method."""
-    from mttl.evaluation.metrics import aggregate
-    from mttl.finetune.loop import read_results
+    from mttl.run_folder import aggregate, read_results
 
     summaries = {m: aggregate(read_results(path), "test") for m, path in runs.items()}
     tasks = sorted({t for s in summaries.values() for t in s["per_task"]})

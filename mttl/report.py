@@ -14,12 +14,10 @@ alone, and an existing non-empty folder without the marker is refused.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
 import statistics
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,8 @@ import numpy as np
 
 from mttl.errors import DataError, MttlError
 from mttl.paths import check_out_dir
+from mttl.run_folder import (ADAPTERS_FILE, CONFIG_FILE, FINAL_DIR, METRICS_FILE, RESULTS_CSV, RESULTS_FILE, aggregate,
+                             atomic_write_text, make_staging, read_json, read_jsonl, remove_stale_staging, write_csv)
 
 HELP = "write Markdown/CSV tables and PNG figures (routing heatmaps, learning curves) for runs"
 DESCRIPTION = """\
@@ -77,40 +77,9 @@ class Run:
         return [label for present, label in found if present]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a text file (not UTF-8); fix or remove the file") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number} is not a JSON object; fix or remove that line")
-        rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); fix or remove the file") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a text file (not UTF-8); fix or remove the file") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} must hold a JSON object, got {type(data).__name__}; fix or remove the file")
-    return data
-
-
 def _is_run_folder(path: Path) -> bool:
-    markers = ["metrics.jsonl", "results.jsonl", "final/adapters.safetensors"]
-    return any((path / m).is_file() for m in markers) or _is_sweep_csv(path / "results.csv")
+    markers = [METRICS_FILE, RESULTS_FILE, f"{FINAL_DIR}/{ADAPTERS_FILE}"]
+    return any((path / m).is_file() for m in markers) or _is_sweep_csv(path / RESULTS_CSV)
 
 
 def _is_sweep_csv(path: Path) -> bool:
@@ -131,21 +100,21 @@ def read_run(path: str | os.PathLike) -> Run:
             f"'{path}' is not a run folder: expected metrics.jsonl or final/adapters.safetensors (pre-training), "
             f"results.jsonl (fine-tuning) or results.csv with a trial_id column (sweep); pass the run's own folder")
     run = Run(path=path, name=path.resolve().name)
-    if (path / "config.json").is_file():
-        run.config = _read_json(path / "config.json")
-    if (path / "metrics.jsonl").is_file():
-        run.metrics = _read_jsonl(path / "metrics.jsonl")
-    if (path / "final" / "adapters.safetensors").is_file():
-        run.adapters_file = path / "final" / "adapters.safetensors"
-    if (path / "results.jsonl").is_file():
-        run.results = _read_jsonl(path / "results.jsonl")
+    if (path / CONFIG_FILE).is_file():
+        run.config = read_json(path / CONFIG_FILE)
+    if (path / METRICS_FILE).is_file():
+        run.metrics = read_jsonl(path / METRICS_FILE)
+    if (path / FINAL_DIR / ADAPTERS_FILE).is_file():
+        run.adapters_file = path / FINAL_DIR / ADAPTERS_FILE
+    if (path / RESULTS_FILE).is_file():
+        run.results = read_jsonl(path / RESULTS_FILE)
         for number, row in enumerate(run.results, 1):
             missing = RESULT_FIELDS - row.keys()
             if missing:
-                raise DataError(f"{path / 'results.jsonl'} line {number} lacks {sorted(missing)}; the file must come "
+                raise DataError(f"{path / RESULTS_FILE} line {number} lacks {sorted(missing)}; the file must come "
                                 "from `mttl finetune` or `mttl evaluate`")
-    if _is_sweep_csv(path / "results.csv"):
-        with (path / "results.csv").open(newline="") as handle:
+    if _is_sweep_csv(path / RESULTS_CSV):
+        with (path / RESULTS_CSV).open(newline="") as handle:
             run.trials = list(csv.DictReader(handle))
     return run
 
@@ -252,7 +221,7 @@ def _synthetic_manifest(run: Run) -> dict | None:
     data_dir = run.config.get("data_dir")
     if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
         return None
-    manifest = _read_json(Path(data_dir) / "manifest.json")
+    manifest = read_json(Path(data_dir) / "manifest.json")
     tasks = manifest.get("tasks", {})
     return tasks if any("skills" in meta for meta in tasks.values()) else None
 
@@ -320,8 +289,6 @@ def method_label(run_name: str, finetune_type) -> str:
 def aggregate_results(runs: list[Run]) -> tuple[list[dict], list[dict]]:
     """Fine-tuning rows → (per task: median over seeds; per method: mean and population std over
     tasks of those medians), for each run × finetune_type × metric × evaluation."""
-    from mttl.evaluation.metrics import aggregate  # imports torch: kept out of `mttl report --help`
-
     groups = defaultdict(list)
     for run in runs:
         for row in run.results:
@@ -524,15 +491,6 @@ def _markdown_table(rows: list[dict], columns: list[str] | None = None, cap: int
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.write_text(buffer.getvalue())
-
-
 def _wide_table(per_task: list[dict], evaluation: str, metric: str) -> list[dict]:
     """task rows x method columns of per-task medians, for one evaluation and metric."""
     methods = list(dict.fromkeys(r["method"] for r in per_task if r["evaluation"] == evaluation and r["metric"] == metric))
@@ -558,7 +516,8 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, max_
     out = check_out_dir(out, example="--out report")
     previous = previous_report_files(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_staging(out)
+    tmp = make_staging(out)
     try:
         (tmp / "figures").mkdir()
         _write_report(runs, tmp, max_heads)
@@ -567,7 +526,6 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, max_
             _replace_files(tmp, out, written, previous or set())
         else:
             _write_marker(tmp, written)
-            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the report is an ordinary folder
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -599,9 +557,7 @@ def _inside(relative: str) -> bool:
 
 
 def _write_marker(folder: Path, files: list[str]) -> None:
-    tmp = folder / f"{REPORT_MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    os.replace(tmp, folder / REPORT_MARKER)
+    atomic_write_text(folder / REPORT_MARKER, json.dumps({"files": files}, indent=1) + "\n")
 
 
 def _replace_files(staging: Path, out: Path, written: list[str], previous: set[str]) -> None:
@@ -629,8 +585,8 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
 
     per_task, per_method = aggregate_results(runs)
     if per_task:
-        _write_csv(folder / "results_per_task.csv", per_task)
-        _write_csv(folder / "results_per_method.csv", per_method)
+        write_csv(folder / "results_per_task.csv", per_task)
+        write_csv(folder / "results_per_method.csv", per_method)
         md.append("## Fine-tuning results\n")
         md.append("Per task: median over seeds. Per method: mean (population std) over tasks of those medians. "
                   "Full tables: `results_per_task.csv`, `results_per_method.csv`.\n")
@@ -647,7 +603,7 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
 
     sweeps = best_trials(runs)
     if sweeps:
-        _write_csv(folder / "sweep_best.csv", sweeps)
+        write_csv(folder / "sweep_best.csv", sweeps)
         md.append("## Sweeps\n")
         md.append("Per study: the complete trial with the highest validation mean over seeds, its test mean, and "
                   "the median validation mean over all complete trials. `sweep_best.csv` holds the same.\n")
@@ -657,17 +613,17 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
     pretrain_runs = [r for r in runs if r.metrics and not r.results]
     if pretrain_runs:
         summaries = [curve_summary(r) for r in pretrain_runs]
-        _write_csv(folder / "training_summary.csv", summaries)
+        write_csv(folder / "training_summary.csv", summaries)
         curves = [{"run": r.name, "step": s, "loss": v} for r in pretrain_runs for s, v in zip(*series(r.metrics, "loss"))]
         curves += [{"run": r.name, "step": s, "val_loss": v} for r in pretrain_runs for s, v in zip(*series(r.metrics, "val_loss"))]
-        _write_csv(folder / "training_curves.csv", curves)
+        write_csv(folder / "training_curves.csv", curves)
         md.append("## Pre-training\n")
         md.append("Losses as logged in `metrics.jsonl` (speeds are means over logged steps). "
                   "Curves as numbers: `training_curves.csv`.\n")
         md.append(_markdown_table(summaries))
         task_losses = [row for r in pretrain_runs for row in per_task_val_loss(r)]
         if task_losses:
-            _write_csv(folder / "val_loss_per_task.csv", task_losses)
+            write_csv(folder / "val_loss_per_task.csv", task_losses)
             md.append("\n### Validation loss per task (last evaluation)\n")
             md.append(_markdown_table(task_losses))
     curve_figures = [(run, f"{run.name}_curves.png") for run in runs if run.metrics]
@@ -689,13 +645,13 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
                   f"Numbers (heads averaged): `routing_{run.name}.csv`.\n")
         rows = [{"group": group, "task": task, **{f"skill_{k}": round(float(w), 6) for k, w in enumerate(weights[t].mean(axis=0))}}
                 for group, weights in routing.groups.items() for t, task in enumerate(routing.task_names)]
-        _write_csv(folder / f"routing_{run.name}.csv", rows)
+        write_csv(folder / f"routing_{run.name}.csv", rows)
         for name, caption in plot_routing(run.name, routing, folder / "figures", max_heads):
             md.append(f"![{caption}](figures/{name})\n")
         meta = _synthetic_manifest(run)
         alignment = skill_alignment(routing, meta) if meta else None
         if alignment:
-            _write_csv(folder / f"skills_{run.name}.csv", alignment["per_task"])
+            write_csv(folder / f"skills_{run.name}.csv", alignment["per_task"])
             md.append(f"### Does the routing pick the skills each task is built from? ({run.name})\n")
             md.append(SKILL_ALIGNMENT_MEASURE)
             md.append(_markdown_table(alignment["pairs"]))

@@ -16,10 +16,9 @@ under the config's `precision` (`mttl.device`).
 
 from __future__ import annotations
 
-import statistics
 import string
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,18 +216,3 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], task_id: int, metric: 
 
 
 # ------------------------------------------------------------------------------ aggregation
-def aggregate(results: Iterable[dict], evaluation: str = "best_val") -> dict:
-    """Median over seeds per task, then mean over tasks, for rows of one `evaluation` kind.
-
-    `results` are `results.jsonl` rows (`task`, `seed`, `evaluation`, `value`). Returns
-    {'per_task': {task: median}, 'mean': mean of the medians, 'std': population std across tasks}.
-    """
-    by_task = defaultdict(list)
-    for row in results:
-        if row["evaluation"] == evaluation:
-            by_task[row["task"]].append(float(row["value"]))
-    per_task = {task: statistics.median(values) for task, values in sorted(by_task.items())}
-    medians = list(per_task.values())
-    return {"per_task": per_task,
-            "mean": statistics.fmean(medians) if medians else float("nan"),
-            "std": statistics.pstdev(medians) if medians else float("nan")}

@@ -35,9 +35,11 @@ def evaluate_checkpoint(cfg: Config) -> tuple[Path, dict]:
     from mttl.adapters import ops
     from mttl.adapters.inject import adapter_config
     from mttl.data.fewshot import eval_rows
-    from mttl.finetune.loop import resolve_data_dir, run_dir_for, task_info, write_results
+    from mttl.data.locate import resolve_data_dir
+    from mttl.data.shards import task_info
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import load_run
+    from mttl.run_folder import run_dir_for, write_results
 
     # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
     target = device.resolve_device(cfg)
