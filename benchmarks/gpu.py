@@ -322,7 +322,7 @@ def section_finetune(args, device: torch.device, run: Path, work: Path, data: Pa
     from mttl.cli import main
     from mttl.config import load_config
     from mttl.data.fewshot import eval_rows
-    from mttl.evaluation.metrics import rank_classification
+    from mttl.evaluation.predict import rank_classification
     from mttl.models.run import load_run
 
     steps, use_gpu = args.finetune_steps, str(not args.dry)

@@ -1,4 +1,4 @@
-"""A finished run's adapters in formats other tools load (the command line is `export_cli.py`).
+"""A finished run's adapters in formats other tools load (the command line is `mttl.cli.export`).
 
 - `peft`: the whole Poly/MHR inventory and routing as a PEFT `poly` adapter folder
   (`PeftModel.from_pretrained(base, DIR)`; call it with `task_ids=`).

@@ -17,7 +17,8 @@ from statistics import fmean
 
 from mttl.config import Config
 from mttl.errors import ConfigError
-from mttl.evaluation.metrics import SCORE_KEYS, evaluate_rows, task_metric
+from mttl.evaluation.metrics import SCORE_KEYS, task_metric
+from mttl.evaluation.predict import evaluate_rows
 
 SEEN, AVERAGE, ARROW = "seen_routing", "average_routing", "arrow_routing"
 

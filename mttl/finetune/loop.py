@@ -37,8 +37,8 @@ from mttl.config import Config
 from mttl.data.locate import resolve_data_dir
 from mttl.device import Precision, for_model
 from mttl.errors import ConfigError, DataError
-from mttl.evaluation.metrics import (SCORE_KEYS, encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
-                                     is_multiple_choice, task_metric)
+from mttl.evaluation.metrics import SCORE_KEYS, is_multiple_choice, task_metric
+from mttl.evaluation.predict import encode_choice_batch, encode_sources, encode_targets, evaluate_rows
 from mttl.finetune.losses import lm_loss, multiple_choice_loss
 from mttl.finetune.types import FinetuneModel, checkpoint_finetune_config, load_for_finetuning
 from mttl.run_folder import read_results, run_dir_for, write_results
