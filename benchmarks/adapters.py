@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from mttl.adapters import AdapterConfig, modify_model  # noqa: E402
-from mttl.config import atomic_write_text  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.models.backbone import tiny_t5_config  # noqa: E402
 from mttl.models.routed import RoutedModel  # noqa: E402
 
@@ -151,7 +151,7 @@ def make_batch(vocab: int, batch_size: int, source_len: int, target_len: int, de
 
 def per_choice_logprobs(model, task_ids, input_ids, attention_mask, choice_labels) -> torch.Tensor:
     """The baseline: encoder and decoder run again for every choice."""
-    from mttl.evaluation.metrics import IGNORE_INDEX
+    from mttl.evaluation.predict import IGNORE_INDEX
 
     columns = []
     for c in range(choice_labels.shape[1]):
@@ -189,7 +189,7 @@ def bench_backbone(name: str, args, device: str, dtype: torch.dtype) -> dict:
 
 def bench_choice_scoring(mhr, config, batch: dict, args, dtype: torch.dtype) -> dict:
     """Evaluation mode, no gradients, one single-task batch: encoder once vs per-choice recompute."""
-    from mttl.evaluation.metrics import choice_token_logprobs
+    from mttl.evaluation.predict import choice_token_logprobs
 
     device = args.device
     generator = torch.Generator().manual_seed(2)

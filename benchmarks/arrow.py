@@ -31,7 +31,7 @@ from mttl.config import Config
 from mttl.data.fewshot import eval_rows
 from mttl.data.shards import read_manifest, read_rows
 from mttl.data.synthetic import prepare_synthetic
-from mttl.evaluation.metrics import encode_sources, encode_targets, evaluate_rows
+from mttl.evaluation.predict import encode_sources, encode_targets, evaluate_rows
 from mttl.models.backbone import load_backbone
 from mttl.models.routed import RoutedModel
 from mttl.models.tokenizer import load_tokenizer

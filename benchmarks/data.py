@@ -28,7 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mttl.config import Config, atomic_write_text  # noqa: E402
+from mttl.config import Config  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.data import stream  # noqa: E402
 from mttl.data.ni import prepare_ni  # noqa: E402
 from mttl.data.shards import read_manifest, read_rows  # noqa: E402

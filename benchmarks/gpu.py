@@ -54,7 +54,7 @@ if torch.cuda.is_available() and not DS_ACCELERATOR_GIVEN and "--dry" not in sys
     # _env picks DeepSpeed's CPU accelerator for the CPU benchmarks; here DeepSpeed must find the GPU
     os.environ.pop("DS_ACCELERATOR", None)
 
-from mttl.config import atomic_write_text  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.plan import T5_V1_1_SHAPES, T5_VOCAB as VOCAB  # noqa: E402
 
 OUT = _env.OUT
@@ -322,7 +322,7 @@ def section_finetune(args, device: torch.device, run: Path, work: Path, data: Pa
     from mttl.cli import main
     from mttl.config import load_config
     from mttl.data.fewshot import eval_rows
-    from mttl.evaluation.metrics import rank_classification
+    from mttl.evaluation.predict import rank_classification
     from mttl.models.run import load_run
 
     steps, use_gpu = args.finetune_steps, str(not args.dry)

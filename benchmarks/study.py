@@ -28,7 +28,7 @@ from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environme
 
 from mttl.config import Config, load_config  # noqa: E402
 from mttl.quickstart import FINETUNE, adapt_all, held_out  # noqa: E402
-from mttl.train import cli as pretrain_cli  # noqa: E402
+from mttl.train import recipe as pretrain_recipe  # noqa: E402
 
 ROUTED = {"poly": {"n_splits": 1}, "mhr": {"n_splits": 4}}
 LORA = {"model_modifier": "lora", "trainable_param_names": ".*lora_[ab].*"}
@@ -42,7 +42,7 @@ def pretrain_all(base: Config, methods: list[str], backbone_steps: int, started:
     from mttl.train.loop import pretrain
 
     say(started, f"phase one: the tiny T5 on the warm-up tasks, {backbone_steps} steps")
-    phase_one = pretrain_cli.backbone_phase_config(base)
+    phase_one = pretrain_recipe.backbone_phase_config(base)
     phase_one.update({"total_steps": backbone_steps, "eval_every": max(backbone_steps // 4, 1),
                       "save_every": max(backbone_steps // 2, 1)}, source="study")
     backbone_run = pretrain(phase_one, roles=("warmup",))
@@ -76,8 +76,7 @@ def finetune_configs(base: Config, backbone_run: Path, runs: dict[str, Path], fi
 
 
 def summarise(ft_runs: dict[str, Path]) -> dict:
-    from mttl.evaluation.metrics import aggregate
-    from mttl.finetune.loop import read_results
+    from mttl.run_folder import aggregate, read_results
 
     out = {}
     for label, path in ft_runs.items():
@@ -127,7 +126,7 @@ def main() -> None:
     # the embedded default as the command's defaults (not as user settings): phase one replaces them
     base = load_config(None, {"n_skills": 8, "output_dir": str(args.out), "run_name": "study", "total_steps": steps,
                               "eval_every": max(steps // 4, 1), "save_every": steps, "log_every": 50},
-                       base=pretrain_cli.DEFAULTS)
+                       base=pretrain_recipe.DEFAULTS)
     backbone_run, runs = pretrain_all(base, args.methods.split(","), backbone_steps, started)
     # the quick start's few-shot settings, 3 seeds and the zero-shot pass (the routing's starting point)
     finetune_keys = {**FINETUNE, "seeds": seeds, "do_zs": True, **({"total_steps": 10} if args.quick else {})}

@@ -30,7 +30,8 @@ from pathlib import Path
 from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environment
 
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
-from mttl.config import Config, atomic_write_text, load_config  # noqa: E402
+from mttl.config import Config, load_config  # noqa: E402
+from mttl.run_folder import atomic_write_text  # noqa: E402
 from mttl.sweep import OBJECTIVE, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
 
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100
@@ -50,7 +51,7 @@ PRETRAIN_QUICK_STEPS = 200  # phase two of the default (phase one runs twice tha
 
 def pretrained_checkpoint(root: Path, quick: bool) -> Path:
     """The embedded default of `mttl pretrain` (two phases on the synthetic suite) under `root`."""
-    from mttl.train.cli import DEFAULTS, pretrain_default
+    from mttl.train.recipe import DEFAULTS, pretrain_default
 
     changes = {"output_dir": str(root / "runs"), "cache_dir": str(root / "cache"), "run_name": "bench_poly",
                "tensorboard": False}
@@ -151,7 +152,7 @@ def main() -> None:
         if cfg.checkpoint:
             checkpoint = f"given: {cfg.checkpoint}"
         else:
-            from mttl.train.cli import BACKBONE_STEP_FACTOR, DEFAULTS
+            from mttl.train.recipe import BACKBONE_STEP_FACTOR, DEFAULTS
 
             started = time.perf_counter()
             cfg.checkpoint = str(pretrained_checkpoint(tmp, args.quick))

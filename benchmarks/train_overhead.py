@@ -24,7 +24,7 @@ from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environme
 import torch  # noqa: E402
 
 from mttl.config import Config  # noqa: E402
-from mttl.tracking import read_metrics  # noqa: E402
+from mttl.run_folder import read_metrics  # noqa: E402
 
 TASKS = ["caesar>reverse", "double>rotate", "novowel>upper", "reverse>swapfirst", "rotate>double", "upper>swapfirst"]
 

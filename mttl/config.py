@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 from mttl.adapters.config import AdapterConfig
 from mttl.errors import ConfigError
 from mttl.finetune.type_table import FINETUNE_TYPE_CHOICES, finetune_type_help
+from mttl.run_folder import atomic_write_text, read_json
 from mttl.tracking import absolute_tracking_uri
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -778,20 +779,8 @@ def find_config_file(name: str) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
-                          f"{err.msg}); fix the file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); give a JSON config file") from None
-    except (IsADirectoryError, PermissionError) as err:
-        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror}); give a readable JSON file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a JSON object of key: value pairs")
-    return data
+    return read_json(path, error=ConfigError, name=f"config file '{path}'",
+                     fix="fix the file or give another JSON config file of key: value pairs")
 
 
 def load_config(config_files: str | None = None, kwargs: Iterable[str] | dict | None = None,
@@ -808,13 +797,3 @@ def load_config(config_files: str | None = None, kwargs: Iterable[str] | dict | 
     if kwargs:
         cfg.update(kwargs if isinstance(kwargs, dict) else parse_kwargs(kwargs), source="-k")
     return cfg
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write next to the target, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

@@ -21,6 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
+from mttl.run_folder import LOGS_DIR
+
 # where a worker's line starts to be ours (the quick start's Ray tasks report with their own tag)
 MARKS = ("[mttl]", "[quickstart")
 # driver-side loggers whose console handlers move to the log file
@@ -36,8 +38,8 @@ def log_path() -> Path | None:
 
 def default_log_path(output_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
     if run_dir is not None:
-        return Path(run_dir) / "logs" / "internal.log"
-    return Path(output_dir) / "logs" / f"internal-{os.getpid()}.log"
+        return Path(run_dir) / LOGS_DIR / "internal.log"
+    return Path(output_dir) / LOGS_DIR / f"internal-{os.getpid()}.log"
 
 
 def send_internal_logs_to(path: str | os.PathLike, *, verbose: bool = False) -> Path | None:

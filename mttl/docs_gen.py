@@ -15,8 +15,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from mttl.config import (ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, SECTIONS,
-                         atomic_write_text)
+from mttl.config import ALIASES, MODIFIER_ALIASES, NO_EFFECT_KEYS, PREPARE_ONLY_KEYS, REPO_ROOT, SECTIONS
+from mttl.run_folder import atomic_write_text
 
 OUTPUT = REPO_ROOT / "docs" / "configuration.md"
 

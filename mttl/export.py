@@ -1,4 +1,4 @@
-"""A finished run's adapters in formats other tools load (the command line is `export_cli.py`).
+"""A finished run's adapters in formats other tools load (the command line is `mttl.cli.export`).
 
 - `peft`: the whole Poly/MHR inventory and routing as a PEFT `poly` adapter folder
   (`PeftModel.from_pretrained(base, DIR)`; call it with `task_ids=`).
@@ -15,7 +15,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,9 +24,7 @@ from mttl.adapters.ops import merge_task_into_base, remove_adapters, task_lora
 from mttl.adapters.routing import AverageSelector
 from mttl.errors import ConfigError
 from mttl.paths import check_out_dir
-from mttl.staging import make_staging, remove_stale_staging
-
-TASKS_FILE = "tasks.json"
+from mttl.run_folder import TASKS_FILE, staged_folder
 
 
 @contextlib.contextmanager
@@ -37,13 +34,8 @@ def _staged_folder(out: str | os.PathLike):
     if out.exists():
         raise ConfigError(f"--out '{out}' already exists; choose a new folder (exports never overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = make_staging(out)
-    try:
+    with staged_folder(out) as staging:
         yield staging
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _plain_copy(model: torch.nn.Module, base_model_name: str | None = None) -> torch.nn.Module:

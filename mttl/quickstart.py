@@ -1,4 +1,4 @@
-"""`mttl quickstart`: the whole pipeline on the embedded default, in one command.
+"""The quick start's pipeline (`mttl quickstart`): everything on the embedded default, in one call.
 
 1. prepare the synthetic skills suite into Parquet shards (reused when already there);
 2. pre-train on a local Ray cluster with DeepSpeed engines: phase one warms the tiny T5 up on the
@@ -15,20 +15,10 @@ seeds. `-k` keys set the pre-training (as `mttl pretrain`); `--finetune KEY=VALU
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from mttl.cli import add_config_arguments, flat_kwargs
-from mttl.config import Config, load_config, parse_kwargs
-
-HELP = "the whole pipeline on the synthetic suite: prepare, pre-train MHR, adapt (default, Z, MuZ, LoRA), report"
-DESCRIPTION = __doc__ + """
-examples:
-  mttl quickstart                                   # about 10 minutes on 2 CPU cores
-  mttl quickstart -k output_dir=runs total_steps=1000 --finetune seeds="[13, 42, 58]"
-  mttl quickstart -k n_splits=1 run_name=quickstart_poly   # Poly (one head) instead of MHR
-"""
+from mttl.config import Config, load_config
 
 RUN_NAME = "quickstart_mhr"
 # Pre-training on top of `mttl pretrain`'s embedded default: MHR, K = 8 skills (one or more per
@@ -50,31 +40,15 @@ METHODS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--finetune", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config keys for the few-shot runs (after the quick start's own: 32 shots, seeds 13 "
-                             "and 42, 100 steps). Example: --finetune seeds=\"[13, 42, 58]\" total_steps=400")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated methods to adapt with, of {', '.join(METHODS)}. Example: --methods mhr,lora")
-
-
-def run(args: argparse.Namespace) -> int:
-    from mttl.errors import ConfigError
-    from mttl.train import cli as pretrain_cli
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"--methods {args.methods!r}: unknown {unknown or 'empty'}; choose from {', '.join(METHODS)}")
-    started = time.monotonic()
-    cfg = load_config(args.config_files, flat_kwargs(args), base={**pretrain_cli.DEFAULTS, **PRETRAIN})
-    finetune_keys = {**FINETUNE, **parse_kwargs(args.finetune)}
-    load_config(None, finetune_keys)  # refuse unknown keys or bad values before pre-training starts
+def run_quickstart(cfg: Config, methods: list[str], finetune_keys: dict, started: float) -> Path:
+    """The pipeline for `cfg` (pre-training keys over DEFAULTS and PRETRAIN): pre-train both phases, adapt
+    with each of `methods` (finetune_keys over FINETUNE), print the table, write the report; returns it."""
+    from mttl.report import build_report
+    from mttl.train.recipe import BACKBONE_SUFFIX, pretrain_default
 
     _say(started, "pre-training (phase one: backbone on the warm-up tasks; phase two: adapters)")
-    adapters_run = Path(pretrain_cli.pretrain_default(cfg))
-    backbone_run = adapters_run.with_name(adapters_run.name + pretrain_cli.BACKBONE_SUFFIX)
+    adapters_run = Path(pretrain_default(cfg))
+    backbone_run = adapters_run.with_name(adapters_run.name + BACKBONE_SUFFIX)
 
     _say(started, f"adapting to the held-out tasks with {', '.join(methods)}")
     configs = {m: method_config(cfg, m, adapters_run, backbone_run, finetune_keys) for m in methods}
@@ -82,11 +56,9 @@ def run(args: argparse.Namespace) -> int:
     print(results_table(runs))
     print(what_the_table_shows(runs))
 
-    from mttl.report import build_report
-
     report = build_report([backbone_run, adapters_run, *runs.values()], Path(cfg.output_dir) / f"{cfg.run_name}-report")
     _say(started, f"report: {report}")
-    return 0
+    return report
 
 
 def _say(started: float, message: str) -> None:
@@ -105,8 +77,8 @@ def method_config(cfg: Config, method: str, adapters_run: Path, backbone_run: Pa
 
 
 def held_out(adapters_run: Path) -> list[str]:
+    from mttl.data.locate import resolve_data_dir
     from mttl.evaluation.zeroshot import held_out_tasks
-    from mttl.finetune.loop import resolve_data_dir
 
     return held_out_tasks(resolve_data_dir(Config.load(adapters_run / "config.json")))
 
@@ -173,8 +145,7 @@ def what_the_table_shows(runs: dict[str, Path]) -> str:
 
 def results_table(runs: dict[str, Path]) -> str:
     """Test exact match per held-out task (median over seeds) and the mean over tasks, per method."""
-    from mttl.evaluation.metrics import aggregate
-    from mttl.finetune.loop import read_results
+    from mttl.run_folder import aggregate, read_results
 
     summaries = {m: aggregate(read_results(path), "test") for m, path in runs.items()}
     tasks = sorted({t for s in summaries.values() for t in s["per_task"]})

@@ -293,20 +293,6 @@ def _trial_rows(study: str, results) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    from mttl.config import atomic_write_text
-
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def trial_resources(cfg: Config) -> dict:
     """Ray resources of one trial: `trial_resources`, else one CPU, plus one GPU when the trials use GPUs.
 
@@ -330,9 +316,9 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
 
     from ray import tune
 
-    from mttl.config import atomic_write_text
     from mttl.evaluation.zeroshot import held_out_tasks
-    from mttl.finetune.loop import resolve_data_dir, safe_name
+    from mttl.data.locate import resolve_data_dir
+    from mttl.run_folder import RESULTS_CSV, atomic_write_text, safe_name, write_csv
     from mttl.errors import set_interrupt_hint
     from mttl.device import check_before_ray
     from mttl.ray_utils import init_ray, run_in_background
@@ -366,10 +352,10 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
                  "mean": best["mean"], "test_mean": best["test_mean"]}, indent=2, sort_keys=True) + "\n")
         all_rows += rows
         if rows and all(r["status"] == "error" for r in rows):
-            _write_csv(sweep_dir / "results.csv", all_rows)
+            write_csv(sweep_dir / RESULTS_CSV, all_rows)
             raise MttlError(f"every trial of study '{study}' failed, e.g.: {rows[0]['error']} "
                             f"(tracebacks: the trial folders under {study_dir})")
-        _write_csv(sweep_dir / "results.csv", all_rows)
+        write_csv(sweep_dir / RESULTS_CSV, all_rows)
     summary = summary_table(all_rows)
     atomic_write_text(sweep_dir / "summary.md", summary + "\n")
     print(summary)

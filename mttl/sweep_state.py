@@ -137,7 +137,7 @@ def sign_files(study_dir: Path, files: list[Path], *, replace: bool = False) -> 
         digest = _digest(key, path.name, data)
         versions = [d for d in signed.get(path.name, []) if d != digest] + [digest]
         signed[path.name] = versions[-KEPT_VERSIONS:]
-    from mttl.config import atomic_write_text
+    from mttl.run_folder import atomic_write_text
 
     atomic_write_text(study_dir / SIGNATURES_FILE, json.dumps(current, indent=1, sort_keys=True) + "\n")
 

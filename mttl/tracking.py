@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from mttl.errors import ConfigError
+from mttl.run_folder import METRICS_FILE, TRACKING_FILE
 
 if TYPE_CHECKING:
     from mttl.config import Config
 
-METRICS_FILE = "metrics.jsonl"
-TRACKING_FILE = "tracking.json"
 MLFLOW_EXPERIMENT = "mttl"
 # Row keys that identify a row rather than measure something.
 ID_KEYS = ("step", "seed")
@@ -81,7 +80,7 @@ class MetricsLogger:
                 self._wandb = _start_wandb(cfg, self.name, self.run_dir, ids.get("wandb_run_id"))
                 ids["wandb_run_id"] = self._wandb.id
             if ids:
-                from mttl.config import atomic_write_text
+                from mttl.run_folder import atomic_write_text
 
                 atomic_write_text(self.run_dir / TRACKING_FILE, json.dumps(ids, indent=2, sort_keys=True) + "\n")
         except BaseException:
@@ -217,17 +216,3 @@ def _start_wandb(cfg: Config, name: str, run_dir: Path, run_id: str | None):
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
     return run
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """All rows of a run's metrics.jsonl (a torn last line from a killed writer is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows

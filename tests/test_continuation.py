@@ -172,7 +172,7 @@ def test_pretrain_anneals_routing_to_uniform_over_the_last_steps(tmp_path, defau
 
 
 def test_default_two_phase_run_anneals_only_the_adapter_phase():
-    from mttl.train.cli import DEFAULTS, backbone_phase_config
+    from mttl.train.recipe import DEFAULTS, backbone_phase_config
 
     cfg = load_config(None, ["uniform_interp_steps=100"], base=DEFAULTS)
     phase_one = backbone_phase_config(cfg)

@@ -20,7 +20,7 @@ from mttl.cli import main
 from mttl.config import Config, load_config
 from mttl.data.fewshot import eval_rows
 from mttl.errors import ConfigError
-from mttl.evaluation.metrics import choice_token_logprobs, encode_choice_batch, generate, rank_classification
+from mttl.evaluation.predict import choice_token_logprobs, encode_choice_batch, generate, rank_classification
 from mttl.models.run import load_run
 from test_finetune import make_checkpoint, t0_cb_subset
 

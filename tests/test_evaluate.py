@@ -12,7 +12,8 @@ from mttl.adapters import selectors
 from mttl.cli import main
 from mttl.data.fewshot import eval_rows
 from mttl.data.shards import read_manifest
-from mttl.evaluation.metrics import generate, generation_metrics, row_references
+from mttl.evaluation.metrics import generation_metrics, row_references
+from mttl.evaluation.predict import generate
 from mttl.models.run import load_run
 from test_finetune import make_checkpoint
 

@@ -8,7 +8,7 @@ import pytest
 
 from mttl.config import Config
 from mttl.errors import ConfigError
-from mttl.finetune.cli import DESCRIPTION, HELP
+from mttl.cli.finetune import DESCRIPTION, HELP
 from mttl.finetune.type_table import DEFAULT_TYPE, FINETUNE_TYPES, finetune_type
 from mttl.finetune.types import finetune_config
 from mttl.sweep import available_spaces, default_space_name, load_space

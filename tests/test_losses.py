@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mttl.evaluation.metrics import IGNORE_INDEX
+from mttl.evaluation.predict import IGNORE_INDEX
 from mttl.finetune.losses import tfew_losses
 
 

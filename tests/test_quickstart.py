@@ -23,7 +23,7 @@ from mttl.data.synthetic import prepare_synthetic
 from mttl.models.backbone import load_backbone
 from mttl.models.run import load_run
 from mttl.models.tokenizer import load_tokenizer
-from mttl.train.cli import BACKBONE_STEP_FACTOR
+from mttl.train.recipe import BACKBONE_STEP_FACTOR
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mttl.adapters import AdapterConfig, modify_model, selectors
-from mttl.evaluation.metrics import choice_scores, choice_token_logprobs, encode_choice_batch, rank_classification
+from mttl.evaluation.predict import choice_scores, choice_token_logprobs, encode_choice_batch, rank_classification
 from mttl.models.backbone import load_backbone
 from mttl.models.routed import RoutedModel
 from mttl.models.tokenizer import load_tokenizer

@@ -7,8 +7,8 @@ import string
 import pytest
 from rouge_score import rouge_scorer
 
-from mttl.evaluation.metrics import (aggregate, exact_match, generation_metrics, grouped_generation_metrics,
-                                     normalize_answer)
+from mttl.evaluation.metrics import exact_match, generation_metrics, grouped_generation_metrics, normalize_answer
+from mttl.run_folder import aggregate
 
 PREDICTIONS = ["The cats are running quickly.", "positive", "An apple a day", "completely unrelated words"]
 REFERENCES = [["the cat runs quick", "dogs were running"], ["Positive!"], ["an apple every day keeps"], ["nothing"]]

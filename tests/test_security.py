@@ -223,7 +223,7 @@ def _sweep_argv(tmp_path: Path, run: Path, task: str) -> list[str]:
 
 
 def test_sweep_resumes_only_the_state_it_signed(ray_cluster, tmp_path, healthy_run, synthetic, capsys):
-    from mttl.finetune.loop import safe_name
+    from mttl.run_folder import safe_name
 
     argv = _sweep_argv(tmp_path, healthy_run, synthetic[1])
     assert main(argv) == 0
@@ -291,7 +291,7 @@ def test_failed_finetune_rerun_leaves_the_run_folder_as_it_was(tmp_path, healthy
 
 # ---------------------------------------------------------------------- 4. killed prepare
 def test_killed_prepare_leaves_no_temporary_folder_for_good(tmp_path):
-    from mttl.staging import _host
+    from mttl.run_folder import _host
 
     out = tmp_path / "shards"
     command = [sys.executable, "-m", "mttl.cli", "prepare", "synthetic", "--out", str(out), "--n-heldout", "2",

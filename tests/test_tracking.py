@@ -15,7 +15,8 @@ import pytest
 
 from mttl.config import Config, load_config
 from mttl.errors import ConfigError
-from mttl.tracking import TRACKING_FILE, MetricsLogger, absolute_tracking_uri, read_metrics
+from mttl.run_folder import read_metrics
+from mttl.tracking import TRACKING_FILE, MetricsLogger, absolute_tracking_uri
 
 ROWS = [
     {"step": 1, "loss": 2.5, "lr/adapters": 1e-3},

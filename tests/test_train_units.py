@@ -13,9 +13,10 @@ import pytest
 from mttl.config import Config, load_config
 from mttl.errors import CheckpointError, ConfigError
 from mttl.models.run import load_run
-from mttl.tracking import MetricsLogger, read_metrics
+from mttl.run_folder import read_metrics
+from mttl.tracking import MetricsLogger
 from mttl.train.checkpoint import check_resume
-from mttl.train.cli import BACKBONE_STEP_FACTOR, DEFAULTS, backbone_phase_config
+from mttl.train.recipe import BACKBONE_STEP_FACTOR, DEFAULTS, backbone_phase_config
 from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ from mttl.adapters.config import AdapterConfig
 from mttl.adapters.inject import adapter_config, adapter_tensors
 from mttl.adapters.ops import switch_to_average
 from mttl.errors import CheckpointError
+from mttl.run_folder import ADAPTERS_DESCRIPTION as DESCRIPTION_FILE
+from mttl.run_folder import ADAPTERS_FILE as TENSORS_FILE
 
-TENSORS_FILE = "adapters.safetensors"
-DESCRIPTION_FILE = "adapters.json"
 FORMAT = "mttl-adapters"
 FORMAT_VERSION = 1
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from mttl.errors import DataError
 from mttl.paths import check_out_dir
-from mttl.staging import make_staging, remove_stale_staging
+from mttl.run_folder import make_staging, remove_stale_staging
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -258,6 +258,15 @@ def read_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> dict:
     if verify:
         verify_shards(data_dir, manifest)
     return manifest
+
+
+def task_info(data_dir: str | os.PathLike, task: str) -> dict:
+    """The manifest entry of `task`; DataError naming the folder when it is not there."""
+    tasks = read_manifest(data_dir)["tasks"]
+    if task not in tasks:
+        held_out = sorted(t for t, meta in tasks.items() if meta.get("role") == "test")
+        raise DataError(f"task '{task}' is not in {data_dir}/manifest.json; held-out tasks there: {held_out[:10]}")
+    return tasks[task]
 
 
 def _check_manifest_layout(path: Path, manifest) -> None:

@@ -22,7 +22,8 @@ from typing import Iterator
 
 from mttl.config import Config
 from mttl.errors import ConfigError, MttlError
-from mttl.evaluation.metrics import SCORE_KEYS, evaluate_rows, task_metric
+from mttl.evaluation.metrics import SCORE_KEYS, task_metric
+from mttl.evaluation.predict import evaluate_rows
 
 SEEN, AVERAGE, ARROW = "seen_routing", "average_routing", "arrow_routing"
 HELD_OUT = "held_out"  # -k tasks=held_out
@@ -55,7 +56,8 @@ def score_tasks(cfg: Config, tasks: list[str]) -> Iterator[dict]:
     from mttl.adapters import ops
     from mttl.adapters.inject import adapter_config
     from mttl.data.fewshot import eval_rows
-    from mttl.finetune.loop import resolve_data_dir, task_info
+    from mttl.data.locate import resolve_data_dir
+    from mttl.data.shards import task_info
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import load_run
 
@@ -102,9 +104,11 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
     Each scored task is written to the run folder at once; the same command run again scores only
     the tasks not there yet (a saved config that differs in a key that changes scores starts over)."""
     from mttl import device
-    from mttl.finetune.loop import resolve_data_dir, run_dir_for, task_info, write_results
+    from mttl.data.locate import resolve_data_dir
+    from mttl.data.shards import task_info
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import read_tasks_file, resolve_run_dir
+    from mttl.run_folder import run_dir_for, write_results
 
     # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
     device.check_before_ray(cfg)
@@ -156,7 +160,7 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
 def _rows_to_keep(run_dir: Path, merged: Config) -> list[dict]:
     """The zero-shot rows of an earlier run of the same evaluation in `run_dir`; none when its saved
     config scores differently (another checkpoint, router or scoring key)."""
-    from mttl.finetune.loop import read_results
+    from mttl.run_folder import read_results
 
     saved = run_dir / "config.json"
     if not saved.is_file():

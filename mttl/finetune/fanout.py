@@ -34,8 +34,8 @@ def requested_tasks(cfg: Config) -> list[str] | None:
 
 def resolve_tasks(cfg: Config, names: list[str]) -> list[str]:
     """`names` with `held_out` expanded to the data's held-out tasks, each once, in the given order."""
+    from mttl.data.locate import resolve_data_dir
     from mttl.evaluation.zeroshot import held_out_tasks
-    from mttl.finetune.loop import resolve_data_dir
     from mttl.finetune.types import checkpoint_finetune_config
 
     out: list[str] = []
@@ -118,11 +118,13 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     """Every task × seed of `names` as Ray tasks; returns the run folder (results.jsonl / .csv)."""
     from mttl.device import backbone_dtype, check_before_ray, check_precision, resolve_device
     from mttl.errors import set_interrupt_hint
-    from mttl.finetune.loop import (default_seeds, read_results, resolve_data_dir, safe_name, task_info,
-                                    write_results)
+    from mttl.data.locate import resolve_data_dir
+    from mttl.data.shards import task_info
+    from mttl.finetune.loop import default_seeds
     from mttl.finetune.types import checkpoint_finetune_config
     from mttl.progress import progress_line
     from mttl.ray_utils import init_ray
+    from mttl.run_folder import read_results, safe_name, write_results
     from mttl.sweep import with_absolute_paths
     from mttl.tracking import MetricsLogger
 

@@ -24,9 +24,6 @@ task × seed × evaluation in {zero_shot, best_val, test}), each rewritten atomi
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -36,19 +33,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mttl.config import Config, atomic_write_text
+from mttl.config import Config
+from mttl.data.locate import resolve_data_dir
 from mttl.device import Precision, for_model
 from mttl.errors import ConfigError, DataError
-from mttl.evaluation.metrics import (SCORE_KEYS, encode_choice_batch, encode_sources, encode_targets, evaluate_rows,
-                                     is_multiple_choice, task_metric)
+from mttl.evaluation.metrics import SCORE_KEYS, is_multiple_choice, task_metric
+from mttl.evaluation.predict import encode_choice_batch, encode_sources, encode_targets, evaluate_rows
 from mttl.finetune.losses import lm_loss, multiple_choice_loss
 from mttl.finetune.types import FinetuneModel, checkpoint_finetune_config, load_for_finetuning
+from mttl.run_folder import read_results, run_dir_for, write_results
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
 T0_SEEDS, OTHER_SEEDS = [42, 1024, 0], [13, 42, 58]
 DEFAULT_SHOTS = 32
 DEFAULT_STEPS = 1000  # the reference's few-shot budget when neither total_steps nor num_train_epochs is set
-RESULT_FIELDS = ["task", "seed", "finetune_type", "evaluation", "metric", "value", "step", "epoch"]
 TASK_ID = 0  # the held-out task always gets routing row 0
 
 
@@ -58,17 +56,6 @@ def default_seeds(cfg: Config) -> list[int]:
 
 def eval_every_epochs(cfg: Config) -> int:
     return cfg.eval_every_epochs or (50 if cfg.dataset == "t0" else 10)
-
-
-def task_info(data_dir: str, task: str) -> dict:
-    """The manifest entry of `task`; DataError naming the folder when it is not there."""
-    from mttl.data.shards import read_manifest
-
-    tasks = read_manifest(data_dir)["tasks"]
-    if task not in tasks:
-        held_out = sorted(t for t, meta in tasks.items() if meta.get("role") == "test")
-        raise DataError(f"task '{task}' is not in {data_dir}/manifest.json; held-out tasks there: {held_out[:10]}")
-    return tasks[task]
 
 
 def num_shots(cfg: Config, info: dict, seed: int, task: str | None = None) -> int:
@@ -86,14 +73,6 @@ def num_shots(cfg: Config, info: dict, seed: int, task: str | None = None) -> in
         if match:
             return int(match.group(1))
     return DEFAULT_SHOTS
-
-
-def resolve_data_dir(cfg: Config) -> str:
-    data_dir = cfg.resolved_data_dir()
-    if not data_dir:
-        raise ConfigError("no prepared data for fine-tuning: set -k data_dir=DIR (from `mttl prepare`) or the "
-                          "checkpoint's data_dir")
-    return str(data_dir)
 
 
 def _train_batches(instances: list[list[dict]], micro_batch: int, rng: random.Random):
@@ -141,6 +120,7 @@ class SeedSetup:
 def prepare_seed(cfg: Config, task: str, seed: int, merged: Config | None = None) -> SeedSetup:
     """The task's k-shot rows (DataError when the task or its rows are missing), then the seeded model."""
     from mttl.data.fewshot import fewshot_split
+    from mttl.data.shards import task_info
     from transformers import set_seed
 
     merged = merged or checkpoint_finetune_config(cfg)  # what load_for_finetuning merges, without the model
@@ -251,26 +231,6 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     return results
 
 
-def write_results(run_dir: Path, rows: list[dict]) -> None:
-    """results.jsonl and results.csv, each written whole and renamed into place."""
-    atomic_write_text(run_dir / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(run_dir / "results.csv", buffer.getvalue())
-
-
-def safe_name(name: str) -> str:
-    """A folder name without shell-hostile characters (task names hold '>', '/', …)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def run_dir_for(cfg: Config, prefix: str) -> Path:
-    name = cfg.run_name or safe_name(f"{prefix}_{cfg.finetune_task_name or 'tasks'}_{cfg.finetune_type or 'Poly'}")
-    return Path(cfg.output_dir) / name
-
-
 def run_finetune(cfg: Config) -> Path:
     """Every seed of `finetune_task_name`; returns the run folder holding the results.
 
@@ -308,8 +268,3 @@ def run_finetune(cfg: Config) -> Path:
             setup = None
             write_results(run_dir, rows)
     return run_dir
-
-
-def read_results(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

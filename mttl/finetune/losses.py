@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mttl.evaluation.metrics import IGNORE_INDEX, choice_scores, choice_token_logprobs
+from mttl.evaluation.predict import IGNORE_INDEX, choice_scores, choice_token_logprobs
 
 UNLIKELIHOOD_EPS = 0.01
 

@@ -19,11 +19,7 @@ import torch
 
 from mttl.config import Config
 from mttl.errors import CheckpointError
-
-FINAL_DIR = "final"
-BACKBONE_DIR = "backbone"
-TASKS_FILE = "tasks.json"
-ADAPTERS_DESCRIPTION = "adapters.json"
+from mttl.run_folder import ADAPTERS_DESCRIPTION, BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, TASKS_FILE
 
 
 @dataclass
@@ -106,18 +102,18 @@ def check_model_config(cfg: Config, tokenizer) -> None:
 def backbone_source(cfg: Config, run_dir: Path) -> str:
     """The trained backbone saved with the run, else the backbone the config names."""
     saved = run_dir / FINAL_DIR / BACKBONE_DIR
-    return str(saved) if (saved / "config.json").is_file() else cfg.model
+    return str(saved) if (saved / CONFIG_FILE).is_file() else cfg.model
 
 
 def resolve_run_dir(path: str | os.PathLike) -> Path:
     """A run folder from a run folder or its `final/` folder; CheckpointError when it is neither."""
     path = Path(os.path.expanduser(str(path))).resolve()
-    if path.name == FINAL_DIR and (path.parent / "config.json").is_file():
+    if path.name == FINAL_DIR and (path.parent / CONFIG_FILE).is_file():
         path = path.parent
     if not path.exists():
         raise CheckpointError(f"run folder '{path}' does not exist; give $output_dir/$run_name of a finished "
                               "`mttl pretrain` run")
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"'{path}' is not a run folder (no config.json); give $output_dir/$run_name "
                               "of a finished `mttl pretrain` run")
     if not (path / FINAL_DIR).is_dir():
@@ -162,7 +158,7 @@ def load_run(path: str | os.PathLike, *, trust_remote_code: bool = False,
     from mttl.models.tokenizer import load_tokenizer
 
     run_dir = resolve_run_dir(path)
-    cfg = Config.load(run_dir / "config.json")
+    cfg = Config.load(run_dir / CONFIG_FILE)
     cfg.trust_remote_code = trust_remote_code
     tasks = read_tasks_file(run_dir)
     backbone = backbone_source(cfg, run_dir)

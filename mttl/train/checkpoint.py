@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from mttl.config import SECURITY_KEYS, Config, atomic_write_text
+from mttl.config import SECURITY_KEYS, Config
 from mttl.errors import CheckpointError
+from mttl.run_folder import atomic_write_text
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 DEEPSPEED_DIR = "deepspeed"

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mttl.config import Config, atomic_write_text
+from mttl.config import Config
+from mttl.data.locate import resolve_data_dir
 from mttl.data.stream import LABEL_PAD
 from mttl.errors import ConfigError, DataError, MttlError, set_interrupt_hint
-from mttl.models.run import (BACKBONE_DIR, FINAL_DIR, TASKS_FILE, build_routed_model, check_model_config,
-                             read_tasks_file)
+from mttl.models.run import build_routed_model, check_model_config, read_tasks_file
+from mttl.run_folder import BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, TASKS_FILE, atomic_write_text
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
@@ -41,25 +42,8 @@ from mttl.train.deepspeed_config import (deepspeed_config, largest_layer_params,
                                          zero3_gather_limits)
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
-SYNTHETIC_DIR = "synthetic"
-
 
 # --------------------------------------------------------------------------------------- driver
-def resolve_data_dir(cfg: Config) -> str:
-    """`data_dir` (or the dataset's *_DATA_DIR); for dataset=synthetic, a suite prepared in cache_dir."""
-    data_dir = cfg.resolved_data_dir()
-    if data_dir:
-        return os.path.abspath(data_dir)
-    if cfg.dataset != "synthetic":
-        raise ConfigError(f"dataset={cfg.dataset} needs prepared shards: run `mttl prepare {cfg.dataset} --out DIR` "
-                          "and pass -k data_dir=DIR")
-    from mttl.data.synthetic import prepare_synthetic
-
-    out = Path(cfg.cache_dir).resolve() / f"{SYNTHETIC_DIR}-seed{cfg.seed}"
-    prepare_synthetic(out, seed=cfg.seed)
-    return str(out)
-
-
 def task_rows(data_dir: str, cfg: Config, roles: list[str]) -> dict[str, int]:
     from mttl.data.shards import read_manifest
     from mttl.data.stream import select_tasks, task_table
@@ -77,7 +61,7 @@ def task_rows(data_dir: str, cfg: Config, roles: list[str]) -> dict[str, int]:
 def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
     """Create the run folder, or check that an existing one may be continued under `cfg`."""
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    saved_config = run_dir / "config.json"
+    saved_config = run_dir / CONFIG_FILE
     if saved_config.is_file():
         check_resume(Config.load(saved_config), cfg, saved_config)
         saved_tasks = read_tasks_file(run_dir)

@@ -44,8 +44,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from mttl.evaluation.metrics import aggregate
-    from mttl.finetune.loop import run_finetune, read_results
+    from mttl.finetune.loop import run_finetune
+    from mttl.run_folder import aggregate, read_results
 
     cfg = load_config(args.config_files, flat_kwargs(args))
     run_dir = run_finetune(cfg)

@@ -1,6 +1,8 @@
-"""`mttl` command line: one sub-command per capability, each defined in its own module.
+"""`mttl` command line: one sub-command per capability, each a thin module of this package
+(`mttl.cli.<verb>`) that parses its arguments and calls the library.
 
-A command module exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+This module is the dispatcher and the `mttl` console script (`main`). A command module exposes
+`HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 Modules are imported lazily so `mttl --help` stays fast and a broken optional dependency only
 affects its own command. User errors (`MttlError`) print as one line and exit 2; `--debug`
 shows the traceback.
@@ -19,16 +21,16 @@ from mttl.errors import MttlError, interrupt_hint
 
 # verb -> module implementing it
 COMMANDS = {
-    "prepare": "mttl.data.cli",
-    "pretrain": "mttl.train.cli",
-    "finetune": "mttl.finetune.cli",
-    "evaluate": "mttl.evaluation.cli",
-    "sweep": "mttl.sweep_cli",
-    "report": "mttl.report",
-    "export": "mttl.export_cli",
-    "plan": "mttl.plan",
-    "quickstart": "mttl.quickstart",
-    "configs": "mttl.config_cli",
+    "prepare": "mttl.cli.prepare",
+    "pretrain": "mttl.cli.pretrain",
+    "finetune": "mttl.cli.finetune",
+    "evaluate": "mttl.cli.evaluate",
+    "sweep": "mttl.cli.sweep",
+    "report": "mttl.cli.report",
+    "export": "mttl.cli.export",
+    "plan": "mttl.cli.plan",
+    "quickstart": "mttl.cli.quickstart",
+    "configs": "mttl.cli.configs",
 }
 
 
@@ -171,6 +173,3 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum, frame):
     raise Terminated()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

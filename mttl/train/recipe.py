@@ -1,35 +1,19 @@
-"""`mttl pretrain`: multi-task pre-training of routed adapters on Ray Train + DeepSpeed.
+"""What `mttl pretrain` runs (`run_pretrain`), and its embedded two-phase recipe (`pretrain_default`),
+which the quick start and the skills study (`benchmarks/study.py`) build on.
 
-With a `model` in the config (or `-k model=…`) it runs one phase on the data's training tasks; with a
-`checkpoint` (a finished run folder) it continues that run's adapters and routing in a new run,
-`switch_to_avg_modules=True` training their average (MHR-µ).
-Without one it runs the embedded default on the synthetic suite, in two phases through the same
-trainer: a tiny T5 built from a config is trained whole on the warm-up tasks (`<run_name>-backbone`),
-then frozen and given routed adapters (Poly) trained on the composition tasks (`<run_name>`).
+With a `model` in the config it runs one phase on the data's training tasks; with a `checkpoint`
+(a finished run folder) it continues that run's adapters and routing in a new run. Without either
+it runs the embedded default on the synthetic suite, in two phases through the same trainer: a
+tiny T5 built from a config is trained whole on the warm-up tasks (`<run_name>-backbone`), then
+frozen and given routed adapters (Poly) trained on the composition tasks (`<run_name>`).
 """
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
 
-from mttl.cli import add_config_arguments, flat_kwargs
-from mttl.config import Config, load_config
+from mttl.config import Config
 from mttl.errors import ConfigError
-
-HELP = "pre-train routed adapters on many tasks (Ray Train workers, DeepSpeed ZeRO 0-3)"
-DESCRIPTION = __doc__ + """
-Phase one runs six times phase two's total_steps. The run folder $output_dir/$run_name holds config.json,
-tasks.json, metrics.jsonl, TensorBoard events, Ray Train checkpoints and final/. Running the same
-command again resumes from the last checkpoint; a larger total_steps continues a finished run; any
-other changed key is refused.
-
-examples:
-  mttl pretrain                                     # synthetic suite, tiny T5, two phases
-  mttl pretrain -k num_workers=2 zero_stage=3 train_batch_size=16
-  mttl pretrain -c ni/pretrain.json+ni/mhr.json -k data_dir=data/shards/ni
-  mttl pretrain -k checkpoint=output/synthetic_poly run_name=synthetic_mu switch_to_avg_modules=True total_steps=200
-  python jobs/pretrain.py -c synthetic/pretrain.json   # same code, for `ray job submit`
-"""
 
 DEFAULT_RUN_NAME = "synthetic_poly"
 # The embedded default, sized for two CPU cores: about 130 ms per step (tiny T5 d_model 128, batch 32,
@@ -70,26 +54,16 @@ BACKBONE_STEP_FACTOR = 6
 BACKBONE_SUFFIX = "-backbone"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config_files, flat_kwargs(args), base=DEFAULTS)
-
-
-def run(args: argparse.Namespace) -> int:
+def run_pretrain(cfg: Config) -> Path:
+    """One run of `cfg` when it names a `model` or `checkpoint` (run_name default: <dataset>_<modifier>),
+    else both phases of the embedded default; returns the (last) run folder."""
     from mttl.train.loop import pretrain
 
-    cfg = config_from_args(args)
     if cfg.model or cfg.checkpoint:  # a checkpoint run names its own backbone
         if not cfg.run_name:
             cfg.run_name = f"{cfg.dataset}_{cfg.model_modifier or 'full'}"
-        run_dir = pretrain(cfg)
-    else:
-        run_dir = pretrain_default(cfg)
-    print(f"[mttl] run folder: {run_dir}")
-    return 0
+        return pretrain(cfg)
+    return pretrain_default(cfg)
 
 
 def backbone_phase_config(cfg: Config) -> Config:
@@ -107,9 +81,9 @@ def backbone_phase_config(cfg: Config) -> Config:
     return phase
 
 
-def pretrain_default(cfg: Config):
+def pretrain_default(cfg: Config) -> Path:
     """Both phases of the default; phase one's saved backbone is phase two's `model`."""
-    from mttl.models.run import BACKBONE_DIR, FINAL_DIR
+    from mttl.run_folder import BACKBONE_DIR, FINAL_DIR
     from mttl.train.loop import pretrain
 
     if cfg.dataset != "synthetic":
