@@ -133,10 +133,13 @@ def markdown(results: dict) -> str:
                      f"{prep['instances_per_s']:,.0f} instances/s ({prep['seconds']} s) |")
     base, ray_stream = results["pyarrow"], results["stream"]
     lines += [
-        f"| pyarrow, 1 process: read + tokenize + collate, per epoch ({base['rows']} rows) | {base['rows_per_s']:,.0f} rows/s |",
+        f"| pyarrow, 1 process: read + tokenize + collate, per epoch ({base['rows']} rows) "
+        f"| {base['rows_per_s']:,.0f} rows/s |",
         f"| Ray Data build: read + tokenize once + shuffle + materialize | {ray_stream['build_seconds']} s |",
-        f"| Ray Data → 2 Train workers, epochs after the first (pre-tokenized) | {ray_stream['epoch_rows_per_s']:,.0f} rows/s |",
-        f"| Ray Data → 2 Train workers, first epoch incl. build | {ray_stream['first_epoch_end_to_end_rows_per_s']:,.0f} rows/s |",
+        f"| Ray Data → 2 Train workers, epochs after the first (pre-tokenized) "
+        f"| {ray_stream['epoch_rows_per_s']:,.0f} rows/s |",
+        f"| Ray Data → 2 Train workers, first epoch incl. build "
+        f"| {ray_stream['first_epoch_end_to_end_rows_per_s']:,.0f} rows/s |",
         f"| ratio per epoch (Ray / pyarrow) | {results['ratio_per_epoch']:.2f} |",
         f"| ratio first epoch incl. build (Ray / pyarrow) | {results['ratio_first_epoch']:.2f} |",
         f"| TorchTrainer.fit wall time ({len(ray_stream['epochs'])} epochs) | {ray_stream['fit_seconds']} s |",

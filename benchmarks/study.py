@@ -89,8 +89,8 @@ def summarise(ft_runs: dict[str, Path]) -> dict:
 
 def markdown(summary: dict, meta: dict) -> str:
     methods = list(dict.fromkeys(label.split("/")[0] for label in summary))
-    lines = [f"Test exact match on the held-out compositions: median over seeds {meta['seeds']} per task, mean (std) over "
-             f"{meta['n_tasks']} tasks. Machine: {meta['machine']}. Command: `{meta['command']}`.", "",
+    lines = [f"Test exact match on the held-out compositions: median over seeds {meta['seeds']} per task, "
+             f"mean (std) over {meta['n_tasks']} tasks. Machine: {meta['machine']}. Command: `{meta['command']}`.", "",
              "| pre-trained | " + " | ".join(TYPES) + " | zero-shot |", "|---" * (len(TYPES) + 2) + "|"]
     for method in methods:
         cells = []
@@ -100,7 +100,8 @@ def markdown(summary: dict, meta: dict) -> str:
         zero = summary.get(f"{method}/default", {}).get("zero_shot_mean", float("nan"))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {zero:.3f} |")
     tasks = sorted({t for s in summary.values() for t in s["per_task"]})
-    lines += ["", "Per task (median over seeds):", "", "| task | " + " | ".join(summary) + " |", "|---" * (len(summary) + 1) + "|"]
+    lines += ["", "Per task (median over seeds):", "", "| task | " + " | ".join(summary) + " |",
+              "|---" * (len(summary) + 1) + "|"]
     lines += [f"| {t} | " + " | ".join(f"{s['per_task'].get(t, float('nan')):.3f}" for s in summary.values()) + " |"
               for t in tasks]
     return "\n".join(lines) + "\n"
@@ -112,7 +113,8 @@ def say(started: float, message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps, one seed, two tasks' worth of time")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: a few steps, one seed, two tasks' worth of time")
     parser.add_argument("--out", type=Path, default=OUT / "study", help="run folder root. Example: --out /tmp/study")
     parser.add_argument("--backbone-steps", type=int, default=3000,
                         help="phase-one steps: more than the quick start's 2,000, whose backbone limits the adapters")

@@ -6,7 +6,8 @@ TPE has seen every finished trial before suggesting the next). Cost is counted i
 the optimizer steps each trial actually ran (ASHA stops some early), summed in the order the
 trials ran. The grid's best score is the best seed mean of best validation scores among its
 trials (mttl's scores run 0–100); the search "reaches" it at the end of the first trial whose
-final seed mean is within 1 point of it, and its cost is every trial-step run until then. Target: at most 0.4 of the grid's total trial-steps.
+final seed mean is within 1 point of it, and its cost is every trial-step run until then. Target:
+at most 0.4 of the grid's total trial-steps.
 
 Without `-k checkpoint=PATH` a checkpoint is pre-trained first with the embedded default of
 `mttl pretrain` (shortened with --quick). Any other `-k key=value` applies to both searches.
@@ -121,17 +122,19 @@ def markdown(report: dict) -> str:
                f"{ratio:.2f} ({'meets' if ratio <= TARGET_RATIO else 'misses'} the ≤ {TARGET_RATIO} target)")
     grid_scores = [t["score"] for t in grid["trials"] if t["complete"]]
     lines += ["", f"TPE + ASHA trial-steps ÷ grid trial-steps: {verdict}. "
-              f"Grid scores range {min(grid_scores, default=float('nan')):.1f}–{max(grid_scores, default=float('nan')):.1f}."]
+              f"Grid scores range {min(grid_scores, default=float('nan')):.1f}"
+              f"–{max(grid_scores, default=float('nan')):.1f}."]
     if report["degenerate"]:
         lines.append("Every grid trial scored within 1 point of 0: any trial reaches the grid's best, so this "
                      "ratio says nothing about the search (the checkpoint cannot solve the held-out task yet).")
     for name, run in (("Grid", grid), ("Optuna TPE + ASHA", tpe)):
         lines += ["", f"{name} trials in the order they ran:", "",
-                  "| # | trial | hyper-parameters | validations | trial-steps | status | score |", "|---|---|---|---|---|---|---|"]
+                  "| # | trial | hyper-parameters | validations | trial-steps | status | score |",
+                  "|---|---|---|---|---|---|---|"]
         for i, t in enumerate(run["trials"], 1):
             score = f"{t['score']:.3f}" if t["score"] is not None else "–"
-            lines.append(f"| {i} | {t['trial_id']} | {describe(t['params'])} | {t['validations']} | {t['trial_steps']} | "
-                         f"{'complete' if t['complete'] else 'stopped'} | {score} |")
+            lines.append(f"| {i} | {t['trial_id']} | {describe(t['params'])} | {t['validations']} "
+                         f"| {t['trial_steps']} | {'complete' if t['complete'] else 'stopped'} | {score} |")
     return "\n".join(lines)
 
 

@@ -112,7 +112,8 @@ def main() -> None:
         results = {"plain torch loop (1 process)": before}
         init_ray(cfg)
         for stage in (0, 2):  # one worker: the framework's own cost against the plain loop (target ZeRO-2 ≤ 1.10×)
-            results[f"Ray Train + ZeRO-{stage}, 1 worker"] = ray_run(cfg, f"z{stage}w1", zero_stage=stage, num_workers=1)
+            results[f"Ray Train + ZeRO-{stage}, 1 worker"] = ray_run(cfg, f"z{stage}w1", zero_stage=stage,
+                                                                     num_workers=1)
         for stage in (0, 2, 3):
             results[f"Ray Train + ZeRO-{stage}, 2 workers"] = ray_run(cfg, f"z{stage}w2", zero_stage=stage,
                                                                       num_workers=2)
@@ -135,8 +136,8 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for name, row in results.items():
         wall = f"{row['run_wall_s']:.1f}" if "run_wall_s" in row else "–"
-        lines.append(f"| {name} | {1000 * row['step_time_s']:.1f} | {row['vs_plain']:.2f} | {1000 * row['data_wait_s']:.2f} | "
-                     f"{row['data_wait_fraction']:.1%} | {wall} |")
+        lines.append(f"| {name} | {1000 * row['step_time_s']:.1f} | {row['vs_plain']:.2f} "
+                     f"| {1000 * row['data_wait_s']:.2f} | {row['data_wait_fraction']:.1%} | {wall} |")
     (OUT / "train_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,4 +1,5 @@
-"""`ray job submit -- python jobs/sweep.py -c … -k …`: `mttl sweep` as a Ray job entry point (the trials run on the cluster)."""
+"""`ray job submit -- python jobs/sweep.py -c … -k …`: `mttl sweep` as a Ray job entry point
+(the trials run on the cluster)."""
 
 import sys
 from pathlib import Path

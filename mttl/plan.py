@@ -68,7 +68,8 @@ def backbone_config(cfg: Config):
                               f"{', '.join('t5-v1_1-' + s for s in T5_V1_1_SHAPES)}, a local folder or a hub name")
         return named_t5_config(named["size"])
     try:
-        return transformers.AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=cfg.trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(os.path.expanduser(name),
+                                                       trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):
         hub = _HUB_NAME.search(name)
         if hub:

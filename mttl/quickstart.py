@@ -152,7 +152,8 @@ def results_table(runs: dict[str, Path]) -> str:
     header = "| task | " + " | ".join(summaries) + " |"
     lines = ["", "Held-out compositions, test exact match (median over seeds):", "", header,
              "|---" * (len(summaries) + 1) + "|"]
-    lines += [f"| {task} | " + " | ".join(f"{s['per_task'].get(task, float('nan')):.3f}" for s in summaries.values()) + " |"
+    lines += [f"| {task} | "
+              + " | ".join(f"{s['per_task'].get(task, float('nan')):.3f}" for s in summaries.values()) + " |"
               for task in tasks]
     lines.append("| **mean** | " + " | ".join(f"**{s['mean']:.3f}**" for s in summaries.values()) + " |")
     return "\n".join(lines) + "\n"

@@ -41,7 +41,8 @@ def load_space(name_or_path: str) -> ModuleType:
     if name_or_path.endswith(".py"):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise ConfigError(f"tune_space file '{path}' does not exist; give a .py file or one of {available_spaces()}")
+            raise ConfigError(f"tune_space file '{path}' does not exist; "
+                              f"give a .py file or one of {available_spaces()}")
         spec = importlib.util.spec_from_file_location(f"tune_space_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

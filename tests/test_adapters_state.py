@@ -77,8 +77,8 @@ def test_saved_files_hold_only_adapter_and_routing_tensors(tmp_path):
 def test_mismatches_name_the_tensor(tmp_path):
     acfg = AdapterConfig(modifier="poly", rank=2, n_skills=3, n_splits=2, n_tasks=3, **ADAPTED)
     save_adapters(routed(acfg, seed=0), tmp_path)
-    with pytest.raises(CheckpointError, match=r"'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.selector\.module_logits'"
-                                              r" has shape \[3, 6\].*\[4, 6\]"):
+    with pytest.raises(CheckpointError, match=r"'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.selector"
+                                              r"\.module_logits' has shape \[3, 6\].*\[4, 6\]"):
         load_adapters(routed(acfg.replace(n_tasks=4), seed=0), tmp_path)
     with pytest.raises(CheckpointError, match=r"'encoder\.block\.0\.layer\.0\.SelfAttention\.k\.lora_a'.*has no place"):
         load_adapters(routed(acfg.replace(modify_layers="q|v"), seed=0), tmp_path)

@@ -69,7 +69,8 @@ def test_every_option_says_what_it_does_with_an_example(name, parser):
     for action in _options(parser):
         label = "/".join(action.option_strings) or action.dest
         assert action.help and "Example" in action.help, f"`{name} --help`: {label} has no 'Example'"
-        assert len(action.help.split("Example")[0].strip()) > 10, f"`{name} --help`: {label} says nothing before its example"
+        assert len(action.help.split("Example")[0].strip()) > 10, \
+            f"`{name} --help`: {label} says nothing before its example"
 
 
 @pytest.mark.parametrize("name,parser", PARSERS, ids=[name for name, _ in PARSERS])

@@ -51,5 +51,6 @@ def test_library_loggers_move_to_the_file(tmp_path, monkeypatch, capsys):
 
 
 def test_the_quick_starts_tagged_lines_pass():
-    assert console.worker_line_for_console("x [quickstart] run-ft-mhr: t1 done in 3s") == "[quickstart] run-ft-mhr: t1 done in 3s"
+    assert (console.worker_line_for_console("x [quickstart] run-ft-mhr: t1 done in 3s")
+            == "[quickstart] run-ft-mhr: t1 done in 3s")
     assert console.worker_line_for_console("Reporting training result 1: TrainingReport(...)") is None

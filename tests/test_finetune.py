@@ -180,7 +180,8 @@ def t0_cb_subset(root: Path, n_fewshot: int | None = None) -> Path:
     test_rows = [r for r in rows if r["split"] == "test"][::35]  # 24 of 840 rows, every template
     fewshot = [r for r in rows if r["split"] == "fewshot_k32_seed42"]
     if n_fewshot:
-        fewshot = [{**r, "split": f"fewshot_k{n_fewshot}_seed42"} for r in fewshot[::len(fewshot) // n_fewshot][:n_fewshot]]
+        fewshot = [{**r, "split": f"fewshot_k{n_fewshot}_seed42"}
+                   for r in fewshot[::len(fewshot) // n_fewshot][:n_fewshot]]
     meta = {k: v for k, v in manifest["tasks"]["cb"].items() if k != "rows"}
     shards.write_prepared(root / "t0_cb", fewshot + test_rows, {"cb": meta}, source="t0-test-subset", args={})
     return root / "t0_cb"

@@ -38,7 +38,8 @@ def _loss_and_grads(cfg: Config, calls: list | None = None):
         for block in model.hf_model.encoder.block:
             block.layer[0].register_forward_pre_hook(lambda *_: calls.append(1))
     gen = torch.Generator().manual_seed(0)
-    batch = dict(input_ids=torch.randint(2, 200, (4, 12), generator=gen), attention_mask=torch.ones(4, 12, dtype=torch.long),
+    batch = dict(input_ids=torch.randint(2, 200, (4, 12), generator=gen),
+                 attention_mask=torch.ones(4, 12, dtype=torch.long),
                  labels=torch.randint(2, 200, (4, 6), generator=gen), task_ids=torch.tensor([0, 1, 2, 1]))
     torch.manual_seed(11)  # the routing sample
     loss = model(**batch).loss

@@ -73,7 +73,8 @@ def test_quickstart_runs_every_method_and_reports(tmp_path, ray_cluster, capsys)
         means.append(f"**{statistics.fmean(medians):.3f}**")
     assert table_row["**mean**"].split("|")[2:-1] == [f" {m} " for m in means]
     assert json.loads((runs / "qs-ft-lora" / "config.json").read_text())["model_modifier"] == "lora"
-    assert json.loads((runs / "qs-ft-mhr-z" / "config.json").read_text())["trainable_param_names"] == ".*module_logits.*"
+    assert json.loads((runs / "qs-ft-mhr-z" / "config.json").read_text())["trainable_param_names"] \
+        == ".*module_logits.*"
 
     report = (runs / "qs-report" / "report.md").read_text()
     assert "## Routing: qs" in report and "## Fine-tuning results" in report

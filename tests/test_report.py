@@ -76,11 +76,13 @@ def built(tmp_path_factory):
     manifest_tasks = {t: {"task_id": i, "role": "train", "skills": PRIMITIVES[t], "metric": "exact_match"}
                       for i, t in enumerate(TASKS)}
     manifest_tasks["reverse+upper"] = {"task_id": 4, "role": "test", "skills": ["reverse", "upper"]}
-    (data / "manifest.json").write_text(json.dumps({"schema_version": 1, "source": "synthetic", "tasks": manifest_tasks}))
+    (data / "manifest.json").write_text(json.dumps({"schema_version": 1, "source": "synthetic",
+                                                    "tasks": manifest_tasks}))
 
     pre = tmp_path / "runs" / "mhr_pre"
     (pre / "final").mkdir(parents=True)
-    (pre / "config.json").write_text(json.dumps({"n_splits": S, "n_skills": K, "data_dir": str(data), "dataset": "synthetic"}))
+    (pre / "config.json").write_text(json.dumps({"n_splits": S, "n_skills": K, "data_dir": str(data),
+                                                 "dataset": "synthetic"}))
     (pre / "tasks.json").write_text(json.dumps({t: i for i, t in enumerate(TASKS)}))
     # Skill k of primitive: copy->0, reverse->1, upper->2, sort->3; a task's logits favour its primitives' skills.
     favour = {"copy": 0, "reverse": 1, "upper": 2, "sort": 3}
@@ -116,8 +118,9 @@ def built(tmp_path_factory):
         for task in ("reverse+upper", "copy+sort", "upper+sort"):
             for seed in (13, 42, 58):
                 for evaluation in ("zero_shot", "best_val", "test"):
-                    results.append({"task": task, "seed": seed, "finetune_type": finetune_type, "evaluation": evaluation,
-                                    "metric": "exact_match", "value": round(rng.uniform(0, 100), 3), "step": 0, "epoch": 0})
+                    results.append({"task": task, "seed": seed, "finetune_type": finetune_type,
+                                    "evaluation": evaluation, "metric": "exact_match",
+                                    "value": round(rng.uniform(0, 100), 3), "step": 0, "epoch": 0})
     (ft / "results.jsonl").write_text("\n".join(json.dumps(r) for r in results) + "\n")
     # mttl finetune's metrics rows: per seed, training loss and validation scores
     ft_metrics = [{"seed": seed, "step": step, "epoch": step // 5, "train/loss": 3.0 - step / 100 - seed / 1000}
@@ -131,8 +134,10 @@ def built(tmp_path_factory):
     trials = [{"study": study, "trial_id": f"{study}_t{i}", "status": status, "hp/module_logits_learning_rate": lr,
                "validations": 3, "mean": val, "test_mean": test}
               for study in ("reverse+upper", "copy+sort")
-              for i, (status, lr, val, test) in enumerate([("complete", 0.1, 55.0, 50.0), ("complete", 0.5, 77.5, 70.0),
-                                                           ("stopped", 1.0, 90.0, 10.0), ("complete", 1.0, 60.0, 61.0)])]
+              for i, (status, lr, val, test) in enumerate([("complete", 0.1, 55.0, 50.0),
+                                                           ("complete", 0.5, 77.5, 70.0),
+                                                           ("stopped", 1.0, 90.0, 10.0),
+                                                           ("complete", 1.0, 60.0, 61.0)])]
     with (sweep / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(trials[0]))
         writer.writeheader()
@@ -214,7 +219,8 @@ def test_routing_table_averages_eval_weights_within_layer_groups(built, report):
     for layer, logits in built["logits"].items():
         for t, task in enumerate(TASKS):
             weights = eval_weights(logits[t])
-            expected.setdefault((expected_group(layer), task), []).append([sum(w[k] for w in weights) / S for k in range(K)])
+            expected.setdefault((expected_group(layer), task), []).append(
+                [sum(w[k] for w in weights) / S for k in range(K)])
     assert {r["group"] for r in rows} == {"encoder self-attention", "encoder FFN", "decoder self-attention",
                                           "decoder cross-attention", "decoder FFN"}
     assert len(rows) == len(expected)
@@ -253,7 +259,8 @@ def test_skill_alignment_table(built, report):
         for b in TASKS[i + 1:]:
             (shared if set(PRIMITIVES[a]) & set(PRIMITIVES[b]) else disjoint).append(cosine(vectors[a], vectors[b]))
     assert len(shared) == 4 and len(disjoint) == 2
-    table = {line.split("|")[1].strip(): line.split("|")[2:4] for line in text.splitlines() if line.startswith("| share ")}
+    table = {line.split("|")[1].strip(): line.split("|")[2:4]
+             for line in text.splitlines() if line.startswith("| share ")}
     assert int(table["share a primitive"][0]) == 4 and int(table["share none"][0]) == 2
     assert float(table["share a primitive"][1]) == pytest.approx(statistics.mean(shared), abs=1e-4)
     assert float(table["share none"][1]) == pytest.approx(statistics.mean(disjoint), abs=1e-4)

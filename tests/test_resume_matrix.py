@@ -26,8 +26,9 @@ there (one bf16 ulp at these magnitudes is ~4e-3 · |w|, adapters here are |w| <
 
 In CI each fault runs once, the four covering ZeRO 0-3 and both precisions (CI_POINTS, ~5 minutes
 on 2 cores); `MTTL_FULL_FAULT_MATRIX=1` runs every fault at every point (32 resumes). A shared
-reference per precision is not used: fp32 runs at different stages agreed only to 2e-5 after 120 steps (ZeRO-3 gathers in another
-order), and bf16 runs to 0.5 (Adam at these rates amplifies bf16 rounding of the gradients).
+reference per precision is not used: fp32 runs at different stages agreed only to 2e-5 after 120
+steps (ZeRO-3 gathers in another order), and bf16 runs to 0.5 (Adam at these rates amplifies bf16
+rounding of the gradients).
 """
 
 from __future__ import annotations
@@ -235,8 +236,9 @@ def test_killed_driver(suite, ray_cluster, stage, precision):
 
 def test_fp32_references_agree_across_stages(suite, ray_cluster):
     """The same fp32 run at different ZeRO stages ends with the same adapters (only reduction order
-    differs: 3.5e-6 at ZeRO-1/2 and 1.6e-5 at ZeRO-3 were measured after 120 steps, so 1e-4 leaves room; a lost or repeated Adam step moves adapters
-    by about its learning rate, 1.7e-4 even at the last step of the linear decay)."""
+    differs: 3.5e-6 at ZeRO-1/2 and 1.6e-5 at ZeRO-3 were measured after 120 steps, so 1e-4 leaves
+    room; a lost or repeated Adam step moves adapters by about its learning rate, 1.7e-4 even at the
+    last step of the linear decay)."""
     stages = sorted({stage for points in CI_POINTS.values() for stage, precision in points if precision == "32"})
     stages = [0, 1, 2, 3] if FULL else stages  # in CI the fp32 references the faults above trained
     ends = {stage: load_file(str(reference(suite, stage, "32") / "final" / "adapters.safetensors")) for stage in stages}

@@ -26,7 +26,8 @@ def _rows():
     return rows
 
 
-TASKS = {"zeta": {"role": "train", "metric": "rouge"}, "alpha": {"role": "test", "metric": "accuracy", "category": "qa"},
+TASKS = {"zeta": {"role": "train", "metric": "rouge"},
+         "alpha": {"role": "test", "metric": "accuracy", "category": "qa"},
          "mid": {"role": "train", "metric": "rouge"}}
 
 

@@ -85,7 +85,8 @@ def test_select_tasks_by_role_and_name(ni_dir):
     assert stream.select_tasks(manifest) == sorted(TRAIN_TASKS)
     assert stream.select_tasks(manifest, roles=("test",)) == sorted(TEST_TASKS)
     assert stream.select_tasks(manifest, roles=("train", "test")) == sorted(TRAIN_TASKS + TEST_TASKS)
-    assert stream.select_tasks(manifest, names=[TEST_TASKS[1], TRAIN_TASKS[0]]) == sorted([TEST_TASKS[1], TRAIN_TASKS[0]])
+    assert (stream.select_tasks(manifest, names=[TEST_TASKS[1], TRAIN_TASKS[0]])
+            == sorted([TEST_TASKS[1], TRAIN_TASKS[0]]))
     with pytest.raises(DataError, match="task_nope.*task_zzz"):
         stream.select_tasks(manifest, names=["task_zzz", TRAIN_TASKS[0], "task_nope"])
     with pytest.raises(DataError, match="no task with role"):

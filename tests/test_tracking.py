@@ -196,7 +196,8 @@ def test_finetuning_reaches_mlflow(tmp_path):
     checkpoint = make_checkpoint(tmp_path, data, "poly")
     store = tmp_path / "mlruns"
     assert main(["finetune", "-k", f"checkpoint={checkpoint}", f"finetune_task_name={task}", "finetune_type=Z",
-                 f"output_dir={tmp_path}", "run_name=ft", f"mlflow_tracking_uri=file:{store}", "do_zs=False", *FAST]) == 0
+                 f"output_dir={tmp_path}", "run_name=ft", f"mlflow_tracking_uri=file:{store}", "do_zs=False",
+                 *FAST]) == 0
 
     client = _mlflow_client(store)
     [run] = client.search_runs([client.get_experiment_by_name("mttl").experiment_id])

@@ -82,7 +82,8 @@ def test_default_runs_a_full_backbone_phase_before_the_adapters():
     # a user's key wins over the phase's default
     user = load_config(None, ["learning_rate=0.02", "total_steps=10"], base=DEFAULTS)
     user.run_name = "demo"
-    assert backbone_phase_config(user).learning_rate == 0.02 and backbone_phase_config(user).total_steps == 10 * BACKBONE_STEP_FACTOR
+    assert backbone_phase_config(user).learning_rate == 0.02
+    assert backbone_phase_config(user).total_steps == 10 * BACKBONE_STEP_FACTOR
 
 
 def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):

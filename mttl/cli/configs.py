@@ -23,7 +23,8 @@ Examples:
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--show", action="store_true", help="print the merged config as JSON (also implied by -c or -k); without them, the defaults. "
+    parser.add_argument("--show", action="store_true",
+                        help="print the merged config as JSON (also implied by -c or -k); without them, the defaults. "
                              "Example: mttl configs -c ni/mhr.json --show")
 
 

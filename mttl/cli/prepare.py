@@ -35,7 +35,8 @@ EXAMPLES = {
            "mttl prepare ni --source natural-instructions --num-pos-examples 2 --tokenizer ../shared/tokenizers/t5 "
            "--out data/shards/ni_pos2"],
     "t0": ["mttl prepare t0 --source ../shared/data/t0 --out data/shards/t0",
-           "mttl prepare t0 --source ../shared/data/t0 --tasks cb rte --storycloze-dir ~/storycloze --out data/shards/t0"],
+           "mttl prepare t0 --source ../shared/data/t0 --tasks cb rte --storycloze-dir ~/storycloze "
+           "--out data/shards/t0"],
     "xfit": ["mttl prepare xfit --source data/crossfit --partition random.json --out data/shards/xfit"],
     "synthetic": ["mttl prepare synthetic --out data/shards/synthetic",
                   "mttl prepare synthetic --seed 1 --n-heldout 4 --out data/shards/synthetic_seed1"],
@@ -68,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         module.add_cli_arguments(p)
         p.add_argument("--out", required=True, metavar="DIR",
                        help=f"output folder (created or atomically replaced). Example: --out data/shards/{name}")
-        p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of its one-line message. Example: --debug")
+        p.add_argument("--debug", action="store_true",
+                       help="show the full traceback of an error instead of its one-line message. Example: --debug")
         p.set_defaults(_prepare=module.prepare_from_args)
     p = sub.add_parser("check", help="verify a prepared folder against its manifest (exit 1 on problems)",
                        description=_description("Verify files, sha256, row counts and Parquet readability against "
@@ -76,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", metavar="DIR", help="a folder written by `mttl prepare SOURCE --out DIR`. "
                                               "Example: mttl prepare check data/shards/ni")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of its one-line message. Example: --debug")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of its one-line message. Example: --debug")
 
 
 def run(args: argparse.Namespace) -> int:

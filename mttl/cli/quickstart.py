@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config keys for the few-shot runs (after the quick start's own: 32 shots, seeds 13 "
                              "and 42, 100 steps). Example: --finetune seeds=\"[13, 42, 58]\" total_steps=400")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated methods to adapt with, of {', '.join(METHODS)}. Example: --methods mhr,lora")
+                        help=f"comma-separated methods to adapt with, of {', '.join(METHODS)}. "
+                             "Example: --methods mhr,lora")
 
 
 def run(args: argparse.Namespace) -> int:

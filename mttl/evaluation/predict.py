@@ -72,7 +72,8 @@ def choice_token_logprobs(model, task_ids: torch.Tensor, input_ids: torch.Tensor
     """
     n_rows, n_choices, length = choice_labels.shape
     with model.routing_context(task_ids):
-        encoder_states = model.hf_model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder_states = model.hf_model.get_encoder()(input_ids=input_ids,
+                                                      attention_mask=attention_mask).last_hidden_state
     flat_labels = choice_labels.reshape(n_rows * n_choices, length)
     out = model(task_ids=task_ids,
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states.repeat_interleave(n_choices, dim=0)),

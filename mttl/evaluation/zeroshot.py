@@ -38,8 +38,8 @@ def held_out_tasks(data_dir: str) -> list[str]:
 
 # keys that change where or how fast the scores are computed, not the scores: a rerun that
 # differs only in these keeps the tasks already scored
-_NOT_SCORE_KEYS = ("tasks", "resources_per_run", "ray_address", "verbose", "tensorboard", "mlflow", "predict_batch_size",
-                   "use_gpu", "run_name", "output_dir", "cache_dir", "checkpoint_dir")
+_NOT_SCORE_KEYS = ("tasks", "resources_per_run", "ray_address", "verbose", "tensorboard", "mlflow",
+                   "predict_batch_size", "use_gpu", "run_name", "output_dir", "cache_dir", "checkpoint_dir")
 
 
 def fans_out(cfg: Config, tasks: list[str]) -> bool:

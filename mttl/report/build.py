@@ -34,8 +34,8 @@ def build_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike, max_
         raise MttlError("no run folders given; example: mttl report output/my_run --out report")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        raise MttlError(f"two run folders share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
-                        "report them separately or rename one")
+        shared_names = ", ".join(sorted({n for n in names if names.count(n) > 1}))
+        raise MttlError(f"two run folders share a name ({shared_names}); report them separately or rename one")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise MttlError(f"--out '{out}' is a file, not a report folder; choose an empty or new folder")
@@ -118,7 +118,8 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
                   "Full tables: `results_per_task.csv`, `results_per_method.csv`.\n")
         summary = defaultdict(dict)
         for row in per_method:
-            summary[(row["method"], row["metric"])][row["evaluation"]] = f"{row['mean']:.4g} ({row['std']:.3g}, {row['n_tasks']} tasks)"
+            summary[(row["method"], row["metric"])][row["evaluation"]] = (
+                f"{row['mean']:.4g} ({row['std']:.3g}, {row['n_tasks']} tasks)")
         evaluations = sorted({r["evaluation"] for r in per_method}, key=evaluation_key)
         md.append(markdown_table([{"method": m, "metric": metric, **{e: cells.get(e, "") for e in evaluations}}
                                    for (m, metric), cells in summary.items()]))
@@ -140,8 +141,10 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
     if pretrain_runs:
         summaries = [curve_summary(r) for r in pretrain_runs]
         write_csv(folder / "training_summary.csv", summaries)
-        curves = [{"run": r.name, "step": s, "loss": v} for r in pretrain_runs for s, v in zip(*series(r.metrics, "loss"))]
-        curves += [{"run": r.name, "step": s, "val_loss": v} for r in pretrain_runs for s, v in zip(*series(r.metrics, "val_loss"))]
+        curves = [{"run": r.name, "step": s, "loss": v}
+                  for r in pretrain_runs for s, v in zip(*series(r.metrics, "loss"))]
+        curves += [{"run": r.name, "step": s, "val_loss": v}
+                   for r in pretrain_runs for s, v in zip(*series(r.metrics, "val_loss"))]
         write_csv(folder / "training_curves.csv", curves)
         md.append("## Pre-training\n")
         md.append("Losses as logged in `metrics.jsonl` (speeds are means over logged steps). "
@@ -169,7 +172,8 @@ def _write_report(runs: list[Run], folder: Path, max_heads: int) -> None:
                   "(the run's selector without sampling: by default sigmoid of the logits, normalised over skills), "
                   "averaged over the layers of each group. "
                   f"Numbers (heads averaged): `routing_{run.name}.csv`.\n")
-        rows = [{"group": group, "task": task, **{f"skill_{k}": round(float(w), 6) for k, w in enumerate(weights[t].mean(axis=0))}}
+        rows = [{"group": group, "task": task,
+                 **{f"skill_{k}": round(float(w), 6) for k, w in enumerate(weights[t].mean(axis=0))}}
                 for group, weights in routing.groups.items() for t, task in enumerate(routing.task_names)]
         write_csv(folder / f"routing_{run.name}.csv", rows)
         for name, caption in plot_routing(run.name, routing, folder / "figures", max_heads):

@@ -53,7 +53,8 @@ def best_trials(runs: list[Run]) -> list[dict]:
         for trial in run.trials:
             by_study[trial.get("study") or trial.get("task", "")].append(trial)
         for study, trials in by_study.items():
-            complete = [t for t in trials if t.get("status", "complete") == "complete" and t.get("mean") not in (None, "")]
+            complete = [t for t in trials
+                        if t.get("status", "complete") == "complete" and t.get("mean") not in (None, "")]
             row = {"run": run.name, "study": study, "trials": len(trials), "complete": len(complete)}
             if complete:
                 best = max(complete, key=lambda t: float(t["mean"]))
@@ -121,7 +122,8 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, cap: int 
 
 def wide_table(per_task: list[dict], evaluation: str, metric: str) -> list[dict]:
     """task rows x method columns of per-task medians, for one evaluation and metric."""
-    methods = list(dict.fromkeys(r["method"] for r in per_task if r["evaluation"] == evaluation and r["metric"] == metric))
+    methods = list(dict.fromkeys(r["method"] for r in per_task
+                                 if r["evaluation"] == evaluation and r["metric"] == metric))
     table = defaultdict(dict)
     for row in per_task:
         if row["evaluation"] == evaluation and row["metric"] == metric:

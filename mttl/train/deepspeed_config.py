@@ -30,7 +30,8 @@ def offload_sections(cfg: Config) -> dict:
     sections: dict = {}
     if cfg.offload_optimizer == "cpu":
         if cfg.zero_stage < 1:
-            raise ConfigError("offload_optimizer=cpu needs ZeRO (stage 1-3); set -k zero_stage=2, or offload_optimizer=none")
+            raise ConfigError("offload_optimizer=cpu needs ZeRO (stage 1-3); "
+                              "set -k zero_stage=2, or offload_optimizer=none")
         sections["offload_optimizer"] = {"device": "cpu", "pin_memory": uses_gpu(cfg)}
     if cfg.offload_params == "cpu":
         if cfg.zero_stage != 3:

@@ -52,7 +52,8 @@ def task_rows(data_dir: str, cfg: Config, roles: list[str]) -> dict[str, int]:
     if cfg.custom_tasks_splits:
         path = Path(cfg.custom_tasks_splits)
         if not path.is_file():
-            raise ConfigError(f"custom_tasks_splits file '{path}' does not exist; give a file with one task name per line")
+            raise ConfigError(f"custom_tasks_splits file '{path}' does not exist; "
+                              "give a file with one task name per line")
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     tasks = select_tasks(read_manifest(data_dir, verify=True), roles=roles, names=names)
     return dict(task_table(tasks))
@@ -463,8 +464,8 @@ def _match_partitioned_dtype(model, cfg: Config) -> None:
 
 class ConsoleSchedule:
     """When a logged step also gets a console line: the first (an early ETA), then every fifth of
-    the run, at least every ten minutes, and the last step. metrics.jsonl and TensorBoard get every `log_every` row; the console
-    gets a readable handful per run whatever its length."""
+    the run, at least every ten minutes, and the last step. metrics.jsonl and TensorBoard get every
+    `log_every` row; the console gets a readable handful per run whatever its length."""
 
     def __init__(self, start_step: int, total: int, fraction: float = 0.2, max_seconds: float = 600.0):
         self.total, self.every = total, max(1, round(total * fraction))
@@ -489,7 +490,9 @@ def _print_progress(row: dict, total: int, start_step: int, started: float) -> N
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _on_device(batch: dict, device) -> dict:
