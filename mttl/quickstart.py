@@ -126,8 +126,7 @@ ROUTED_LABELS = {"mhr": "MHR (adapters + a fresh routing row)", "mhr-z": "MHR-z 
 
 def what_the_table_shows(runs: dict[str, Path]) -> str:
     """One sentence under the table: the best routed method against the fresh LoRA baseline."""
-    from mttl.evaluation.metrics import aggregate
-    from mttl.finetune.loop import read_results
+    from mttl.run_folder import aggregate, read_results
 
     means = {m: aggregate(read_results(path), "test")["mean"] for m, path in runs.items()}
     routed = {m: v for m, v in means.items() if m in ROUTED_LABELS}
