@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 DS_ACCELERATOR_GIVEN = "DS_ACCELERATOR" in os.environ
@@ -277,15 +278,31 @@ def section_pretrain(args, device: torch.device, shape: dict, work: Path, data: 
     windows = [r for r in rows if "tokens_per_s" in r][1:] or [r for r in rows if "tokens_per_s" in r]
     step_s = statistics.median(r["step_time_s"] for r in windows)
     flops = train_flops(shape, args.batch, args.len_in, args.len_out, MHR["lora_rank"], MHR["n_skills"])
-    return {"steps": args.pretrain_steps, "wall_s": wall, "step_s": step_s,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
-            "model_tflops_per_s": flops["total"] / step_s / 1e12, "flops_per_step": flops}
+    out = {"steps": args.pretrain_steps, "wall_s": wall, "step_s": step_s,
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
+           "model_tflops_per_s": flops["total"] / step_s / 1e12, "flops_per_step": flops}
+    # `mttl plan` of the same config against what the worker's GPU held: after deepspeed.initialize
+    # (model states) and at its peak (model states + activations + temporaries)
+    from mttl.plan import GB, plan
+
+    planned = plan(cfg)["per_worker_bytes"]
+    states = [r["gpu_model_states_gb"] for r in rows if "gpu_model_states_gb" in r]
+    peaks = [r["peak_gpu_gb"] for r in rows if "peak_gpu_gb" in r]
+    out.update(plan_model_states_gb=planned["model_states"] / GB, plan_total_gb=planned["total"] / GB,
+               measured_model_states_gb=states[0] if states else None, measured_peak_gb=max(peaks, default=None))
+    if states:
+        out["plan_over_measured_model_states"] = out["plan_model_states_gb"] / states[0]
+    if peaks:
+        out["plan_over_measured_peak"] = out["plan_total_gb"] / max(peaks)
+    return out
 
 
 def save_backbone(folder: Path, shape: dict, device: torch.device, dry: bool) -> Path:
     """A random backbone of `shape` saved as a model folder (what `model=` loads), once."""
     if not (folder / "config.json").is_file():
         model = random_backbone(shape, torch.device("cpu") if dry else device)
+        if not dry:  # bf16 on disk: what the bf16 policy loads anyway, at half the write (5.6 GB for XL)
+            model = model.to(torch.bfloat16)
         model.save_pretrained(folder)
         del model
         if device.type == "cuda":
@@ -486,19 +503,33 @@ def main() -> int:
             if data is None and name != "step":
                 data = write_data(work / "data", args.len_in, args.len_out, rows_per_task=64 if args.dry else 512)
             started = time.perf_counter()
-            if name == "step":
-                out = section_step(args, device, shape)
-            elif name == "pretrain":
-                out = section_pretrain(args, device, shape, work, data)
-            elif name == "finetune":
-                run = make_run_folder(work, ft_shape, data, device, args.dry)
-                out = section_finetune(args, device, run, work, data)
-            else:
-                out = section_sweep(args, device, make_run_folder(work, ft_shape, data, device, args.dry), work)
+            try:
+                if name == "step":
+                    out = section_step(args, device, shape)
+                elif name == "pretrain":
+                    out = section_pretrain(args, device, shape, work, data)
+                elif name == "finetune":
+                    run = make_run_folder(work, ft_shape, data, device, args.dry)
+                    out = section_finetune(args, device, run, work, data)
+                else:
+                    out = section_sweep(args, device, make_run_folder(work, ft_shape, data, device, args.dry), work)
+            except Exception as exc:  # one failed section must not cost the others' measurements
+                traceback.print_exc()
+                result["skipped"].append(f"{name}: failed after {time.perf_counter() - started:.0f} s: "
+                                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             out["section_s"] = time.perf_counter() - started
             result["sections"][name] = out
             result["skipped"] += [f"{name}: {s}" for s in out.pop("skipped", [])]
     finally:
+        # the runs' own logs (Ray's, DeepSpeed's) outlive the scratch folder: a failed section's cause
+        for log in work.glob("**/logs/*.log"):
+            kept = OUT / "gpu-logs" / "-".join(log.relative_to(work).parts)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, kept)
         shutil.rmtree(work, ignore_errors=True)
     s = result["sections"]
     table = result["table"]
@@ -511,6 +542,11 @@ def main() -> int:
     if "pretrain" in s:
         table["pre-training tokens/s (Ray Train + DeepSpeed)"] = (s["pretrain"]["tokens_per_s"], ",.0f")
         table["MFU, MHR pre-training step"] = (s["pretrain"]["model_tflops_per_s"] / peak if peak else None, ".1%")
+        for key, label in (("measured_model_states_gb", "pre-training GPU memory after initialize (GB)"),
+                           ("plan_over_measured_model_states", "mttl plan ÷ measured, model states"),
+                           ("measured_peak_gb", "pre-training GPU peak, max_memory_allocated (GB)"),
+                           ("plan_over_measured_peak", "mttl plan ÷ measured, total at peak")):
+            table[label] = (s["pretrain"].get(key), ".2f")
     if "finetune" in s:
         table["finetune steps/s (estimate)"] = (s["finetune"]["train_steps_per_s_estimate"], ".2f")
         table["rank classification examples/s"] = (s["finetune"]["eval_examples_per_s"], ".1f")

@@ -22,9 +22,11 @@ def prepare_comm_op() -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":
+        return  # GPUs use NCCL; the shared-memory op is the CPU accelerator's
     builder = get_accelerator().create_op_builder(SHM_COMM)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return  # GPUs use NCCL; nothing to build
+        return  # this DeepSpeed build cannot compile it; its torch backend then uses gloo as is
     from torch.utils.cpp_extension import _get_build_directory
 
     build_dir = Path(_get_build_directory(builder.NAME, verbose=False))

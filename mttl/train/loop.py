@@ -282,11 +282,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", file=sys.__stdout__,
                       flush=True)
 
+    # on a GPU, what the engine holds before the first batch: the model states `mttl plan` estimates
+    states_gb = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9 if _collective_device().type == "cuda" else None
     logger = None
     if rank == 0:
         from mttl.tracking import MetricsLogger
 
         logger = MetricsLogger(run_dir, cfg)
+        if states_gb is not None:
+            logger.log({"step": state.step, "gpu_model_states_gb": states_gb})
         if resume_from is not None:
             # steps after this one may appear twice in metrics.jsonl: once before a failure, once after
             # the run's record says when it fell back past a damaged checkpoint, not only the console
@@ -433,12 +437,19 @@ class _Window:
                "tokens_per_s": float(totals[2]) / elapsed, "step_time_s": elapsed / steps,
                "data_wait_s": float(totals[3]) / world / steps}
         # the largest resident set any worker process reached so far (what must fit in a node's RAM)
-        peak = torch.tensor([_peak_rss_bytes()], dtype=torch.float64, device=_collective_device())
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        row["peak_rss_gb"] = float(peak.cpu()[0]) / 1e9
+        row["peak_rss_gb"] = _max_over_ranks(_peak_rss_bytes()) / 1e9
+        if _collective_device().type == "cuda":  # and what must fit in a GPU's memory
+            row["peak_gpu_gb"] = _max_over_ranks(torch.cuda.max_memory_allocated()) / 1e9
         for name, group in zip(group_names, optimizer.param_groups):
             row[f"lr/{name}"] = group["lr"]
         return row
+
+
+def _max_over_ranks(value: float) -> float:
+    """The largest of one number per rank (a collective)."""
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.cpu()[0])
 
 
 def _peak_rss_bytes() -> int:
