@@ -282,8 +282,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(f"[mttl] resumed {cfg.run_name} at step {state.step}/{cfg.total_steps}", file=sys.__stdout__,
                       flush=True)
 
-    # on a GPU, what the engine holds before the first batch: the model states `mttl plan` estimates
-    states_gb = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9 if _collective_device().type == "cuda" else None
+    # on a GPU, what the engine holds before the first batch: weights and fp32 master copies (gradient
+    # buffers and Adam's moments come with the first step: see `gpu_states_after_first_step_gb`)
+    on_gpu = _collective_device().type == "cuda"
+    states_gb = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9 if on_gpu else None
     logger = None
     if rank == 0:
         from mttl.tracking import MetricsLogger
@@ -345,6 +347,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.add(loss.detach(), _token_count(batch))
             if at_boundary:
                 state.step += 1
+                if on_gpu and state.step == start_step + 1:
+                    # all of `mttl plan`'s model states exist now; activations are freed after backward
+                    window.states_after_first_step_gb = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9
                 # set after the step, as the reference's on_train_batch_end: validation at this step
                 # and the next step's batches use it
                 alpha = set_alpha(engine.module, cfg, state.step, alpha)
@@ -417,6 +422,7 @@ class _Window:
         self.tokens = 0
         self.steps = 0
         self.data_wait_s = 0.0
+        self.states_after_first_step_gb = None  # GPU memory after this process's first step (a GPU run)
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
@@ -438,6 +444,8 @@ class _Window:
                "data_wait_s": float(totals[3]) / world / steps}
         # the largest resident set any worker process reached so far (what must fit in a node's RAM)
         row["peak_rss_gb"] = _max_over_ranks(_peak_rss_bytes()) / 1e9
+        if self.states_after_first_step_gb is not None:
+            row["gpu_states_after_first_step_gb"] = self.states_after_first_step_gb
         if _collective_device().type == "cuda":  # and what must fit in a GPU's memory
             row["peak_gpu_gb"] = _max_over_ranks(torch.cuda.max_memory_allocated()) / 1e9
         for name, group in zip(group_names, optimizer.param_groups):
