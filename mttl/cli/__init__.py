@@ -142,25 +142,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mttl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        if not ray_was_connected:
-            _disconnect_ray()
+        left = ray_was_connected or _disconnect_ray()
+        code = getattr(stop, "exit_code", 130)
         print(f"mttl: {getattr(stop, 'reason', 'interrupted')}; {interrupt_hint()}", file=sys.stderr)
-        return getattr(stop, "exit_code", 130)
+        if not left:
+            # Ray's shutdown is stuck (the run's thread inside a Ray call): its exit hooks would wait the
+            # same way, and the run would go on training. End the process; Ray's local processes share
+            # its fate, a joined cluster ends this driver's actors when its connection drops.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 def _ray_connected() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
-def _disconnect_ray() -> None:
+# How long an interrupted command waits for Ray's shutdown. It takes 1-3 s; once, under a loaded CI
+# machine, it never returned and the interrupted run trained on for the 90 s the test waited.
+RAY_SHUTDOWN_WAIT_S = 30.0
+
+
+def _disconnect_ray(wait_s: float = RAY_SHUTDOWN_WAIT_S) -> bool:
     """Leave Ray before the closing line, so no worker log line streamed by the driver follows it.
 
+    The shutdown runs on a thread and is waited for at most `wait_s`; returns whether it finished.
     A second Ctrl-C while disconnecting is ignored: the line still comes, and the exit code."""
-    try:
-        if _ray_connected():
+    if not _ray_connected():
+        return True
+    finished = threading.Event()
+
+    def shutdown():
+        try:
             sys.modules["ray"].shutdown()
-    except (KeyboardInterrupt, Exception):  # the command is ending either way
-        pass
+        except Exception:  # the command is ending either way
+            pass
+        finally:
+            finished.set()
+
+    threading.Thread(target=shutdown, name="mttl-ray-shutdown", daemon=True).start()
+    try:
+        return finished.wait(wait_s)
+    except KeyboardInterrupt:
+        return finished.wait(wait_s)
 
 
 class Terminated(KeyboardInterrupt):
