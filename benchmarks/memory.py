@@ -48,10 +48,12 @@ def measure(cfg: Config) -> dict:
     run_dir = pretrain(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     peak = max(r["peak_rss_gb"] for r in rows if "peak_rss_gb" in r)
+    # resident memory by stage (the worker's first rows): where the peak comes from
+    stages = {k: v for r in rows for k, v in r.items() if k.startswith("rss_after_")}
     p = plan(cfg.copy(n_tasks=cfg.n_tasks or 8))
     return {"run": cfg.run_name, "zero_stage": cfg.zero_stage, "gradient_checkpointing": cfg.gradient_checkpointing,
             "micro_batch": cfg.train_batch_size // cfg.num_workers, "input_len": cfg.max_input_length,
-            "peak_rss_gb": peak, "plan_model_states_gb": p["per_worker_bytes"]["model_states"] / 1e9,
+            "peak_rss_gb": peak, **stages, "plan_model_states_gb": p["per_worker_bytes"]["model_states"] / 1e9,
             "plan_activations_gb": p["per_worker_bytes"]["activations"] / 1e9,
             "params_m": p["params"]["total"] / 1e6}
 
@@ -84,12 +86,15 @@ def main() -> None:
     summary = {"zero3_over_zero0": large[3] / large[0] if len(large) == 2 else None}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "memory.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
-    lines = ["| backbone | ZeRO | ckpt | micro batch × tokens | peak RSS/worker GB | above overhead GB | "
-             "plan model states GB | plan ÷ measured |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| backbone | ZeRO | ckpt | micro batch × tokens | resident after build / initialize / first step GB | "
+             "peak RSS/worker GB | above overhead GB | plan model states GB | plan ÷ measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = "" if r["plan_vs_measured"] is None else f"{r['plan_vs_measured']:.2f}"
+        by_stage = " / ".join(f"{r[k]:.2f}" if k in r else "–" for k in
+                              ("rss_after_build_gb", "rss_after_initialize_gb", "rss_after_first_step_gb"))
         lines.append(f"| {r['shape']} ({r['params_m']:.0f} M) | {r['zero_stage']} | {r['gradient_checkpointing']} | "
-                     f"{r['micro_batch']} × {r['input_len']} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['micro_batch']} × {r['input_len']} | {by_stage} | {r['peak_rss_gb']:.2f} | "
                      f"{r['above_process_overhead_gb']:.2f} | {r['plan_model_states_gb']:.3f} | {ratio} |")
     if summary["zero3_over_zero0"] is not None:
         lines.append(f"\nZeRO-3 (partitioned build) ÷ ZeRO-0 peak RSS: {summary['zero3_over_zero0']:.2f}")

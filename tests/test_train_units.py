@@ -56,7 +56,7 @@ def test_zero3_bounds_the_gathered_parameters():
     assert largest_layer_params(t5) == 1000 * 48
     assert zero3_gather_limits(_cfg(zero_stage=3), 48_000) == {
         "stage3_max_live_parameters": 96_000, "stage3_max_reuse_distance": 96_000,
-        "stage3_prefetch_bucket_size": 48_000, "reduce_bucket_size": 96_000}
+        "stage3_prefetch_bucket_size": 48_000, "reduce_bucket_size": 96_000, "sub_group_size": 10**7}
     zero = deepspeed_config(_cfg(zero_stage=3, zero3_live_parameters=10**6), 1)["zero_optimization"]
     assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 10**6
     assert "stage3_max_live_parameters" not in deepspeed_config(_cfg(zero_stage=2), 1)["zero_optimization"]

@@ -41,15 +41,22 @@ def offload_sections(cfg: Config) -> dict:
     return sections
 
 
+# the fewest elements an optimizer sub-group gets: many tiny groups would make the step slow
+SUB_GROUP_FLOOR = 10**7
+
+
 def zero3_gather_limits(cfg: Config, largest_layer: int) -> dict:
     """DeepSpeed's stage-3 settings bounding the parameters gathered at once: `zero3_live_parameters`,
     else twice the largest layer. DeepSpeed's defaults (1e9 live, 1e9 reuse distance) keep every
     gathered layer of a sub-billion backbone until the step ends: the partition plus the whole
     model, more than ZeRO-0 holds."""
     live = int(cfg.zero3_live_parameters or 2 * largest_layer)
-    # the gradient reduce bucket too: DeepSpeed's 5e8 elements are 2 GB (fp32) allocated per worker
+    # the gradient reduce bucket too: DeepSpeed's 5e8 elements are 2 GB (fp32) allocated per worker;
+    # and the optimizer's sub-groups: Adam's step makes temporaries the size of the group it updates,
+    # which at DeepSpeed's 1e9 elements is the worker's whole trained partition at once
     return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
-            "stage3_prefetch_bucket_size": max(live // 2, 1), "reduce_bucket_size": live}
+            "stage3_prefetch_bucket_size": max(live // 2, 1), "reduce_bucket_size": live,
+            "sub_group_size": max(live, SUB_GROUP_FLOOR)}
 
 
 def largest_layer_params(model) -> int:

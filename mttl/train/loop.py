@@ -257,6 +257,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ZeRO-3: partitioned as it is built, never whole in any worker
     model = build_routed_model(cfg, tokenizer, dtype=backbone_dtype(cfg),
                                zero3_config=ds_config if cfg.zero_stage == 3 else None)
+    memory = {"after_build": _memory_now()}
     if cfg.checkpoint:
         # before the optimizer: switching to average routing removes the routing parameters
         start_from_checkpoint(model, cfg)
@@ -285,14 +286,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # on a GPU, what the engine holds before the first batch: weights and fp32 master copies (gradient
     # buffers and Adam's moments come with the first step: see `gpu_states_after_first_step_gb`)
     on_gpu = _collective_device().type == "cuda"
-    states_gb = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9 if on_gpu else None
+    memory["after_initialize"] = _memory_now()
+    # where a worker's memory goes, per stage (resident now and its high-water mark; the largest over ranks)
+    memory_row = {f"{kind}_{stage}_gb": _max_over_ranks(value) / 1e9
+                  for stage, values in memory.items() for kind, value in values.items()}
+    if on_gpu:
+        memory_row["gpu_model_states_gb"] = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9
     logger = None
     if rank == 0:
         from mttl.tracking import MetricsLogger
 
         logger = MetricsLogger(run_dir, cfg)
-        if states_gb is not None:
-            logger.log({"step": state.step, "gpu_model_states_gb": states_gb})
+        logger.log({"step": state.step, **memory_row})
         if resume_from is not None:
             # steps after this one may appear twice in metrics.jsonl: once before a failure, once after
             # the run's record says when it fell back past a damaged checkpoint, not only the console
@@ -347,9 +352,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.add(loss.detach(), _token_count(batch))
             if at_boundary:
                 state.step += 1
-                if on_gpu and state.step == start_step + 1:
+                if state.step == start_step + 1:
                     # all of `mttl plan`'s model states exist now; activations are freed after backward
-                    window.states_after_first_step_gb = _max_over_ranks(torch.cuda.memory_allocated()) / 1e9
+                    window.first_step_memory = {f"{kind}_after_first_step_gb": _max_over_ranks(value) / 1e9
+                                                for kind, value in _memory_now().items()}
+                    if on_gpu:
+                        window.first_step_memory["gpu_states_after_first_step_gb"] = (
+                            _max_over_ranks(torch.cuda.memory_allocated()) / 1e9)
                 # set after the step, as the reference's on_train_batch_end: validation at this step
                 # and the next step's batches use it
                 alpha = set_alpha(engine.module, cfg, state.step, alpha)
@@ -422,7 +431,7 @@ class _Window:
         self.tokens = 0
         self.steps = 0
         self.data_wait_s = 0.0
-        self.states_after_first_step_gb = None  # GPU memory after this process's first step (a GPU run)
+        self.first_step_memory = {}  # memory after this process's first step, logged with the window
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
@@ -444,8 +453,7 @@ class _Window:
                "data_wait_s": float(totals[3]) / world / steps}
         # the largest resident set any worker process reached so far (what must fit in a node's RAM)
         row["peak_rss_gb"] = _max_over_ranks(_peak_rss_bytes()) / 1e9
-        if self.states_after_first_step_gb is not None:
-            row["gpu_states_after_first_step_gb"] = self.states_after_first_step_gb
+        row.update(self.first_step_memory)
         if _collective_device().type == "cuda":  # and what must fit in a GPU's memory
             row["peak_gpu_gb"] = _max_over_ranks(torch.cuda.max_memory_allocated()) / 1e9
         for name, group in zip(group_names, optimizer.param_groups):
@@ -458,6 +466,13 @@ def _max_over_ranks(value: float) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return float(tensor.cpu()[0])
+
+
+def _memory_now() -> dict[str, int]:
+    """This worker's resident set now (`rss`) and its high-water mark so far (`peak_rss`), in bytes."""
+    import psutil
+
+    return {"rss": psutil.Process().memory_info().rss, "peak_rss": _peak_rss_bytes()}
 
 
 def _peak_rss_bytes() -> int:
