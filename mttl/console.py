@@ -15,6 +15,8 @@ keeps it in `ray._private.ray_logging.global_worker_stdstream_dispatcher` under 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -62,6 +64,41 @@ def send_internal_logs_to(path: str | os.PathLike, *, verbose: bool = False) -> 
     _quiet_hugging_face_bars()
     route_worker_output()
     return path
+
+
+@contextlib.contextmanager
+def library_prints_to_log():
+    """Inside, what libraries `print` to stdout goes to the log file: Ray Tune prints its experiment
+    box, result paths and TensorBoard hint whatever its `verbose`. mttl's own lines use `ours()`.
+    With `verbose=True` (no log file) nothing moves."""
+    if _state["file"] is None:
+        yield
+        return
+    _state["console"] = sys.stdout
+    try:
+        with contextlib.redirect_stdout(_LogStream()):
+            yield
+    finally:
+        _state["console"] = None
+
+
+def ours():
+    """The stream mttl's own console lines go to (stdout, also inside `library_prints_to_log`)."""
+    return _state.get("console") or sys.stdout
+
+
+class _LogStream(io.TextIOBase):
+    """A text stream writing into the current log file."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with _state["lock"]:
+            handle = _state["file"]
+            if handle is not None and not handle.closed:
+                handle.write(text)
+        return len(text)
 
 
 def _write(text: str) -> None:

@@ -50,8 +50,11 @@ class TrialProgress(Callback):
         self.finished += 1
         value = (trial.last_result or {}).get(OBJECTIVE)
         score = f" {OBJECTIVE} {value:.2f}" if isinstance(value, (int, float)) else ""
+        from mttl import console  # Tune's own prints go to the log file meanwhile (`library_prints_to_log`)
+
         print(progress_line(self.finished, self.total, f"{self.study} trial {trial.trial_id} {status}{score}",
-                            time.monotonic() - self.start, self.finished, self.total - self.finished), flush=True)
+                            time.monotonic() - self.start, self.finished, self.total - self.finished),
+              file=console.ours(), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._report(trial, "done")

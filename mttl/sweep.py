@@ -15,6 +15,7 @@ the cluster's resources hold at once; one line per finished trial (`mttl.progres
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import pkgutil
@@ -23,6 +24,7 @@ from types import ModuleType
 
 from dataclasses import fields
 
+from mttl import console
 from mttl.config import Config
 from mttl.errors import ConfigError, MttlError
 from mttl.finetune.type_table import finetune_type
@@ -195,6 +197,20 @@ def _optuna_search(cfg: Config, space_name: str):
     return OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
 
 
+@contextlib.contextmanager
+def _optuna_quiet(cfg: Config):
+    """Optuna's INFO lines (a study created for each search) only with `verbose=True`."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    if not cfg.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def fits_at_once(resources: dict) -> int:
     """Trials of `resources` the Ray cluster can run at once (at least 1): the default of
     `max_concurrent_trials`, so the searcher does not queue more trials than can start."""
@@ -342,7 +358,9 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
         study_dir = sweep_dir / safe_name(study)
         set_interrupt_hint(f"finished trials and the search state are kept in {sweep_dir}; run the same command "
                            "again to resume the sweep")
-        results = run_in_background(_study_tuner(study_dir, trainable, cfg, module, space_name, resources).fit)
+        with console.library_prints_to_log(), _optuna_quiet(cfg):
+            tuner = _study_tuner(study_dir, trainable, cfg, module, space_name, resources)
+            results = run_in_background(tuner.fit)
         rows = _trial_rows(study, results)
         complete = [r for r in rows if r["status"] == "complete"]
         if complete:

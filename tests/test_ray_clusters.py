@@ -9,6 +9,7 @@ resources no node has, and Ctrl-C.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -193,6 +194,12 @@ def test_sweep_from_a_plain_shell(tmp_path):
     internal = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("internal-*.log"))
     for text in CROSS_TALK + ("AuthenticationError",):
         assert text not in done.stdout + done.stderr + internal, text
+    # issue 16 §2: the console has the sweep's own lines only; Tune's experiment box and paths (printed
+    # whatever its verbosity) are in the log file, Optuna's study lines nowhere
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert all(re.match(r"\[\d+/2\] |\||results: ", line) for line in lines), lines
+    assert not done.stderr.strip(), done.stderr[-2000:]
+    assert "Configuration for experiment" in internal and "View detailed results here" in internal
 
 
 def test_repo_root_is_the_working_tree():
