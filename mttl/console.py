@@ -143,6 +143,17 @@ def _quiet_library_loggers() -> None:
             logger.addHandler(handler)
 
 
+def hide_progress_bars(verbose: bool = False) -> None:
+    """Keep transformers' weight-loading and the hub's download bars off the console (a command that
+    prints its own progress lines and has no log file yet), unless `verbose`."""
+    if verbose:
+        return
+    from transformers.utils import logging as hf_logging  # imported here: it may not be loaded yet
+
+    hf_logging.disable_progress_bar()
+    _quiet_hugging_face_bars()
+
+
 def _quiet_hugging_face_bars() -> None:
     """Weight-loading and download bars would otherwise draw on the terminal."""
     if "transformers" in sys.modules:

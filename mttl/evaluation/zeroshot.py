@@ -104,12 +104,14 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
     Each scored task is written to the run folder at once; the same command run again scores only
     the tasks not there yet (a saved config that differs in a key that changes scores starts over)."""
     from mttl import device
+    from mttl.console import hide_progress_bars
     from mttl.data.locate import resolve_data_dir
     from mttl.data.shards import task_info
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import read_tasks_file, resolve_run_dir
     from mttl.run_folder import run_dir_for, write_results
 
+    hide_progress_bars(cfg.verbose)
     # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
     device.check_before_ray(cfg)
     joining = cfg.ray_address or os.environ.get("RAY_ADDRESS")

@@ -241,7 +241,9 @@ def run_finetune(cfg: Config) -> Path:
     from mttl.tracking import MetricsLogger
 
     from mttl.finetune.fanout import requested_tasks, run_finetune_tasks
+    from mttl.console import hide_progress_bars
 
+    hide_progress_bars(cfg.verbose)
     names = requested_tasks(cfg)
     if names is not None:
         return run_finetune_tasks(cfg, names)
