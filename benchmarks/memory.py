@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,22 @@ def config(work: Path, name: str, shape: dict, **overrides) -> Config:
                   **shape)
     values.update(overrides)
     return Config().update(values, source="benchmark")
+
+
+def long_row_data(folder: Path, tokens: int) -> Path:
+    """Prepared shards of 4 training tasks whose rows are `tokens` byte tokens in and out."""
+    import random
+    import string
+
+    from mttl.data import shards
+
+    rng = random.Random(0)
+    text = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(tokens + 8))  # noqa: E731
+    rows = [{"task_name": f"t{t}", "task_id": t, "split": "train", "source": text(), "target": text(),
+             "references": [], "instance_id": f"t{t}/{i}"} for t in range(4) for i in range(32)]
+    shards.write_prepared(folder, rows, {f"t{t}": {"role": "train", "metric": "rouge"} for t in range(4)},
+                          source="benchmarks/memory.py", args={"tokens": tokens})
+    return folder
 
 
 def measure(cfg: Config) -> dict:
@@ -62,8 +79,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small backbone only")
     parser.add_argument("--activations", action="store_true", help="also batch 8 x 512 with/without checkpointing")
+    parser.add_argument("--activations-batch", type=int, default=8, help="micro batch of the --activations runs")
+    parser.add_argument("--activations-workers", type=int, default=2,
+                        help="workers of the --activations runs (1: ZeRO-0 in one process, for small machines)")
     args = parser.parse_args()
+    # the runs' checkpoints and final folders of a 1 B-parameter model: ~7 GB each, removed at the end
     work = Path(tempfile.mkdtemp(prefix="mttl-memory-"))
+    try:
+        results = measure_all(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results)
+
+
+def measure_all(args, work: Path) -> list[dict]:
     results = []
     shapes = {"small": SMALL} if args.quick else {"small": SMALL, "t5-large-shaped": LARGE}
     for shape_name, shape in shapes.items():
@@ -72,11 +101,21 @@ def main() -> None:
                                                                   zero_stage=stage))})
             print(json.dumps(results[-1]), flush=True)
     if args.activations:
-        for ckpt in (False, True):
-            cfg = config(work, f"act-ckpt{int(ckpt)}", LARGE, zero_stage=3, gradient_checkpointing=ckpt,
-                         train_batch_size=16, max_input_length=512, max_output_length=512, total_steps=1)
+        # rows of exactly 512 byte tokens each way: the synthetic suite's rows are ~20 tokens, and
+        # batches pad to their longest row, so its max lengths alone would measure almost nothing
+        long_rows = long_row_data(work / "long-rows", 512)
+        workers = args.activations_workers
+        for ckpt in (True, False):  # the smaller first: a run that does not fit still leaves a figure
+            cfg = config(work, f"act-ckpt{int(ckpt)}", LARGE, zero_stage=0 if workers == 1 else 3,
+                         num_workers=workers, gradient_checkpointing=ckpt, data_dir=str(long_rows),
+                         train_batch_size=args.activations_batch * workers, max_input_length=512,
+                         max_output_length=512, total_steps=1)
             results.append({"shape": "t5-large-shaped", **measure(cfg)})
             print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def report(results: list[dict]) -> None:
     overhead = {r["zero_stage"]: r["peak_rss_gb"] for r in results if r["shape"] == "small"}
     for r in results:
         r["above_process_overhead_gb"] = r["peak_rss_gb"] - overhead[r["zero_stage"]]
