@@ -187,3 +187,39 @@ def test_docs_examples_are_the_commands_output(capsys):
     for command, shown in examples:
         assert main(shlex.split(command)[1:]) == 0
         assert capsys.readouterr().out == shown, f"docs/memory-plan.md is out of date for `{command}`"
+
+
+def test_zero2_in_fp32_keeps_a_master_copy_the_plan_counts(monkeypatch):
+    """DeepSpeed's ZeRO-1/2 optimizer steps a clone of the trained partition even in fp32 (ZeRO-0's
+    torch optimizer and ZeRO-3 step the weights themselves): the plan's optimizer bytes are that
+    clone plus Adam's two moments, read from a real engine after one step (one-process group)."""
+    import socket
+
+    import deepspeed
+
+    from mttl.train.optim import build_optimizer, optimizer_groups
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        cfg, model = _real(TINY + MHR + ["zero_stage=2", "train_batch_size=4", "optimizer=adamw"])
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, 1),
+                                                       optimizer=build_optimizer(optimizer_groups(model, cfg), cfg))
+        batch = {"input_ids": torch.randint(3, 200, (4, 16)), "labels": torch.randint(3, 200, (4, 8)),
+                 "task_ids": torch.tensor([0, 1, 2, 0])}
+        engine.backward(engine(**batch).loss)
+        engine.step()
+        masters = optimizer.single_partition_of_fp32_groups
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        assert not {m.untyped_storage().data_ptr() for m in masters} & weights  # a copy, not the weights
+        measured = _tensor_bytes([*masters, *(v for state in optimizer.optimizer.state.values()
+                                              for v in state.values() if torch.is_tensor(v) and v.dim())])
+        planned = model_states(count_params(build_meta_model(cfg)), stage=2, world=1, precision="32").optimizer
+        assert planned == pytest.approx(measured, rel=0.01), (planned, measured)
+    finally:
+        torch.distributed.destroy_process_group()
