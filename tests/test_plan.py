@@ -189,37 +189,62 @@ def test_docs_examples_are_the_commands_output(capsys):
         assert capsys.readouterr().out == shown, f"docs/memory-plan.md is out of date for `{command}`"
 
 
-def test_zero2_in_fp32_keeps_a_master_copy_the_plan_counts(monkeypatch):
-    """DeepSpeed's ZeRO-1/2 optimizer steps a clone of the trained partition even in fp32 (ZeRO-0's
-    torch optimizer and ZeRO-3 step the weights themselves): the plan's optimizer bytes are that
-    clone plus Adam's two moments, read from a real engine after one step (one-process group)."""
-    import socket
+ENGINE_AFTER_ONE_STEP = """
+import json, os, socket, sys
+import deepspeed, torch
+from mttl.config import load_config
+from mttl.models.run import build_routed_model
+from mttl.models.tokenizer import load_tokenizer
+from mttl.train.deepspeed_config import deepspeed_config
+from mttl.train.optim import build_optimizer, optimizer_groups
 
-    import deepspeed
+stage, keys = int(sys.argv[1]), json.loads(sys.argv[2])
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = load_config(None, keys)
+config = deepspeed_config(cfg, 1)
+torch.manual_seed(0)
+model = build_routed_model(cfg, load_tokenizer("byte"), zero3_config=config if stage == 3 else None)
+engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config,
+                                               optimizer=build_optimizer(optimizer_groups(model, cfg), cfg))
+batch = {"input_ids": torch.randint(3, 200, (4, 16)), "labels": torch.randint(3, 200, (4, 8)),
+         "task_ids": torch.tensor([0, 1, 2, 0])}
+engine.backward(engine(**batch).loss)
+engine.step()
+if stage == 3:
+    masters, weights = optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat
+else:
+    masters, weights = optimizer.single_partition_of_fp32_groups, list(model.parameters())
+moments = [v for state in optimizer.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+print(json.dumps({"copy": not {m.untyped_storage().data_ptr() for m in masters}
+                  & {w.untyped_storage().data_ptr() for w in weights},
+                  "bytes": sum(t.untyped_storage().nbytes() for t in [*masters, *moments])}))
+"""
 
-    from mttl.train.optim import build_optimizer, optimizer_groups
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        cfg, model = _real(TINY + MHR + ["zero_stage=2", "train_batch_size=4", "optimizer=adamw"])
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, 1),
-                                                       optimizer=build_optimizer(optimizer_groups(model, cfg), cfg))
-        batch = {"input_ids": torch.randint(3, 200, (4, 16)), "labels": torch.randint(3, 200, (4, 8)),
-                 "task_ids": torch.tensor([0, 1, 2, 0])}
-        engine.backward(engine(**batch).loss)
-        engine.step()
-        masters = optimizer.single_partition_of_fp32_groups
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        assert not {m.untyped_storage().data_ptr() for m in masters} & weights  # a copy, not the weights
-        measured = _tensor_bytes([*masters, *(v for state in optimizer.optimizer.state.values()
-                                              for v in state.values() if torch.is_tensor(v) and v.dim())])
-        planned = model_states(count_params(build_meta_model(cfg)), stage=2, world=1, precision="32").optimizer
-        assert planned == pytest.approx(measured, rel=0.01), (planned, measured)
-    finally:
-        torch.distributed.destroy_process_group()
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_optimizers_in_fp32_keep_a_master_copy_the_plan_counts(stage, tmp_path):
+    """DeepSpeed's ZeRO optimizers step a clone of the trained partition even in fp32 (ZeRO-0's torch
+    optimizer steps the weights themselves; stage 3's code skips the clone for a partition already in
+    fp32 on its device, but compares a torch.device with a device name, which is never equal): the
+    plan's optimizer bytes are that clone plus Adam's two moments, read from a real engine after one
+    step (a one-process group in its own process: DeepSpeed keeps its group across tests; ZeRO-3 with
+    the partitioned build)."""
+    import os
+    import subprocess
+    import sys
+
+    keys = TINY + MHR + [f"zero_stage={stage}", "train_batch_size=4", "optimizer=adamw"]
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_AFTER_ONE_STEP)
+    done = subprocess.run([sys.executable, str(script), str(stage), json.dumps(keys)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["copy"]  # a copy, not the weights
+    planned = model_states(count_params(build_meta_model(load_config(None, keys))), stage=stage, world=1,
+                           precision="32").optimizer
+    assert planned == pytest.approx(measured["bytes"], rel=0.01), (planned, measured)
