@@ -417,7 +417,12 @@ class Config(ClusterSection, SearchSection, FinetuneSection, TrainingSection, Ad
         return {"t0": self.t0_data_dir, "ni": self.ni_data_dir, "xfit": self.xfit_data_dir}.get(self.dataset)
 
     def checkpoint_path(self) -> str | None:
-        """`checkpoint` as given when that path exists, else the same name inside `checkpoint_dir`."""
+        """`checkpoint` as given when that path exists, else the same name inside `checkpoint_dir`; a URI
+        (`s3://bucket/runs/name`): this machine's copy of that run folder (files and a whole final/) in cache_dir."""
+        from mttl import storage
+
+        if self.checkpoint and storage.is_uri(self.checkpoint):
+            return str(storage.local_run_copy(self.checkpoint.rstrip("/"), self.cache_dir, folders=("final",)))
         if not self.checkpoint or os.path.exists(self.checkpoint):
             return self.checkpoint
         in_dir = os.path.join(self.checkpoint_dir, self.checkpoint)
