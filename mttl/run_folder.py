@@ -16,8 +16,8 @@ A run folder may live in object storage (`output_dir=s3://bucket/prefix`): `run_
 machine's copy of it under cache_dir, `remote_run_for` its URI, and `pull_run` / `push_run` copy its
 files down before a command reads them and up after it writes them (`mttl.storage` does the I/O).
 
-It imports neither torch nor any other mttl module than `mttl.errors` and `mttl.storage` at import time, so `mttl report`
-and the command-line help stay light, and every package can use it without an import cycle.
+It imports neither torch nor any other mttl module than `mttl.errors` and `mttl.storage` at import time,
+so `mttl report` and the command-line help stay light, and every package can use it without an import cycle.
 
 Staging folders: `mttl prepare`, `mttl report` and `mttl export` build their output in
 `.<out>.tmp-<host>-<pid>-<random>` next to `<out>` (and `mttl prepare` moves a replaced output aside
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from mttl import storage
-from mttl.errors import DataError, MttlError
+from mttl.errors import ConfigError, DataError, MttlError
 
 if TYPE_CHECKING:
     from mttl.config import Config
@@ -90,6 +90,13 @@ def remote_run_for(cfg: Config, prefix: str) -> str | None:
     if not storage.is_uri(str(cfg.output_dir)):
         return None
     return storage.join(str(cfg.output_dir), run_name_for(cfg, prefix))
+
+
+def local_output_only(cfg: Config, command: str) -> None:
+    """ConfigError for a command whose outputs cannot go to an output_dir URI yet."""
+    if storage.is_uri(str(cfg.output_dir)):
+        raise ConfigError(f"{command} writes its run folder to a local output_dir only, not {cfg.output_dir} yet; "
+                          "give a local -k output_dir=DIR (a checkpoint=s3://... run can still be read)")
 
 
 # the files of a run folder a command reads before it continues the run, and uploads after writing

@@ -78,8 +78,8 @@ def _local_files_outside_cache(local: Path) -> list[str]:
 
 
 def _pretrain_config(local: Path, **overrides):
-    cfg = tiny_config(Path("unused"), Path("unused"), "pre", total_steps=12, save_every=4, eval_every=None,
-                      log_every=2, num_to_keep=2, max_failures=1, **overrides)
+    keys = dict(total_steps=12, save_every=4, eval_every=None, log_every=2, num_to_keep=2, max_failures=1)
+    cfg = tiny_config(Path("unused"), Path("unused"), "pre", **{**keys, **overrides})
     # strings, not Paths: a URI is no local path
     return cfg.update({"data_dir": DATA, "output_dir": RUNS, "cache_dir": str(local / "cache")}, source="test")
 
@@ -177,12 +177,15 @@ def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     assert _local_files_outside_cache(local) == []
 
 
-def test_the_secret_key_is_in_no_file(s3, local):
+def test_the_secret_key_is_in_no_file(s3, local, ray_cluster):
     secret = SECRET.encode()
     objects = storage.list_files(f"s3://{BUCKET}")
     assert len(objects) > 20
     leaked = [o for o in objects if secret in (storage.read_bytes(f"s3://{BUCKET}/{o}") or b"")]
-    leaked += [str(p) for p in local.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    # this machine's copies and logs, and the logs of the Ray cluster the runs used
+    logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
+    for folder in (local, logs):
+        leaked += [str(p) for p in folder.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert leaked == []
 
 

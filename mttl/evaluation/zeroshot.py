@@ -108,8 +108,9 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
     from mttl.data.shards import task_info
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import read_tasks_file, resolve_run_dir
-    from mttl.run_folder import run_dir_for, write_results
+    from mttl.run_folder import local_output_only, run_dir_for, write_results
 
+    local_output_only(cfg, "mttl evaluate")
     # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
     device.check_before_ray(cfg)
     joining = cfg.ray_address or os.environ.get("RAY_ADDRESS")

@@ -238,11 +238,13 @@ def prune_unregistered_checkpoints(run_dir: Path) -> None:
 def _dataset(cfg: Config, split: str, tasks: dict[str, int]):
     from mttl.data.stream import reuse_or_build_dataset
 
+    source_uri = cfg.data_dir if storage.is_uri(cfg.data_dir) else None  # Ray Data reads the bucket itself
     return reuse_or_build_dataset(resolve_data_dir(cfg), split=split, tasks=list(tasks), task_to_row=tasks,
-                         tokenizer_spec=_tokenizer_spec(cfg), max_input_length=cfg.max_input_length,
-                         max_output_length=cfg.max_output_length,
-                         mixing=cfg.task_mixing if split == "train" else "proportional",
-                         mixing_cap=cfg.mixing_cap, mixing_temperature=cfg.mixing_temperature, seed=cfg.seed)
+                                  tokenizer_spec=_tokenizer_spec(cfg), max_input_length=cfg.max_input_length,
+                                  max_output_length=cfg.max_output_length,
+                                  mixing=cfg.task_mixing if split == "train" else "proportional",
+                                  mixing_cap=cfg.mixing_cap, mixing_temperature=cfg.mixing_temperature, seed=cfg.seed,
+                                  source_uri=source_uri)
 
 
 def _tokenizer_spec(cfg: Config) -> str:
