@@ -236,9 +236,16 @@ def push(local: str | os.PathLike, uri: str, names: list[str], fs=None) -> None:
             upload_file(Path(local) / name, join(uri, name), fs)
 
 
+_COPIED: dict[tuple[str, str], Path] = {}  # (uri, cache_dir) -> the copy this process made of a run
+
+
 def local_run_copy(uri: str, cache_dir: str | os.PathLike, *, folders: tuple[str, ...] = ()) -> Path:
     """A run folder at `uri` as a local folder under `cache_dir` that commands read like any run folder:
-    its top-level files, plus each of `folders` whose upload is complete. ConfigError when `uri` holds nothing."""
+    its top-level files, plus each of `folders` whose upload is complete (copied once per process: a
+    command reads its checkpoint several times). ConfigError when `uri` holds nothing."""
+    key = (uri, str(cache_dir))
+    if key in _COPIED and _COPIED[key].is_dir():
+        return _COPIED[key]
     check_reachable(uri)
     files = list_files(uri)
     if not files:
@@ -248,4 +255,5 @@ def local_run_copy(uri: str, cache_dir: str | os.PathLike, *, folders: tuple[str
     download_folder(uri, local, files=[f for f in files if "/" not in f])
     for folder in folders:
         download_complete_folder(join(uri, folder), local / folder)
+    _COPIED[key] = local
     return local

@@ -73,8 +73,9 @@ def _registered_steps(run_uri: str) -> list[int]:
 
 
 def _local_files_outside_cache(local: Path) -> list[str]:
+    """Files under `local` but outside its cache/ (and report/: `mttl report --out` is a local folder)."""
     return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()
-                  and p.relative_to(local).parts[0] != "cache")
+                  and p.relative_to(local).parts[0] not in ("cache", "report"))
 
 
 def _pretrain_config(local: Path, **overrides):
@@ -167,11 +168,15 @@ def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     assert [r["evaluation"] for r in rows] == ["zero_shot", "best_val", "test"] and {r["task"] for r in rows} == {task}
     assert {"config.json", "metrics.jsonl", "results.csv"} <= set(storage.list_files(f"{RUNS}/ft"))
 
-    os.environ["CACHE_DIR"] = str(local / "cache")  # export's cache: it takes no -k keys
+    os.environ["CACHE_DIR"] = str(local / "cache")  # export's and report's cache: they take no -k keys
     try:
         assert main(["export", f"{RUNS}/pre", "--format", "peft", "--out", f"s3://{BUCKET}/exports/pre_peft"]) == 0
+        # an output_dir URI: every run under it is reported
+        assert main(["report", RUNS, "--out", str(local / "report")]) == 0
     finally:
         os.environ.pop("CACHE_DIR")
+    report = (local / "report" / "report.md").read_text()
+    assert task in report  # the fine-tuning results, read from the bucket
     exported = storage.list_files(f"s3://{BUCKET}/exports/pre_peft")
     assert "adapter_config.json" in exported and exported[-1] != "_COMPLETE" and "_COMPLETE" in exported
     assert _local_files_outside_cache(local) == []
@@ -199,7 +204,7 @@ def test_bad_buckets_and_endpoints_are_one_line_errors(s3, local, capsys, monkey
     assert "s3://no-such-bucket/runs" in err and len(err.splitlines()) == 1
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     assert main(["finetune", "-k", f"checkpoint={RUNS}/pre", "finetune_task_name=t",
-                 f"cache_dir={local / 'cache'}"]) == 2
+                 f"cache_dir={local / 'cache' / 'other'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"cannot reach {RUNS}/pre" in err and "AWS_ENDPOINT_URL" in err and len(err.splitlines()) == 1
     assert SECRET not in err
