@@ -178,8 +178,29 @@ def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     report = (local / "report" / "report.md").read_text()
     assert task in report  # the fine-tuning results, read from the bucket
     exported = storage.list_files(f"s3://{BUCKET}/exports/pre_peft")
-    assert "adapter_config.json" in exported and exported[-1] != "_COMPLETE" and "_COMPLETE" in exported
+    assert "adapter_config.json" in exported and "_COMPLETE" in exported
     assert _local_files_outside_cache(local) == []
+
+
+def test_half_uploaded_folders_are_not_taken_for_whole_ones(s3, local):
+    from mttl.config import Config
+    from mttl.data.locate import resolve_data_dir
+    from mttl.errors import CheckpointError, DataError
+    from mttl.models.run import resolve_run_dir
+
+    half = f"s3://{BUCKET}/half"
+    # a run whose final/ upload stopped before its marker, and shards whose manifest never came
+    storage.write_bytes(f"{half}/run/config.json", storage.read_bytes(f"{RUNS}/pre/config.json"))
+    storage.write_bytes(f"{half}/run/final/adapters.safetensors", b"partial")
+    storage.write_bytes(f"{half}/data/train/part-00000.parquet", b"partial")
+    cfg = Config().update({"checkpoint": f"{half}/run", "cache_dir": str(local / "cache")})
+    with pytest.raises(CheckpointError, match="has no final/ yet"):
+        resolve_run_dir(cfg.checkpoint_path())
+    with pytest.raises(DataError, match=f"{half}/data/manifest.json not found"):
+        resolve_data_dir(Config().update({"data_dir": f"{half}/data", "cache_dir": str(local / "cache")}))
+    # the marker written last makes the same folder whole
+    storage.upload_folder(local / "cache" / "storage" / "s3" / BUCKET / "runs" / "pre" / "final", f"{half}/run/final")
+    assert (Path(storage.local_run_copy(f"{half}/run", local / "other", folders=("final",))) / "final").is_dir()
 
 
 def test_the_secret_key_is_in_no_file(s3, local, ray_cluster):

@@ -68,8 +68,8 @@ def _local_runs(raw: str) -> list[str]:
     uri, cache_dir = raw.rstrip("/"), Config().cache_dir
     storage.check_reachable(uri)
     files = storage.list_files(uri)
-    runs = [uri] if CONFIG_FILE in files else sorted(
-        storage.join(uri, rel.split("/")[0]) for rel in files if rel.count("/") == 1 and rel.endswith(f"/{CONFIG_FILE}"))
+    runs = [uri] if CONFIG_FILE in files else sorted(storage.join(uri, rel.split("/")[0]) for rel in files
+                                                     if rel.count("/") == 1 and rel.endswith(f"/{CONFIG_FILE}"))
     if not runs:
         raise MttlError(f"{uri} holds no run folder (no config.json in it or in a folder under it); "
                         "give $output_dir/$run_name or an output_dir")

@@ -72,7 +72,8 @@ def prepare_run_dir(cfg: Config, tasks: dict[str, int], run_uri: str | None = No
         check_resume(Config.load(saved_config), cfg, saved_config)
         saved_tasks = read_tasks_file(run_dir)
         if saved_tasks != tasks:
-            raise ConfigError(f"run folder {run_dir} was trained on other tasks ({len(saved_tasks)} in {TASKS_FILE}); "
+            raise ConfigError(f"run folder {run_uri or run_dir} was trained on other tasks "
+                              f"({len(saved_tasks)} in {TASKS_FILE}); "
                               "use the same data and tasks or a new run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / TASKS_FILE, json.dumps(tasks, indent=2, sort_keys=True) + "\n")
