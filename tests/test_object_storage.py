@@ -32,11 +32,12 @@ RUNS = f"s3://{BUCKET}/runs"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3():
     """A moto S3 server on a free loopback port, the AWS_* variables naming it, and one bucket."""
-    boto3 = pytest.importorskip("boto3")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    import boto3  # both come with moto[server], a test dependency: a missing one fails, never skips
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
