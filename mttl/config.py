@@ -63,8 +63,9 @@ class RunSection:
     """Where a run writes, what it is called, and where it reports its metrics."""
 
     output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`; may be a bucket "
-                         "URI (s3://bucket/runs, gs://…) for pretrain and a single-task finetune, credentials from "
-                         "the environment. Example: -k output_dir=/mnt/shared/runs", env="OUTPUT_DIR", path=True)
+                         "URI (s3://bucket/runs, gs://…) for pretrain, evaluate and a single-task finetune, "
+                         "credentials from the environment. Example: -k output_dir=/mnt/shared/runs",
+                         env="OUTPUT_DIR", path=True)
     run_name: str | None = _f(None, "Name of the run folder; the same name resumes the same run. Default: derived from "
                               "the command and model modifier. Example: -k run_name=mhr_ni_s8")
     cache_dir: str = _f("./cache", "Cache for downloaded models, tokenized data and this machine's copies of what it "

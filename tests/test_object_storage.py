@@ -168,6 +168,9 @@ def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     rows = _rows(f"{RUNS}/ft/results.jsonl")
     assert [r["evaluation"] for r in rows] == ["zero_shot", "best_val", "test"] and {r["task"] for r in rows} == {task}
     assert {"config.json", "metrics.jsonl", "results.csv"} <= set(storage.list_files(f"{RUNS}/ft"))
+    assert main(["evaluate", "-k", f"checkpoint={RUNS}/pre", f"tasks=['{task}']", f"output_dir={RUNS}",
+                 "run_name=zs", f"cache_dir={local / 'cache'}", "num_beams=1", "predict_batch_size=16"]) == 0
+    assert [(r["task"], r["evaluation"]) for r in _rows(f"{RUNS}/zs/results.jsonl")] == [(task, "zero_shot")]
 
     os.environ["CACHE_DIR"] = str(local / "cache")  # export's and report's cache: they take no -k keys
     try:
