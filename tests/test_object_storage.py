@@ -86,7 +86,7 @@ def _pretrain_config(local: Path, **overrides):
     return cfg.update({"data_dir": DATA, "output_dir": RUNS, "cache_dir": str(local / "cache")}, source="test")
 
 
-def test_prepare_into_the_bucket(s3, local):
+def test_prepare_into_the_bucket(s3, local, capsys):
     started = time.perf_counter()
     assert main(["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
                  "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8",
@@ -100,6 +100,16 @@ def test_prepare_into_the_bucket(s3, local):
     assert main(["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
                  "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8",
                  "--heldout-test", "8"]) == 0
+    assert main(["prepare", "check", DATA]) == 0
+    assert f"ok: {DATA}:" in capsys.readouterr().out
+    shard = f"{DATA}/{manifest['files'][0]['path']}"
+    whole = storage.read_bytes(shard)
+    storage.write_bytes(shard, whole[:-10])  # a shard changed in the bucket after it was prepared
+    try:
+        assert main(["prepare", "check", DATA]) == 1
+        assert manifest["files"][0]["path"] in capsys.readouterr().err
+    finally:
+        storage.write_bytes(shard, whole)
     assert _local_files_outside_cache(local) == []
     print(f"prepare into the bucket: {time.perf_counter() - started:.1f} s")
 
