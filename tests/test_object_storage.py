@@ -237,6 +237,10 @@ def test_bad_buckets_and_endpoints_are_one_line_errors(s3, local, capsys, monkey
                  "tokenizer=byte", "total_steps=2", f"data_dir={DATA}", f"cache_dir={local / 'cache'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "s3://no-such-bucket/runs" in err and len(err.splitlines()) == 1
+    # commands that cannot write their run folder to a bucket yet say so before doing anything
+    assert main(["sweep", "-k", f"output_dir={RUNS}", f"checkpoint={RUNS}/pre"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mttl sweep writes its run folder to a local output_dir only" in err and len(err.splitlines()) == 1
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     assert main(["finetune", "-k", f"checkpoint={RUNS}/pre", "finetune_task_name=t",
                  f"cache_dir={local / 'cache' / 'other'}"]) == 2
