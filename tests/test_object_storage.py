@@ -140,7 +140,8 @@ def test_pretrain_in_the_bucket_survives_a_killed_worker(s3, local, ray_cluster)
     assert not thread.is_alive() and not failure, failure
 
     files = storage.list_files(run_uri)
-    assert {"config.json", "tasks.json", "metrics.jsonl", "final/_COMPLETE", "final/adapters.safetensors"} <= set(files)
+    assert {"config.json", "tasks.json", "metrics.jsonl", "final/_COMPLETE", "final/adapters.safetensors",
+            "logs/internal.log"} <= set(files)
     assert any(f.startswith("checkpoint_") for f in files)
     rows = _rows(f"{run_uri}/metrics.jsonl")
     resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]

@@ -32,8 +32,8 @@ from mttl.data.stream import LABEL_PAD
 from mttl.errors import ConfigError, DataError, MttlError, set_interrupt_hint
 from mttl.models.run import build_routed_model, check_model_config, read_tasks_file
 from mttl import storage
-from mttl.run_folder import (BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_FILES, TASKS_FILE, TRACKING_FILE,
-                             atomic_write_text, pull_run, push_run, remote_run_for, run_dir_for)
+from mttl.run_folder import (BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, LOGS_DIR, METRICS_FILE, RUN_FILES, TASKS_FILE,
+                             TRACKING_FILE, atomic_write_text, pull_run, push_run, remote_run_for, run_dir_for)
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
@@ -180,7 +180,20 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         raise user_error from None
     except ray.train.ControllerError as err:
         raise _controller_error(err, cfg) from None
+    finally:
+        _upload_logs(run_dir, run_uri)
     return run_dir
+
+
+def _upload_logs(run_dir: Path, run_uri: str | None) -> None:
+    """A bucket run's logs/ (this driver's copy: Ray's and DeepSpeed's own lines) uploaded beside it, also
+    after a failure; a bucket that cannot take them costs one line, never the run's own error."""
+    if run_uri is None or not (run_dir / LOGS_DIR).is_dir():
+        return
+    try:
+        storage.upload_folder(run_dir / LOGS_DIR, storage.join(run_uri, LOGS_DIR), marker=None, replace=False)
+    except MttlError as err:
+        print(f"[mttl] the logs stay in {run_dir / LOGS_DIR}: {err}", file=sys.stderr)
 
 
 def _controller_error(err, cfg: Config) -> MttlError:
