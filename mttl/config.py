@@ -62,11 +62,14 @@ def _f(default: Any, help: str, *, env: str | None = None, path: bool = False, c
 class RunSection:
     """Where a run writes, what it is called, and where it reports its metrics."""
 
-    output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`. "
-                         "Example: -k output_dir=/mnt/shared/runs", env="OUTPUT_DIR", path=True)
+    output_dir: str = _f("./output", "Folder under which each run gets `<output_dir>/<run_name>/`; may be a bucket "
+                         "URI (s3://bucket/runs, gs://…) for pretrain, evaluate and a single-task finetune, "
+                         "credentials from the environment. Example: -k output_dir=/mnt/shared/runs",
+                         env="OUTPUT_DIR", path=True)
     run_name: str | None = _f(None, "Name of the run folder; the same name resumes the same run. Default: derived from "
                               "the command and model modifier. Example: -k run_name=mhr_ni_s8")
-    cache_dir: str = _f("./cache", "Cache for downloaded models and tokenized data. Example: -k cache_dir=/mnt/cache",
+    cache_dir: str = _f("./cache", "Cache for downloaded models, tokenized data and this machine's copies of what it "
+                        "reads from buckets (storage/). Example: -k cache_dir=/mnt/cache",
                         env="CACHE_DIR", path=True)
     tensorboard: bool = _f(True, "Write TensorBoard event files into the run folder. Example: -k tensorboard=False")
     verbose: bool = _f(False, "Show Ray's, DeepSpeed's and Hugging Face's own log lines on the console; by default "
@@ -85,8 +88,9 @@ class DataSection:
 
     dataset: str = _f("synthetic", "Task collection: synthetic, ni, t0 or xfit. Example: -k dataset=ni",
                       choices=["synthetic", "ni", "t0", "xfit"])
-    data_dir: str | None = _f(None, "Folder of prepared shards (`mttl prepare … --out DIR`). Default: the dataset's "
-                              "*_DATA_DIR, else a fresh synthetic suite. Example: -k data_dir=data/shards/ni",
+    data_dir: str | None = _f(None, "Folder of prepared shards (`mttl prepare … --out DIR`), or its bucket URI "
+                              "(s3://bucket/data/ni). Default: the dataset's *_DATA_DIR, else a fresh synthetic suite. "
+                              "Example: -k data_dir=data/shards/ni",
                               path=True)
     t0_data_dir: str | None = _f(None, "Prepared T0 shards (default for dataset=t0). "
                                  "Example: -k t0_data_dir=data/shards/t0", env="T0_DATA_DIR", path=True)
@@ -133,7 +137,8 @@ class ModelSection:
     checkpoint: str | None = _f(None, "A finished run folder (or its `final/` folder; a plain name is looked up in "
                                 "`checkpoint_dir`) to start from. Fine-tuning and evaluation load it; `mttl pretrain` "
                                 "continues its adapters and routing in a new run (fresh optimizer, schedule and step "
-                                "count; the architecture and data keys you leave unset come from it). "
+                                "count; the architecture and data keys you leave unset come from it). A bucket URI "
+                                "(s3://bucket/runs/name) is copied into cache_dir first. "
                                 "Example: -k checkpoint=output/mhr_synthetic", path=True)
     checkpoint_dir: str = _f("./checkpoints", "Where `checkpoint=NAME` is looked up when NAME is not an existing path. "
                              "Example: -k checkpoint_dir=/mnt/ckpts", env="CHECKPOINT_DIR", path=True)
@@ -417,7 +422,14 @@ class Config(ClusterSection, SearchSection, FinetuneSection, TrainingSection, Ad
         return {"t0": self.t0_data_dir, "ni": self.ni_data_dir, "xfit": self.xfit_data_dir}.get(self.dataset)
 
     def checkpoint_path(self) -> str | None:
-        """`checkpoint` as given when that path exists, else the same name inside `checkpoint_dir`."""
+        """`checkpoint` as given when that path exists, else the same name inside `checkpoint_dir`; a URI
+        (`s3://bucket/runs/name`): this machine's copy of that run folder (files and a whole final/) in cache_dir."""
+        from mttl import storage
+
+        if self.checkpoint and storage.is_uri(self.checkpoint):
+            uri = self.checkpoint.rstrip("/")
+            uri = uri[:-len("/final")] if uri.endswith("/final") else uri
+            return str(storage.local_run_copy(uri, self.cache_dir, folders=("final",)))
         if not self.checkpoint or os.path.exists(self.checkpoint):
             return self.checkpoint
         in_dir = os.path.join(self.checkpoint_dir, self.checkpoint)

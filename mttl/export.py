@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,14 +23,43 @@ import torch
 from mttl.adapters.inject import adapted_layers, adapter_config, base_model
 from mttl.adapters.ops import merge_task_into_base, remove_adapters, task_lora
 from mttl.adapters.routing import AverageSelector
+from mttl import storage
 from mttl.errors import ConfigError
 from mttl.paths import check_out_dir
 from mttl.run_folder import TASKS_FILE, staged_folder
 
 
+def check_export_out(out: str | os.PathLike) -> None:
+    """`--out` may receive an export: a new local folder, or a URI prefix holding nothing yet."""
+    if storage.is_uri(str(out)):
+        storage.check_reachable(str(out))
+        if storage.list_files(str(out)):
+            raise ConfigError(f"--out '{out}' already holds objects; choose a new prefix (exports never overwrite)")
+    elif check_out_dir(out, example="--out exports/mhr_peft").exists():
+        raise ConfigError(f"--out '{out}' already exists; choose a new folder (exports never overwrite)")
+
+
+def local_run(run_dir: str) -> str:
+    """A RUN_DIR URI (or its final/) as this machine's copy under cache_dir (CACHE_DIR); a path as given."""
+    if not storage.is_uri(run_dir):
+        return run_dir
+    from mttl.config import Config
+
+    uri = run_dir.rstrip("/")
+    uri = uri[:-len("/final")] if uri.endswith("/final") else uri
+    return str(storage.local_run_copy(uri, Config().cache_dir, folders=("final",)))
+
+
 @contextlib.contextmanager
 def _staged_folder(out: str | os.PathLike):
-    """A temporary folder beside `out`, renamed onto `out` when the block succeeds."""
+    """A temporary folder beside `out`, renamed onto `out` when the block succeeds; for a URI `out`, a local
+    temporary folder uploaded to it file by file, its `_COMPLETE` marker last."""
+    if storage.is_uri(str(out)):
+        check_export_out(out)
+        with tempfile.TemporaryDirectory(prefix="mttl-export-") as staging:
+            yield Path(staging)
+            storage.upload_folder(staging, str(out))
+        return
     out = check_out_dir(out, example="--out exports/mhr_peft")
     if out.exists():
         raise ConfigError(f"--out '{out}' already exists; choose a new folder (exports never overwrite)")

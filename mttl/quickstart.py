@@ -44,8 +44,10 @@ def run_quickstart(cfg: Config, methods: list[str], finetune_keys: dict, started
     """The pipeline for `cfg` (pre-training keys over DEFAULTS and PRETRAIN): pre-train both phases, adapt
     with each of `methods` (finetune_keys over FINETUNE), print the table, write the report; returns it."""
     from mttl.report import build_report
+    from mttl.run_folder import local_output_only
     from mttl.train.recipe import BACKBONE_SUFFIX, pretrain_default
 
+    local_output_only(cfg, "mttl quickstart")
     _say(started, "pre-training (phase one: backbone on the warm-up tasks; phase two: adapters)")
     adapters_run = Path(pretrain_default(cfg))
     backbone_run = adapters_run.with_name(adapters_run.name + BACKBONE_SUFFIX)

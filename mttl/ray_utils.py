@@ -72,7 +72,11 @@ def init_ray(cfg: Config) -> None:
     # Ray's own log lines (its start, auth mode, Ray Data plans, worker chatter) go to the run's log
     # file, not the console; a command that knows its run folder has already pointed them there.
     if console.log_path() is None:
-        console.send_internal_logs_to(console.default_log_path(cfg.output_dir), verbose=cfg.verbose)
+        from mttl.storage import is_uri, local_mirror
+
+        # an output_dir in a bucket: the log stays on this machine, beside its copies of that bucket's runs
+        where = local_mirror(cfg.output_dir, cfg.cache_dir) if is_uri(cfg.output_dir) else cfg.output_dir
+        console.send_internal_logs_to(console.default_log_path(where), verbose=cfg.verbose)
     try:
         if address and address != "local":
             # Training workers get their environment from `worker_env` through the trainer's RunConfig;

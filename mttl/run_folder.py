@@ -12,8 +12,12 @@ One module owns, for every command (`pretrain`, `finetune`, `evaluate`, `sweep`,
   `staged_folder`, `remove_stale_staging`);
 - the aggregation of results rows (median over seeds per task, then mean over tasks: `aggregate`).
 
-It imports neither torch nor any other mttl module than `mttl.errors` at import time, so `mttl report`
-and the command-line help stay light, and every package can use it without an import cycle.
+A run folder may live in object storage (`output_dir=s3://bucket/prefix`): `run_dir_for` then names this
+machine's copy of it under cache_dir, `remote_run_for` its URI, and `pull_run` / `push_run` copy its
+files down before a command reads them and up after it writes them (`mttl.storage` does the I/O).
+
+It imports neither torch nor any other mttl module than `mttl.errors` and `mttl.storage` at import time,
+so `mttl report` and the command-line help stay light, and every package can use it without an import cycle.
 
 Staging folders: `mttl prepare`, `mttl report` and `mttl export` build their output in
 `.<out>.tmp-<host>-<pid>-<random>` next to `<out>` (and `mttl prepare` moves a replaced output aside
@@ -40,7 +44,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from mttl.errors import DataError, MttlError
+from mttl import storage
+from mttl.errors import ConfigError, DataError, MttlError
 
 if TYPE_CHECKING:
     from mttl.config import Config
@@ -67,10 +72,51 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def run_name_for(cfg: Config, prefix: str) -> str:
+    """run_name, defaulting to <prefix>_<task>_<finetune type>."""
+    return cfg.run_name or safe_name(f"{prefix}_{cfg.finetune_task_name or 'tasks'}_{cfg.finetune_type or 'Poly'}")
+
+
 def run_dir_for(cfg: Config, prefix: str) -> Path:
-    """$output_dir/$run_name, run_name defaulting to <prefix>_<task>_<finetune type>."""
-    name = cfg.run_name or safe_name(f"{prefix}_{cfg.finetune_task_name or 'tasks'}_{cfg.finetune_type or 'Poly'}")
-    return Path(cfg.output_dir) / name
+    """$output_dir/$run_name; for an output_dir URI, this machine's copy of that run folder under cache_dir."""
+    uri = remote_run_for(cfg, prefix)
+    if uri is not None:
+        return storage.local_mirror(uri, cfg.cache_dir)
+    return Path(cfg.output_dir) / run_name_for(cfg, prefix)
+
+
+def remote_run_for(cfg: Config, prefix: str) -> str | None:
+    """The URI of the run folder when output_dir is one (`s3://bucket/runs/<run_name>`), else None."""
+    if not storage.is_uri(str(cfg.output_dir)):
+        return None
+    return storage.join(str(cfg.output_dir), run_name_for(cfg, prefix))
+
+
+def local_output_only(cfg: Config, command: str) -> None:
+    """ConfigError for a command whose outputs cannot go to an output_dir URI yet."""
+    if storage.is_uri(str(cfg.output_dir)):
+        raise ConfigError(f"{command} writes its run folder to a local output_dir only, not {cfg.output_dir} yet; "
+                          "give a local -k output_dir=DIR (a checkpoint=s3://... run can still be read)")
+
+
+# the files of a run folder a command reads before it continues the run, and uploads after writing
+RUN_FILES = [CONFIG_FILE, TASKS_FILE, METRICS_FILE, TRACKING_FILE, RESULTS_FILE, RESULTS_CSV]
+
+
+def pull_run(run_dir: Path, uri: str | None, names: list[str] | None = None) -> None:
+    """For a run folder at `uri`: `run_dir` made a fresh copy of its files `names` (default RUN_FILES)."""
+    if uri is None:
+        return
+    storage.check_reachable(uri)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.pull(uri, run_dir, RUN_FILES if names is None else names)
+
+
+def push_run(run_dir: Path, uri: str | None, names: list[str] | None = None, fs=None) -> None:
+    """For a run folder at `uri`: the files `names` (default RUN_FILES) of `run_dir` uploaded, each whole."""
+    if uri is not None:
+        storage.push(run_dir, uri, RUN_FILES if names is None else names, fs)
 
 
 # ---------------------------------------------------------------------------------- reading

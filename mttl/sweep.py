@@ -335,11 +335,12 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
 
     from mttl.evaluation.zeroshot import held_out_tasks
     from mttl.data.locate import resolve_data_dir
-    from mttl.run_folder import RESULTS_CSV, atomic_write_text, safe_name, write_csv
+    from mttl.run_folder import RESULTS_CSV, atomic_write_text, local_output_only, safe_name, write_csv
     from mttl.errors import set_interrupt_hint
     from mttl.device import check_before_ray
     from mttl.ray_utils import init_ray, run_in_background
 
+    local_output_only(cfg, "mttl sweep")
     check_before_ray(cfg)  # use_gpu=True on a machine without GPUs: one line, before anything else
     base, module, space_name = sweep_base_config(cfg)
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(base))

@@ -45,15 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mttl.adapters.inject import adapter_config
-    from mttl.errors import ConfigError
-    from mttl.export import export_merged, export_peft_lora, export_peft_poly, resolve_task
+    from mttl.export import (check_export_out, export_merged, export_peft_lora, export_peft_poly, local_run,
+                             resolve_task)
     from mttl.models.run import backbone_source, load_run
-    from mttl.paths import check_out_dir
 
     # before the run is loaded: a bad --out should not cost a model load, nor fail after one
-    if check_out_dir(args.out, example="--out exports/mhr_peft").exists():
-        raise ConfigError(f"--out '{args.out}' already exists; choose a new folder (exports never overwrite)")
-    loaded = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
+    check_export_out(args.out)
+    # RUN_DIR or --out may be URIs (s3://bucket/runs/name): the run is read from this machine's copy
+    loaded = load_run(local_run(args.run_dir), trust_remote_code=args.trust_remote_code)
     model = loaded.model
     acfg = adapter_config(model)
     backbone = backbone_source(loaded.cfg, loaded.run_dir)

@@ -94,15 +94,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(data_dir: str) -> int:
+    from mttl import storage
+
+    if storage.is_uri(data_dir):  # every object downloaded afresh (a temporary folder), then checked
+        import tempfile
+
+        from mttl.data.locate import local_data_copy
+
+        with tempfile.TemporaryDirectory(prefix="mttl-check-") as tmp:
+            copy = str(local_data_copy(data_dir, tmp))
+            return _check_folder(copy, name=data_dir.rstrip("/"))
+    return _check_folder(data_dir, name=data_dir)
+
+
+def _check_folder(data_dir: str, name: str) -> int:
     from mttl.data.shards import check, read_manifest
 
-    problems = check(data_dir)
+    problems = [problem.replace(data_dir, name) for problem in check(data_dir)]
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         return 1
     manifest = read_manifest(data_dir)
-    print(f"ok: {data_dir}: {len(manifest['tasks'])} tasks, {len(manifest['files'])} files, "
+    print(f"ok: {name}: {len(manifest['tasks'])} tasks, {len(manifest['files'])} files, "
           f"{sum(f['rows'] for f in manifest['files'])} rows")
     return 0
 

@@ -50,6 +50,27 @@ def run(args) -> int:
         raise MttlError(f"--max-heads must be at least 1, got {args.max_heads}; example: --max-heads 8")
     from mttl.report import build_report
 
-    path = build_report(args.run_dirs, args.out, max_heads=args.max_heads)
+    path = build_report([path for raw in args.run_dirs for path in _local_runs(raw)], args.out,
+                        max_heads=args.max_heads)
     print(f"report written to {path}")
     return 0
+
+
+def _local_runs(raw: str) -> list[str]:
+    """A run folder URI (or an output_dir URI: each run under it) as this machine's copies under
+    CACHE_DIR/storage/; a local path as given."""
+    from mttl import storage
+    from mttl.config import Config
+    from mttl.run_folder import CONFIG_FILE, FINAL_DIR
+
+    if not storage.is_uri(raw):
+        return [raw]
+    uri, cache_dir = raw.rstrip("/"), Config().cache_dir
+    storage.check_reachable(uri)
+    files = storage.list_files(uri)
+    runs = [uri] if CONFIG_FILE in files else sorted(storage.join(uri, rel.split("/")[0]) for rel in files
+                                                     if rel.count("/") == 1 and rel.endswith(f"/{CONFIG_FILE}"))
+    if not runs:
+        raise MttlError(f"{uri} holds no run folder (no config.json in it or in a folder under it); "
+                        "give $output_dir/$run_name or an output_dir")
+    return [str(storage.local_run_copy(run, cache_dir, folders=(FINAL_DIR,))) for run in runs]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mttl import storage
 from mttl.errors import DataError
 from mttl.paths import check_out_dir
 from mttl.run_folder import make_staging, remove_stale_staging
@@ -78,6 +80,17 @@ def unchanged_manifest(out_dir: str | os.PathLike, fingerprint: str | None) -> d
 
     Sources call this before reading their raw files so that a no-op run stays cheap.
     """
+    if storage.is_uri(str(out_dir)):
+        # a bucket's manifest is read, its shards are not downloaded to check them: a fingerprint
+        # match is enough, as the manifest is uploaded last and removed first (a whole upload)
+        raw = storage.read_bytes(storage.join(str(out_dir), MANIFEST)) if fingerprint is not None else None
+        try:
+            existing = json.loads(raw) if raw is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(existing, dict) or existing.get("fingerprint") != fingerprint:
+            return None
+        return {**existing, "unchanged": True}
     out = Path(out_dir)
     if fingerprint is None or not (out / MANIFEST).is_file():
         return None
@@ -168,15 +181,20 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
     already carries the same `fingerprint`, nothing is written and the existing manifest is
     returned with `"unchanged": True`.
     """
+    remote = storage.is_uri(str(out_dir))
     out = check_replaceable(out_dir)  # before the rows are generated, not after
-    remove_stale_staging(out)  # left by a killed earlier run: nothing else would ever remove them
+    if not remote:
+        remove_stale_staging(out)  # left by a killed earlier run: nothing else would ever remove them
     existing = unchanged_manifest(out, fingerprint)
     if existing is not None:
         return existing
 
     task_ids = _assign_task_ids(tasks)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging(out)
+    if remote:  # built in a local temporary folder, then uploaded: shards first, the manifest last
+        staging = Path(tempfile.mkdtemp(prefix="mttl-prepare-"))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_staging(out)
     try:
         writer = _ShardWriter(staging, rows_per_file)
         counts: dict[str, Counter] = defaultdict(Counter)
@@ -204,15 +222,28 @@ def write_prepared(out_dir: str | os.PathLike, rows: Iterable[dict], tasks: dict
         }
         # no temp file needed: the whole staging folder is renamed into place at once
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(staging, out)
+        if remote:
+            storage.upload_folder(staging, out, marker=None, last=(MANIFEST,))
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
 
 
-def check_replaceable(out: str | os.PathLike) -> Path:
-    """`out` may receive a prepared folder: it is new, empty, or an earlier prepared folder."""
+def check_replaceable(out: str | os.PathLike):
+    """`out` may receive a prepared folder: it is new, empty, or an earlier prepared folder.
+    Returns it as a Path, or as the URI string it is (`s3://bucket/prefix`)."""
+    if storage.is_uri(str(out)):
+        out = str(out).rstrip("/")
+        storage.check_reachable(out)
+        present = storage.list_files(out)
+        if present and MANIFEST not in present:
+            raise DataError(f"{out} holds objects and is not a prepared folder (no {MANIFEST}); "
+                            "choose an empty or new --out prefix")
+        return out
     out = check_out_dir(out, example="--out data/shards/ni")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise DataError(f"{out} exists and is not a prepared folder (no {MANIFEST}); choose an empty or new --out")

@@ -220,11 +220,13 @@ def _footer_readers_for(n_files: int):
 def build_dataset(data_dir: str | os.PathLike, *, split: str, tasks: list[str], task_to_row: dict[str, int],
                   tokenizer_spec: str | None, max_input_length: int, max_output_length: int,
                   mixing: str | None = "proportional", mixing_cap: int = 500_000, mixing_temperature: float = 2.0,
-                  seed: int = 0, model: str | None = None):
+                  seed: int = 0, model: str | None = None, source_uri: str | None = None):
     """A materialized Ray Dataset of `input_ids`, `labels` (list<int32>) and `task_ids` (int64).
 
     Rows of `split` of `tasks`, mixed per `mixing` (None: every row once), tokenized once with
-    `load_tokenizer(tokenizer_spec, model=model)`, globally shuffled by `seed`.
+    `load_tokenizer(tokenizer_spec, model=model)`, globally shuffled by `seed`. With `source_uri` (the
+    bucket `data_dir` is a local copy of), Ray Data's read tasks read the shards from the bucket itself,
+    on whichever node they run; the manifest and the sampling plan come from the local copy.
     """
     import ray.data
     from ray.data.expressions import col
@@ -246,9 +248,17 @@ def build_dataset(data_dir: str | os.PathLike, *, split: str, tasks: list[str], 
     counts = mixing_counts(sizes, mixing, cap=mixing_cap, temperature=mixing_temperature)
     cached_tokenizer(tokenizer_spec, model)  # a bad tokenizer fails here as one line, not inside a Ray task
     plan = _sampling_plan(root, split, sizes, counts, seed)
-    paths = [str(root / entry["path"]) for entry in manifest["files"]]
+    filesystem = None
+    if source_uri:
+        from mttl import storage
+
+        filesystem, base = storage.filesystem(source_uri)
+        paths = [f"{base.rstrip('/')}/{entry['path']}" for entry in manifest["files"]]
+    else:
+        paths = [str(root / entry["path"]) for entry in manifest["files"]]
     with _footer_readers_for(len(paths)):
-        source = ray.data.read_parquet(paths)  # the footer pool is sized when the read is planned
+        # the footer pool is sized when the read is planned
+        source = ray.data.read_parquet(paths, filesystem=filesystem)
     with _ordered_execution():
         dataset = (source
                    .select_columns(_READ_COLUMNS)

@@ -109,7 +109,7 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
     from mttl.data.shards import task_info
     from mttl.finetune.types import inherit_checkpoint_config
     from mttl.models.run import read_tasks_file, resolve_run_dir
-    from mttl.run_folder import run_dir_for, write_results
+    from mttl.run_folder import pull_run, push_run, remote_run_for, run_dir_for, write_results
 
     hide_progress_bars(cfg.verbose)
     # use_gpu=True without a GPU, precision=16 on CPU, a backbone_dtype that does not fit: one line, first
@@ -129,13 +129,16 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
     if not tasks:
         raise ConfigError(f"{data_dir} has no held-out tasks; name the tasks to score: -k tasks=['task_a','task_b']")
     infos = {task: task_info(data_dir, task) for task in tasks}  # an unknown task: one line, first
-    run_dir = run_dir_for(cfg.copy(run_name=cfg.run_name or f"evaluate_{checkpoint.name}"), "evaluate")
+    named = cfg.copy(run_name=cfg.run_name or f"evaluate_{checkpoint.name}")
+    run_dir = run_dir_for(named, "evaluate")
+    run_uri = remote_run_for(named, "evaluate")  # output_dir in a bucket: rows read from it, each score uploaded
+    pull_run(run_dir, run_uri)
     rows = _rows_to_keep(run_dir, merged)
     done = {r["task"] for r in rows}
     pending = [task for task in tasks if task not in done]
     if done & set(tasks):
-        echo(f"{len(set(tasks) - set(pending))} of {len(tasks)} tasks already scored in {run_dir / 'results.jsonl'}, "
-             "not scored again")
+        echo(f"{len(set(tasks) - set(pending))} of {len(tasks)} tasks already scored in "
+             f"{run_uri + '/results.jsonl' if run_uri else run_dir / 'results.jsonl'}, not scored again")
     saved = []
 
     def keep(row: dict) -> None:
@@ -143,6 +146,7 @@ def evaluate_checkpoint(cfg: Config, *, echo=print) -> tuple[Path, dict]:
             saved.append(merged.save(run_dir))
         rows.append(row)
         write_results(run_dir, rows)
+        push_run(run_dir, run_uri)
 
     if pending and fans_out(cfg, pending):
         _score_as_ray_tasks(cfg, pending, keep, echo)

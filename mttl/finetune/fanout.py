@@ -123,6 +123,9 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     from mttl.finetune.loop import default_seeds
     from mttl.finetune.types import checkpoint_finetune_config
     from mttl.progress import progress_line
+    from mttl.run_folder import local_output_only
+
+    local_output_only(cfg, "fine-tuning several tasks (tasks=...)")
     from mttl.ray_utils import init_ray
     from mttl.run_folder import read_results, safe_name, write_results
     from mttl.sweep import with_absolute_paths

@@ -41,7 +41,7 @@ from mttl.evaluation.metrics import SCORE_KEYS, is_multiple_choice, task_metric
 from mttl.evaluation.predict import encode_choice_batch, encode_sources, encode_targets, evaluate_rows
 from mttl.finetune.losses import lm_loss, multiple_choice_loss
 from mttl.finetune.types import FinetuneModel, checkpoint_finetune_config, load_for_finetuning
-from mttl.run_folder import read_results, run_dir_for, write_results
+from mttl.run_folder import pull_run, push_run, read_results, remote_run_for, run_dir_for, write_results
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
 
 T0_SEEDS, OTHER_SEEDS = [42, 1024, 0], [13, 42, 58]
@@ -256,6 +256,8 @@ def run_finetune(cfg: Config) -> Path:
     run_dir = run_dir_for(cfg, "finetune")
     merged = checkpoint_finetune_config(cfg)
     kind = cfg.finetune_type or "Poly"
+    run_uri = remote_run_for(cfg, "finetune")  # output_dir in a bucket: rows read from it, uploaded after each seed
+    pull_run(run_dir, run_uri)
     rows = read_results(run_dir)
     done = {r["seed"] for r in rows if (r["task"], r["finetune_type"], r["evaluation"]) == (task, kind, "test")}
     rows = [r for r in rows if (r["task"], r["finetune_type"]) != (task, kind) or r["seed"] in done]
@@ -269,4 +271,5 @@ def run_finetune(cfg: Config) -> Path:
             rows += finetune_seed(cfg, task, seed, log=logger.log, setup=setup)
             setup = None
             write_results(run_dir, rows)
+            push_run(run_dir, run_uri)
     return run_dir

@@ -31,7 +31,9 @@ from mttl.data.locate import resolve_data_dir
 from mttl.data.stream import LABEL_PAD
 from mttl.errors import ConfigError, DataError, MttlError, set_interrupt_hint
 from mttl.models.run import build_routed_model, check_model_config, read_tasks_file
-from mttl.run_folder import BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, TASKS_FILE, atomic_write_text
+from mttl import storage
+from mttl.run_folder import (BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, LOGS_DIR, METRICS_FILE, RUN_FILES, TASKS_FILE,
+                             TRACKING_FILE, atomic_write_text, pull_run, push_run, remote_run_for, run_dir_for)
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
@@ -59,19 +61,24 @@ def task_rows(data_dir: str, cfg: Config, roles: list[str]) -> dict[str, int]:
     return dict(task_table(tasks))
 
 
-def prepare_run_dir(cfg: Config, tasks: dict[str, int]) -> Path:
-    """Create the run folder, or check that an existing one may be continued under `cfg`."""
-    run_dir = Path(cfg.output_dir) / cfg.run_name
+def prepare_run_dir(cfg: Config, tasks: dict[str, int], run_uri: str | None = None) -> Path:
+    """Create the run folder, or check that an existing one may be continued under `cfg`. With `run_uri`
+    (output_dir in object storage) the run folder's files are copied down into this machine's copy
+    first, and config.json and tasks.json go up once written."""
+    run_dir = run_dir_for(cfg, "pretrain")
+    pull_run(run_dir, run_uri, [*RUN_FILES, CHECKPOINT_SNAPSHOT])
     saved_config = run_dir / CONFIG_FILE
     if saved_config.is_file():
         check_resume(Config.load(saved_config), cfg, saved_config)
         saved_tasks = read_tasks_file(run_dir)
         if saved_tasks != tasks:
-            raise ConfigError(f"run folder {run_dir} was trained on other tasks ({len(saved_tasks)} in {TASKS_FILE}); "
+            raise ConfigError(f"run folder {run_uri or run_dir} was trained on other tasks "
+                              f"({len(saved_tasks)} in {TASKS_FILE}); "
                               "use the same data and tasks or a new run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / TASKS_FILE, json.dumps(tasks, indent=2, sort_keys=True) + "\n")
     cfg.save(run_dir)
+    push_run(run_dir, run_uri, [CONFIG_FILE, TASKS_FILE])
     return run_dir
 
 
@@ -101,17 +108,28 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     offload_sections(cfg)  # an offload its ZeRO stage cannot do, before starting Ray
     check_before_ray(cfg, deepspeed=True)  # use_gpu=True without GPUs, a backbone_dtype that cannot hold
     cfg = cfg.copy()
-    cfg.output_dir = os.path.abspath(cfg.output_dir)
-    cfg.data_dir = resolve_data_dir(cfg)
-    tasks = task_rows(cfg.data_dir, cfg, list(roles))
+    if storage.is_uri(cfg.output_dir):
+        cfg.output_dir = cfg.output_dir.rstrip("/")
+        storage.check_reachable(cfg.output_dir)  # no bucket, no credentials: one line before anything starts
+    else:
+        cfg.output_dir = os.path.abspath(cfg.output_dir)
+    data_dir = resolve_data_dir(cfg)  # a data_dir URI: this machine's copy of it, in cache_dir
+    source = cfg.resolved_data_dir()
+    cfg.data_dir = source if storage.is_uri(source) else data_dir  # config.json names the bucket, not the copy
+    tasks = task_rows(data_dir, cfg, list(roles))
     cfg.n_tasks = len(tasks)
     check_checkpoint_tasks(cfg, tasks)
     check_model_config(cfg, load_tokenizer(_tokenizer_spec(cfg), cache_dir=cfg.cache_dir))
     check_reachable_cluster(cfg)
-    run_dir = prepare_run_dir(cfg, tasks)
-    prune_unregistered_checkpoints(run_dir)
-    if (run_dir / FINAL_DIR).is_dir() and latest_checkpoint_step(run_dir) == cfg.total_steps:
-        print(f"[mttl] {run_dir} already finished {cfg.total_steps} steps; raise total_steps to continue it")
+    run_uri = remote_run_for(cfg, "pretrain")
+    run_dir = prepare_run_dir(cfg, tasks, run_uri)
+    if run_uri is None:  # in a bucket, Ray Train's own pruning applies (listing every object would not scale)
+        prune_unregistered_checkpoints(run_dir)
+    finished = (storage.exists(storage.join(run_uri, FINAL_DIR, storage.COMPLETE)) if run_uri
+                else (run_dir / FINAL_DIR).is_dir())
+    if finished and latest_checkpoint_step(run_dir) == cfg.total_steps:
+        print(f"[mttl] {run_uri or run_dir} already finished {cfg.total_steps} steps; raise total_steps to "
+              "continue it")
         return run_dir
 
     from mttl import console
@@ -126,6 +144,9 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
     ray.data.DataContext.get_current().enable_progress_bars = False
     # no validation split is built (or read) for a run that never validates
     splits = ("train", "validation") if cfg.eval_every else ("train",)
+    # a bucket: Ray Train's checkpoints go there through a filesystem that carries the environment's
+    # credentials to the workers (pickled with the trainer, never written to config.json or a log)
+    storage_fs, storage_path = storage.filesystem(cfg.output_dir) if run_uri else (None, cfg.output_dir)
     datasets = {split: DatasetPerAttempt(_dataset(cfg, split, tasks), functools.partial(_dataset, cfg, split, tasks))
                 for split in splits}
     trainer = TorchTrainer(
@@ -133,11 +154,11 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         # loopback-only process group on a local cluster; collectives time out instead of hanging
         torch_config=LocalTorchConfig(timeout_s=int(cfg.collective_timeout_s)),
         train_loop_config={"cfg": cfg.to_dict(), "overridden": sorted(cfg._overridden), "tasks": tasks,
-                           "run_dir": str(run_dir)},
+                           "run_dir": str(run_dir), "run_uri": run_uri, "storage_fs": storage_fs},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources_per_worker(cfg)),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=cfg.output_dir,
+            name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             # a worker group that cannot start counts against the same budget as a failed worker, so a
             # request no node can meet ends the run (ray's default retries it forever)
@@ -148,7 +169,7 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         # validation is split too: each rank scores its part and the sums are all-reduced
         dataset_config=data_config(splits),
     )
-    set_interrupt_hint(f"the checkpoints of {run_dir} are kept; run the same command again to resume")
+    set_interrupt_hint(f"the checkpoints of {run_uri or run_dir} are kept; run the same command again to resume")
     try:
         with train_timeouts(cfg):
             run_in_background(trainer.fit)
@@ -159,7 +180,20 @@ def pretrain(cfg: Config, roles: tuple[str, ...] = ("train",)) -> Path:
         raise user_error from None
     except ray.train.ControllerError as err:
         raise _controller_error(err, cfg) from None
+    finally:
+        _upload_logs(run_dir, run_uri)
     return run_dir
+
+
+def _upload_logs(run_dir: Path, run_uri: str | None) -> None:
+    """A bucket run's logs/ (this driver's copy: Ray's and DeepSpeed's own lines) uploaded beside it, also
+    after a failure; a bucket that cannot take them costs one line, never the run's own error."""
+    if run_uri is None or not (run_dir / LOGS_DIR).is_dir():
+        return
+    try:
+        storage.upload_folder(run_dir / LOGS_DIR, storage.join(run_uri, LOGS_DIR), marker=None, replace=False)
+    except MttlError as err:
+        print(f"[mttl] the logs stay in {run_dir / LOGS_DIR}: {err}", file=sys.stderr)
 
 
 def _controller_error(err, cfg: Config) -> MttlError:
@@ -218,11 +252,13 @@ def prune_unregistered_checkpoints(run_dir: Path) -> None:
 def _dataset(cfg: Config, split: str, tasks: dict[str, int]):
     from mttl.data.stream import reuse_or_build_dataset
 
-    return reuse_or_build_dataset(cfg.data_dir, split=split, tasks=list(tasks), task_to_row=tasks,
-                         tokenizer_spec=_tokenizer_spec(cfg), max_input_length=cfg.max_input_length,
-                         max_output_length=cfg.max_output_length,
-                         mixing=cfg.task_mixing if split == "train" else "proportional",
-                         mixing_cap=cfg.mixing_cap, mixing_temperature=cfg.mixing_temperature, seed=cfg.seed)
+    source_uri = cfg.data_dir if storage.is_uri(cfg.data_dir) else None  # Ray Data reads the bucket itself
+    return reuse_or_build_dataset(resolve_data_dir(cfg), split=split, tasks=list(tasks), task_to_row=tasks,
+                                  tokenizer_spec=_tokenizer_spec(cfg), max_input_length=cfg.max_input_length,
+                                  max_output_length=cfg.max_output_length,
+                                  mixing=cfg.task_mixing if split == "train" else "proportional",
+                                  mixing_cap=cfg.mixing_cap, mixing_temperature=cfg.mixing_temperature, seed=cfg.seed,
+                                  source_uri=source_uri)
 
 
 def _tokenizer_spec(cfg: Config) -> str:
@@ -246,6 +282,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg._overridden = set(loop_config["overridden"])
     tasks: dict[str, int] = loop_config["tasks"]
     run_dir = Path(loop_config["run_dir"])
+    run_uri, storage_fs = loop_config.get("run_uri"), loop_config.get("storage_fs")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
@@ -273,7 +310,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         resume_from, state, damaged = None, TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps)), []
         if checkpoint is not None:
             latest = Path(stack.enter_context(checkpoint.as_directory()))
-            resume_from, state, damaged = usable_checkpoint([latest] + older_checkpoints(run_dir, latest), rank)
+            # in a bucket only the latest checkpoint is tried (older ones would each be downloaded first)
+            older = older_checkpoints(run_dir, latest) if run_uri is None else []
+            resume_from, state, damaged = usable_checkpoint([latest] + older, rank)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
@@ -296,6 +335,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         from mttl.tracking import MetricsLogger
 
+        if run_uri is not None:  # this worker's copy of the run's rows, appended to, then uploaded whole
+            run_dir.mkdir(parents=True, exist_ok=True)
+            storage.pull(run_uri, run_dir, [METRICS_FILE, TRACKING_FILE], storage_fs)
         logger = MetricsLogger(run_dir, cfg)
         logger.log({"step": state.step, **memory_row})
         if resume_from is not None:
@@ -323,6 +365,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             torch.distributed.barrier()
             ray.train.report({**metrics, "step": state.step},
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
+        if rank == 0:  # the rows up to this checkpoint reach the bucket with it
+            push_run(run_dir, run_uri, [METRICS_FILE, TRACKING_FILE], storage_fs)
 
     window = _Window()
     start_step, started = state.step, time.perf_counter()
@@ -405,6 +449,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     write_final(engine, cfg, tokenizer, run_dir, meta, rank)
     if logger is not None:
         logger.close()
+    if rank == 0 and run_uri is not None:  # final/ uploaded with its marker last, then the last rows
+        storage.upload_folder(run_dir / FINAL_DIR, storage.join(run_uri, FINAL_DIR), fs=storage_fs)
+        push_run(run_dir, run_uri, [METRICS_FILE, TRACKING_FILE], storage_fs)
 
 
 def set_alpha(model, cfg: Config, step: int, current: float) -> float:

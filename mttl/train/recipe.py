@@ -83,9 +83,11 @@ def backbone_phase_config(cfg: Config) -> Config:
 
 def pretrain_default(cfg: Config) -> Path:
     """Both phases of the default; phase one's saved backbone is phase two's `model`."""
-    from mttl.run_folder import BACKBONE_DIR, FINAL_DIR
+    from mttl.run_folder import BACKBONE_DIR, FINAL_DIR, local_output_only
     from mttl.train.loop import pretrain
 
+    # phase two's `model` is phase one's final/backbone, a local folder
+    local_output_only(cfg, "the two-phase default pre-training (no -k model=...)")
     if cfg.dataset != "synthetic":
         raise ConfigError(f"dataset={cfg.dataset} needs a backbone: pass -k model=NAME_OR_PATH "
                           "(only the synthetic suite trains its own tiny backbone first)")

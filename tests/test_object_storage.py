@@ -1,0 +1,250 @@
+"""Runs and data in object storage: every command on `s3://` URIs, against a real S3 server on 127.0.0.1.
+
+The module starts moto's S3 server itself (a real HTTP server, spoken to by pyarrow's S3 client as
+any bucket would be), puts fake credentials and its endpoint into the environment and creates a
+bucket. Then: `mttl prepare` into the bucket, pre-training of 2 workers with output_dir and data_dir
+in the bucket, a worker killed after a checkpoint and the run resumed from the bucket, the run
+continued by run_name from the bucket, fine-tuning and export reading the run from the bucket.
+Nothing may be written to a local path but caches, and the secret key never lands in a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mttl import storage
+from mttl.cli import main
+from train_support import TASKS, tiny_config, train_worker_pids
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "mttl-test"
+SECRET = "s3cr3t-never-in-a-file-0123456789"
+DATA = f"s3://{BUCKET}/data/synthetic"
+RUNS = f"s3://{BUCKET}/runs"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free loopback port, the AWS_* variables naming it, and one bucket."""
+    import boto3  # both come with moto[server], a test dependency: a missing one fails, never skips
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> Path:
+    """The only local folder the commands get: their cache_dir."""
+    return tmp_path_factory.mktemp("s3_local")
+
+
+def _rows(uri: str) -> list[dict]:
+    data = storage.read_bytes(uri)
+    return [json.loads(line) for line in (data or b"").decode().splitlines() if line.strip()]
+
+
+def _registered_steps(run_uri: str) -> list[int]:
+    data = storage.read_bytes(storage.join(run_uri, "checkpoint_manager_snapshot.json"))
+    try:
+        return sorted(r["metrics"]["step"] for r in json.loads(data)["checkpoint_results"]) if data else []
+    except (json.JSONDecodeError, KeyError):
+        return []
+
+
+def _local_files_outside_cache(local: Path) -> list[str]:
+    """Files under `local` but outside its cache/ (and report/: `mttl report --out` is a local folder)."""
+    return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()
+                  and p.relative_to(local).parts[0] not in ("cache", "report"))
+
+
+def _pretrain_config(local: Path, **overrides):
+    keys = dict(total_steps=12, save_every=4, eval_every=None, log_every=2, num_to_keep=2, max_failures=1)
+    cfg = tiny_config(Path("unused"), Path("unused"), "pre", **{**keys, **overrides})
+    # strings, not Paths: a URI is no local path
+    return cfg.update({"data_dir": DATA, "output_dir": RUNS, "cache_dir": str(local / "cache")}, source="test")
+
+
+def test_prepare_into_the_bucket(s3, local, capsys):
+    started = time.perf_counter()
+    assert main(["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
+                 "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8",
+                 "--heldout-test", "8"]) == 0
+    files = storage.list_files(DATA)
+    assert "manifest.json" in files and any(f.endswith(".parquet") for f in files)
+    manifest = json.loads(storage.read_bytes(storage.join(DATA, "manifest.json")))
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(f for f in files if f.endswith(".parquet"))
+    assert set(TASKS) <= set(manifest["tasks"])
+    # the same command again finds the bucket's manifest unchanged and writes nothing
+    assert main(["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
+                 "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8",
+                 "--heldout-test", "8"]) == 0
+    assert main(["prepare", "check", DATA]) == 0
+    assert f"ok: {DATA}:" in capsys.readouterr().out
+    shard = f"{DATA}/{manifest['files'][0]['path']}"
+    whole = storage.read_bytes(shard)
+    storage.write_bytes(shard, whole[:-10])  # a shard changed in the bucket after it was prepared
+    try:
+        assert main(["prepare", "check", DATA]) == 1
+        assert manifest["files"][0]["path"] in capsys.readouterr().err
+    finally:
+        storage.write_bytes(shard, whole)
+    assert _local_files_outside_cache(local) == []
+    print(f"prepare into the bucket: {time.perf_counter() - started:.1f} s")
+
+
+def test_pretrain_in_the_bucket_survives_a_killed_worker(s3, local, ray_cluster):
+    from mttl.train.loop import pretrain
+
+    run_uri = f"{RUNS}/pre"
+    cfg = _pretrain_config(local)
+    failure: list = []
+
+    def run():
+        try:
+            pretrain(cfg)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            failure.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while not _registered_steps(run_uri) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    workers = train_worker_pids(os.getpid())
+    assert len(workers) == 2 and thread.is_alive(), "the run ended before a worker could be killed"
+    killed_after = _registered_steps(run_uri)[-1]
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not failure, failure
+
+    files = storage.list_files(run_uri)
+    assert {"config.json", "tasks.json", "metrics.jsonl", "final/_COMPLETE", "final/adapters.safetensors",
+            "logs/internal.log"} <= set(files)
+    assert any(f.startswith("checkpoint_") for f in files)
+    rows = _rows(f"{run_uri}/metrics.jsonl")
+    resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
+    assert resumed and killed_after <= resumed[0] < 12
+    assert max(r["step"] for r in rows if "loss" in r) == 12
+    saved = json.loads(storage.read_bytes(f"{run_uri}/config.json"))
+    assert saved["data_dir"] == DATA and saved["output_dir"] == RUNS
+    assert _local_files_outside_cache(local) == []
+
+
+def test_a_run_continues_by_run_name_from_the_bucket(s3, local, ray_cluster):
+    from mttl.train.loop import pretrain
+
+    run_uri = f"{RUNS}/pre"
+    assert _registered_steps(run_uri)[-1] == 12
+    # this machine's copies are gone (another machine, a cleaned cache): the bucket is all there is
+    import shutil
+
+    shutil.rmtree(local / "cache" / "storage", ignore_errors=True)
+    pretrain(_pretrain_config(local, total_steps=16))
+    rows = _rows(f"{run_uri}/metrics.jsonl")
+    assert [r["resumed_from_step"] for r in rows if "resumed_from_step" in r][-1] == 12
+    assert max(r["step"] for r in rows if "loss" in r) == 16
+    assert _registered_steps(run_uri)[-1] == 16
+    assert _local_files_outside_cache(local) == []
+
+
+def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
+    manifest = json.loads(storage.read_bytes(f"{DATA}/manifest.json"))
+    task = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[0]
+    assert main(["finetune", "-k", f"checkpoint={RUNS}/pre", f"finetune_task_name={task}", f"output_dir={RUNS}",
+                 "run_name=ft", f"cache_dir={local / 'cache'}", "seeds=[13]", "total_steps=2", "train_batch_size=4",
+                 "eval_every_epochs=1", "num_shots=8", "num_beams=1", "predict_batch_size=16", "tensorboard=False",
+                 "log_every=1"]) == 0
+    rows = _rows(f"{RUNS}/ft/results.jsonl")
+    assert [r["evaluation"] for r in rows] == ["zero_shot", "best_val", "test"] and {r["task"] for r in rows} == {task}
+    assert {"config.json", "metrics.jsonl", "results.csv"} <= set(storage.list_files(f"{RUNS}/ft"))
+    assert main(["evaluate", "-k", f"checkpoint={RUNS}/pre", f"tasks=['{task}']", f"output_dir={RUNS}",
+                 "run_name=zs", f"cache_dir={local / 'cache'}", "num_beams=1", "predict_batch_size=16"]) == 0
+    assert [(r["task"], r["evaluation"]) for r in _rows(f"{RUNS}/zs/results.jsonl")] == [(task, "zero_shot")]
+
+    os.environ["CACHE_DIR"] = str(local / "cache")  # export's and report's cache: they take no -k keys
+    try:
+        assert main(["export", f"{RUNS}/pre", "--format", "peft", "--out", f"s3://{BUCKET}/exports/pre_peft"]) == 0
+        # an output_dir URI: every run under it is reported
+        assert main(["report", RUNS, "--out", str(local / "report")]) == 0
+    finally:
+        os.environ.pop("CACHE_DIR")
+    report = (local / "report" / "report.md").read_text()
+    assert task in report  # the fine-tuning results, read from the bucket
+    exported = storage.list_files(f"s3://{BUCKET}/exports/pre_peft")
+    assert "adapter_config.json" in exported and "_COMPLETE" in exported
+    assert _local_files_outside_cache(local) == []
+
+
+def test_half_uploaded_folders_are_not_taken_for_whole_ones(s3, local):
+    from mttl.config import Config
+    from mttl.data.locate import resolve_data_dir
+    from mttl.errors import CheckpointError, DataError
+    from mttl.models.run import resolve_run_dir
+
+    half = f"s3://{BUCKET}/half"
+    # a run whose final/ upload stopped before its marker, and shards whose manifest never came
+    storage.write_bytes(f"{half}/run/config.json", storage.read_bytes(f"{RUNS}/pre/config.json"))
+    storage.write_bytes(f"{half}/run/final/adapters.safetensors", b"partial")
+    storage.write_bytes(f"{half}/data/train/part-00000.parquet", b"partial")
+    cfg = Config().update({"checkpoint": f"{half}/run", "cache_dir": str(local / "cache")})
+    with pytest.raises(CheckpointError, match="has no final/ yet"):
+        resolve_run_dir(cfg.checkpoint_path())
+    with pytest.raises(DataError, match=f"{half}/data/manifest.json not found"):
+        resolve_data_dir(Config().update({"data_dir": f"{half}/data", "cache_dir": str(local / "cache")}))
+    # the marker written last makes the same folder whole
+    storage.upload_folder(local / "cache" / "storage" / "s3" / BUCKET / "runs" / "pre" / "final", f"{half}/run/final")
+    assert (Path(storage.local_run_copy(f"{half}/run", local / "other", folders=("final",))) / "final").is_dir()
+
+
+def test_the_secret_key_is_in_no_file(s3, local, ray_cluster):
+    secret = SECRET.encode()
+    objects = storage.list_files(f"s3://{BUCKET}")
+    assert len(objects) > 20
+    leaked = [o for o in objects if secret in (storage.read_bytes(f"s3://{BUCKET}/{o}") or b"")]
+    # this machine's copies and logs, and the logs of the Ray cluster the runs used
+    logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
+    for folder in (local, logs):
+        leaked += [str(p) for p in folder.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert leaked == []
+
+
+def test_bad_buckets_and_endpoints_are_one_line_errors(s3, local, capsys, monkeypatch):
+    assert main(["prepare", "synthetic", "--out", "s3://no-such-bucket/data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-bucket" in err and "does not exist" in err and len(err.splitlines()) == 1
+    assert main(["pretrain", "-k", "output_dir=s3://no-such-bucket/runs", "run_name=x", "model=tiny-t5",
+                 "tokenizer=byte", "total_steps=2", f"data_dir={DATA}", f"cache_dir={local / 'cache'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "s3://no-such-bucket/runs" in err and len(err.splitlines()) == 1
+    # commands that cannot write their run folder to a bucket yet say so before doing anything
+    assert main(["sweep", "-k", f"output_dir={RUNS}", f"checkpoint={RUNS}/pre"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mttl sweep writes its run folder to a local output_dir only" in err and len(err.splitlines()) == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert main(["finetune", "-k", f"checkpoint={RUNS}/pre", "finetune_task_name=t",
+                 f"cache_dir={local / 'cache' / 'other'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot reach {RUNS}/pre" in err and "AWS_ENDPOINT_URL" in err and len(err.splitlines()) == 1
+    assert SECRET not in err
