@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from mttl.cli import main
 from mttl.data.shards import read_manifest

@@ -175,7 +175,7 @@ def test_kept_compositions_are_distinct_functions(suite):
 def test_deterministic_per_seed(tmp_path):
     first = prepare_synthetic(tmp_path / "a", seed=3, **SMALL)
     again = prepare_synthetic(tmp_path / "b", seed=3, **SMALL)
-    other = prepare_synthetic(tmp_path / "c", seed=4, **SMALL)
+    prepare_synthetic(tmp_path / "c", seed=4, **SMALL)
     assert first["tasks"] == again["tasks"]
     assert shards.read_rows(tmp_path / "a").to_pylist() == shards.read_rows(tmp_path / "b").to_pylist()
     assert shards.read_rows(tmp_path / "a").to_pylist() != shards.read_rows(tmp_path / "c").to_pylist()
