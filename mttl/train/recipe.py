@@ -17,7 +17,7 @@ from mttl.errors import ConfigError
 
 DEFAULT_RUN_NAME = "synthetic_poly"
 # The embedded default, sized for two CPU cores: about 100–130 ms per step (tiny T5 d_model 128, batch 32,
-# benchmarks/train_overhead.py), so 2,400 + 1,200 steps take ≈ 7 minutes with start-up, leaving the
+# benchmarks/train_overhead.py), so 2,400 + 1,200 steps take ≈ 6.5 minutes with start-up (389 s), leaving the
 # quick start's fine-tuning room within 10 minutes. Phase one needs its 2,400 steps: the warm-up tasks'
 # validation loss drops steeply between steps 1,200 and 2,200 (0.14 at 2,400; 1.16 after 1,800 steps even
 # at lr 2e-3). Phase two is what limited the few-shot results: at 400 steps and adapters at 3e-3 its
