@@ -16,7 +16,7 @@ from mttl.models.run import load_run
 from mttl.run_folder import read_metrics
 from mttl.tracking import MetricsLogger
 from mttl.train.checkpoint import check_resume
-from mttl.train.recipe import BACKBONE_STEP_FACTOR, DEFAULTS, backbone_phase_config
+from mttl.train.recipe import BACKBONE_STEP_FACTOR, BACKBONE_WARMUP_FACTOR, DEFAULTS, backbone_phase_config
 from mttl.train.deepspeed_config import deepspeed_config, micro_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +79,8 @@ def test_default_runs_a_full_backbone_phase_before_the_adapters():
     assert phase_one.model == "tiny-t5" and phase_one.model_modifier is None
     assert phase_one.trainable_param_names == ".*" and phase_one.run_name == "demo-backbone"
     assert phase_one.total_steps == BACKBONE_STEP_FACTOR * cfg.total_steps
+    # phase one warms up over more steps than phase two's adapters (each its own measured warm-up)
+    assert phase_one.warmup_steps == BACKBONE_WARMUP_FACTOR * cfg.warmup_steps != cfg.warmup_steps
     # a user's key wins over the phase's default
     user = load_config(None, ["learning_rate=0.02", "total_steps=10"], base=DEFAULTS)
     user.run_name = "demo"

@@ -16,11 +16,13 @@ from mttl.config import Config
 from mttl.errors import ConfigError
 
 DEFAULT_RUN_NAME = "synthetic_poly"
-# The embedded default, sized for two CPU cores: about 130 ms per step (tiny T5 d_model 128, batch 32,
-# benchmarks/train_overhead.py), so 2,400 + 400 steps take ≈ 6 minutes with start-up, leaving the
-# quick start's fine-tuning room within 10 minutes. The steps go to phase one because the backbone
-# is what limits the adapters: the warm-up tasks' validation loss ended at 0.47 after a 2,000-step
-# run and at 0.03 after a 3,000-step one (the loss drops steeply between steps 1,200 and 2,200).
+# The embedded default, sized for two CPU cores: about 100–130 ms per step (tiny T5 d_model 128, batch 32,
+# benchmarks/train_overhead.py), so 2,400 + 1,200 steps take ≈ 6.5 minutes with start-up (389 s), leaving the
+# quick start's fine-tuning room within 10 minutes. Phase one needs its 2,400 steps: the warm-up tasks'
+# validation loss drops steeply between steps 1,200 and 2,200 (0.14 at 2,400; 1.16 after 1,800 steps even
+# at lr 2e-3). Phase two is what limited the few-shot results: at 400 steps and adapters at 3e-3 its
+# validation loss stayed at 0.91 and MHR reached 2.9 held-out exact match; 1,200 steps at 1e-2 reach 0.26
+# and 36.8 (docs/results.md, "Recipe search").
 DEFAULTS = {
     "model_modifier": "poly",
     "n_skills": 4,
@@ -33,12 +35,14 @@ DEFAULTS = {
     "train_batch_size": 32,
     "predict_batch_size": 64,
     "learning_rate": 1e-3,
-    "adapters_learning_rate": 3e-3,
+    "adapters_learning_rate": 1e-2,
     "max_grad_norm": 1.0,
-    "total_steps": 400,
-    "eval_every": 200,
-    "save_every": 200,
+    "total_steps": 1200,
+    "eval_every": 400,
+    "save_every": 600,
     "log_every": 50,
+    # phase two's: its validation loss ended at 0.26 after 30 warm-up steps, 0.28 after 90 (and MHR at 36.8
+    # against 34.5); phase one scales it by BACKBONE_WARMUP_FACTOR
     "warmup_steps": 30,
 }
 # Phase one of the default: the whole tiny backbone on the warm-up tasks, no adapters.
@@ -49,8 +53,11 @@ BACKBONE_PHASE = {
     "adapters_learning_rate": None,
 }
 # Phase one runs this many times phase two's steps (and evaluates/saves at the same fraction):
-# the warm-up tasks teach the backbone from scratch.
-BACKBONE_STEP_FACTOR = 6
+# the warm-up tasks teach the backbone from scratch (2,400 steps against phase two's 1,200).
+BACKBONE_STEP_FACTOR = 2
+# Phase one's warm-up is this many times phase two's: 180 steps, the warm-up its 2,400 steps were measured
+# with (a learning rate reached too early could move the steep drop of its loss; not measured).
+BACKBONE_WARMUP_FACTOR = 6
 BACKBONE_SUFFIX = "-backbone"
 
 
@@ -72,10 +79,12 @@ def backbone_phase_config(cfg: Config) -> Config:
     for key, value in BACKBONE_PHASE.items():
         if not cfg.was_overridden(key):
             setattr(phase, key, value)
-    for key in ("total_steps", "eval_every", "save_every", "warmup_steps"):
+    factors = {"total_steps": BACKBONE_STEP_FACTOR, "eval_every": BACKBONE_STEP_FACTOR,
+               "save_every": BACKBONE_STEP_FACTOR, "warmup_steps": BACKBONE_WARMUP_FACTOR}
+    for key, factor in factors.items():
         value = getattr(cfg, key)
         if value is not None and value > 0:
-            setattr(phase, key, value * BACKBONE_STEP_FACTOR)
+            setattr(phase, key, value * factor)
     phase.run_name = f"{cfg.run_name}{BACKBONE_SUFFIX}"
     phase.uniform_interp_steps = 0  # phase one has no routing; the annealing belongs to phase two
     return phase
