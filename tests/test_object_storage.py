@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 
 from mttl import storage
 from mttl.cli import main
-from train_support import TASKS, tiny_config, train_worker_pids
+from train_support import TASKS, kill_a_worker_after_a_checkpoint, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -115,29 +113,9 @@ def test_prepare_into_the_bucket(s3, local, capsys):
 
 
 def test_pretrain_in_the_bucket_survives_a_killed_worker(s3, local, ray_cluster):
-    from mttl.train.loop import pretrain
-
     run_uri = f"{RUNS}/pre"
     cfg = _pretrain_config(local)
-    failure: list = []
-
-    def run():
-        try:
-            pretrain(cfg)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
-            failure.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 300
-    while not _registered_steps(run_uri) and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.1)
-    workers = train_worker_pids(os.getpid())
-    assert len(workers) == 2 and thread.is_alive(), "the run ended before a worker could be killed"
-    killed_after = _registered_steps(run_uri)[-1]
-    os.kill(workers[0], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive() and not failure, failure
+    killed_after = kill_a_worker_after_a_checkpoint(cfg, lambda: _registered_steps(run_uri), timeout=300)
 
     files = storage.list_files(run_uri)
     assert {"config.json", "tasks.json", "metrics.jsonl", "final/_COMPLETE", "final/adapters.safetensors",

@@ -38,7 +38,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,7 @@ from safetensors.torch import load_file
 
 from cluster_support import mttl_cli, plain_env
 from mttl.train.loop import pretrain
-from train_support import registered_checkpoint_steps, tiny_config, train_rows, train_worker_pids
+from train_support import kill_a_worker_after_a_checkpoint, registered_checkpoint_steps, tiny_config, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -187,26 +186,10 @@ def test_killed_worker(suite, ray_cluster, stage, precision):
     whole = reference(suite, stage, precision)
     cfg = exact_resume_config(suite, f"z{stage}_{precision}_killed_worker", stage, precision, max_failures=1)
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    failure: list = []
-    thread = threading.Thread(target=lambda: _capture(failure, pretrain, cfg))
-    thread.start()
-    wait_for(lambda: registered_checkpoint_steps(run_dir) or not thread.is_alive(), "a registered checkpoint")
-    workers = train_worker_pids(os.getpid())
-    assert len(workers) == 2 and thread.is_alive(), "the run ended before a worker could be killed"
-    killed_after = registered_checkpoint_steps(run_dir)[-1]
-    os.kill(workers[0], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive() and not failure, failure
+    killed_after = kill_a_worker_after_a_checkpoint(cfg, lambda: registered_checkpoint_steps(run_dir))
     resumed = resumed_from(run_dir)
     assert resumed and killed_after <= resumed[0] < TOTAL_STEPS
     assert_same_end(run_dir, whole, precision)
-
-
-def _capture(errors: list, fn, *args):
-    try:
-        fn(*args)
-    except BaseException as err:  # reported by the test thread
-        errors.append(err)
 
 
 @pytest.mark.parametrize("stage, precision", _points("killed_driver"))

@@ -83,3 +83,36 @@ def wait_for_registered_checkpoint(run_dir: Path, timeout: float = 300) -> int:
             return steps[-1]
         time.sleep(0.2)
     raise AssertionError(f"Ray Train registered no checkpoint in {run_dir} within {timeout} s")
+
+
+def kill_a_worker_after_a_checkpoint(cfg, registered_steps, timeout: float = 400) -> int:
+    """Pre-train `cfg` on a thread, SIGKILL one of its Ray Train workers once `registered_steps()`
+    lists a checkpoint, and wait for the run to end by itself; returns the last registered step
+    before the kill. The run must recover (no exception) and a worker must still be alive to kill."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mttl.train.loop import pretrain
+
+    failure: list = []
+
+    def run():
+        try:
+            pretrain(cfg)
+        except BaseException as err:  # reported by the assertion below
+            failure.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + timeout
+    while not registered_steps() and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = train_worker_pids(os.getpid())
+    assert len(workers) == 2 and thread.is_alive(), "the run ended before a worker could be killed"
+    killed_after = registered_steps()[-1]
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not failure, failure
+    return killed_after
