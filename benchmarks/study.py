@@ -10,7 +10,7 @@ to the held-out skill compositions with the default finetune type, `Z` and `MuZ`
 4. the table: test exact match, median over seeds per task, mean over tasks; the report (routing
    heatmaps and whether each task's routing picks the skills it is built from).
 
-    python benchmarks/study.py            # ≈ 30 min on 2 CPU cores (3,000 + 3 × 600 steps, 180 few-shot runs)
+    python benchmarks/study.py            # ≈ 40 min on 2 CPU cores (2,400 + 3 × 1,200 steps, 144 few-shot runs)
     python benchmarks/study.py --quick    # a smoke run: a few steps, one seed
 Writes benchmarks/out/study/ (runs, report/) and benchmarks/out/study.json and .md. Re-running resumes.
 """
@@ -116,9 +116,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: a few steps, one seed, two tasks' worth of time")
     parser.add_argument("--out", type=Path, default=OUT / "study", help="run folder root. Example: --out /tmp/study")
-    parser.add_argument("--backbone-steps", type=int, default=3000,
-                        help="phase-one steps: more than the quick start's 2,000, whose backbone limits the adapters")
-    parser.add_argument("--adapter-steps", type=int, default=600, help="phase-two steps per method")
+    recipe_steps = pretrain_recipe.DEFAULTS["total_steps"]
+    parser.add_argument("--backbone-steps", type=int, default=pretrain_recipe.BACKBONE_STEP_FACTOR * recipe_steps,
+                        help="phase-one steps (default: the quick start's, mttl.train.recipe)")
+    parser.add_argument("--adapter-steps", type=int, default=recipe_steps,
+                        help="phase-two steps per method (default: the quick start's)")
     parser.add_argument("--seeds", default="13,42,58", help="fine-tuning seeds. Example: --seeds 13,42")
     parser.add_argument("--methods", default="lora,poly,mhr", help="pre-trained methods. Example: --methods poly,mhr")
     args = parser.parse_args()

@@ -20,9 +20,12 @@ Writes benchmarks/out/sweep.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -32,21 +35,21 @@ from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environme
 
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
 from mttl.config import Config, load_config  # noqa: E402
-from mttl.run_folder import atomic_write_text  # noqa: E402
+from mttl.run_folder import atomic_write_text, safe_name  # noqa: E402
 from mttl.sweep import OBJECTIVE, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
 
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100
 TARGET_RATIO = 0.4
-# Poly adapters + routing (the default checkpoint's finetune type): the reference grid is
-# learning_rate {1e-3, 1e-4} × module_logits_learning_rate {0.5, 0.1}, the largest preset grid.
-# All 200 training rows of the task as shots, validated every epoch (25 steps): with the default
-# 32 shots every grid point of the default checkpoint scores 0, and then any trial "reaches" the
-# grid's best. Greedy decoding for validation, in both searches alike.
-SWEEP_DEFAULTS = {"tune_space": "poly", "tasks": ["reverse>upper"], "seeds": [13], "num_shots": 200,
-                  "eval_every_epochs": 1, "num_beams": 1, "max_concurrent_trials": 1, "trial_resources": {"CPU": 1},
-                  "study_per_task": False, "tensorboard": False}
-QUICK = {"total_steps": 150, "num_samples": 6}
-FULL = {"total_steps": 400, "num_samples": 10, "seeds": [13, 42]}
+# The quick start's few-shot setting (mttl.quickstart.FINETUNE: 32 shots, batch 8 = 4 steps an
+# epoch, 100 steps) validated every 2 epochs (8 steps) so ASHA has rungs to decide at; greedy
+# decoding for validation in both searches alike. The space is the checkpoint's default (MHR →
+# `mhr`, whose preset grid is the reference's lr {1e-3, 1e-4} × routing lr {0.5, 0.1}).
+SWEEP_DEFAULTS = {"num_shots": 32, "train_batch_size": 8, "total_steps": 100, "eval_every_epochs": 2,
+                  "num_beams": 1, "predict_batch_size": 200, "num_samples": 12, "max_concurrent_trials": 1,
+                  "trial_resources": {"CPU": 1}, "study_per_task": False, "tensorboard": False}
+QUICK = {"total_steps": 48, "num_samples": 4}
+TASKS = ["caesar>upper", "double>swapfirst", "reverse>upper", "rotate>reverse"]
+SEEDS = [13, 42]
 PRETRAIN_QUICK_STEPS = 200  # phase two of the default (phase one runs twice that)
 
 
@@ -54,11 +57,25 @@ def pretrained_checkpoint(root: Path, quick: bool) -> Path:
     """The embedded default of `mttl pretrain` (two phases on the synthetic suite) under `root`."""
     from mttl.train.recipe import DEFAULTS, pretrain_default
 
-    changes = {"output_dir": str(root / "runs"), "cache_dir": str(root / "cache"), "run_name": "bench_poly",
+    changes = {"output_dir": str(root / "runs"), "cache_dir": str(root / "cache"), "run_name": "bench_mhr",
                "tensorboard": False}
     if quick:
         changes.update(total_steps=PRETRAIN_QUICK_STEPS, eval_every=None, save_every=None)
     return pretrain_default(load_config(None, changes, base=DEFAULTS))
+
+
+def data_for(cfg: Config, root: Path) -> None:
+    """A synthetic checkpoint whose data folder is gone (a run moved from another machine) gets the
+    suite prepared again from its seed, which reproduces it row for row."""
+    from mttl.data.synthetic import prepare_synthetic
+    from mttl.models.run import resolve_run_dir
+
+    saved = Config.load(resolve_run_dir(cfg.checkpoint_path()) / "config.json")
+    if cfg.data_dir or saved.dataset != "synthetic" or (saved.data_dir and Path(saved.data_dir).exists()):
+        return
+    out = root / f"synthetic-seed{saved.seed}"
+    prepare_synthetic(out, seed=saved.seed)
+    cfg.update({"data_dir": str(out)}, source="benchmark")
 
 
 def search_rows(study_dir: Path) -> list[dict]:
@@ -79,12 +96,12 @@ def search_rows(study_dir: Path) -> list[dict]:
             for t in trials]
 
 
-def steps_to_reach(trials: list[dict], target: float) -> int | None:
-    """Trial-steps run up to the end of the first complete trial scoring at least `target`."""
+def steps_to_reach(trials: list[dict], target: float, eligible=lambda trial: True) -> int | None:
+    """Trial-steps run up to the end of the first complete (eligible) trial scoring at least `target`."""
     spent = 0
     for trial in trials:
         spent += trial["trial_steps"]
-        if trial["complete"] and trial["score"] >= target:
+        if trial["complete"] and trial["score"] >= target and eligible(trial):
             return spent
     return None
 
@@ -92,64 +109,97 @@ def steps_to_reach(trials: list[dict], target: float) -> int | None:
 def run_search(cfg: Config, root: Path, search: str) -> dict:
     from mttl.sweep import run_sweep
 
-    run_cfg = cfg.copy(search=search, output_dir=str(root / "sweeps"), run_name=search)
+    run_cfg = cfg.copy(search=search, output_dir=str(root), run_name=search)
     started = time.perf_counter()
-    sweep_dir, _ = run_sweep(run_cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # run_sweep prints its summary table; ours is below
+        sweep_dir, _ = run_sweep(run_cfg)
     wall = time.perf_counter() - started
-    return {"trials": search_rows(sweep_dir / "all_tasks"), "wall_s": wall}
+    trials = search_rows(sweep_dir / "all_tasks")
+    return {"trials": trials, "wall_s": wall, "total_steps": sum(t["trial_steps"] for t in trials),
+            "best_score": max((t["score"] for t in trials if t["complete"]), default=float("nan"))}
+
+
+def compare(cfg: Config, root: Path, task: str, seed: int, start_points: list[dict]) -> dict:
+    """Grid and TPE + ASHA on one held-out task with one seed (few-shot split, training and TPE's sampler)."""
+    pair = cfg.copy(tasks=[task], seeds=[seed], seed=seed)
+    runs = {search: run_search(pair, root / f"{safe_name(task)}-{seed}", search) for search in ("grid", "optuna")}
+    grid, tpe = runs["grid"], runs["optuna"]
+    target = grid["best_score"] - WITHIN
+    reached = steps_to_reach(tpe["trials"], target)
+    # the same run, crediting only trials TPE suggested (the start points' steps still count as spent)
+    by_tpe = steps_to_reach(tpe["trials"], target, lambda t: t["params"] not in start_points)
+    return {"task": task, "seed": seed, "grid": grid, "optuna": tpe,
+            "grid_steps_to_best": steps_to_reach(grid["trials"], grid["best_score"]),
+            "steps_to_target": reached, "ratio": None if reached is None else reached / grid["total_steps"],
+            "steps_to_target_by_tpe": by_tpe,
+            "ratio_by_tpe": None if by_tpe is None else by_tpe / grid["total_steps"],
+            "degenerate": grid["best_score"] <= WITHIN}
 
 
 def describe(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
 
 
+def _ratio(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict) -> str:
-    grid, tpe = report["grid"], report["optuna"]
-    ratio = report["ratio"]
+    rows = report["pairs"]
     lines = [f"# Sweep cost: Optuna TPE + ASHA vs the preset grid (`{report['tune_space']}`)", "",
-             f"Tasks {report['tasks']}, seeds {report['seeds']}, {report['total_steps']} steps per seed, "
-             f"{report['num_shots']} shots; checkpoint: {report['checkpoint']}; {report['machine']}.",
-             f"Score: seed mean of the best validation {report['metric']} (0–100); "
-             f"\"within 1 point\" = at least the grid's best − {WITHIN:g}.", "",
-             "| search | trials | stopped by ASHA | total trial-steps | best score | trial-steps to within 1 point "
-             "of the grid's best | ÷ grid total | wall s |", "|---|---|---|---|---|---|---|---|"]
-    for name, run in (("grid (preset)", grid), ("Optuna TPE + ASHA", tpe)):
-        reached = run["steps_to_target"]
-        spent, share = ("not reached", "–") if reached is None else (reached, f"{reached / grid['total_steps']:.2f}")
-        lines.append(f"| {name} | {len(run['trials'])} | {sum(not t['complete'] for t in run['trials'])} | "
-                     f"{run['total_steps']} | {run['best_score']:.3f} | {spent} | {share} | {run['wall_s']:.0f} |")
-    verdict = ("not reached" if ratio is None else
-               f"{ratio:.2f} ({'meets' if ratio <= TARGET_RATIO else 'misses'} the ≤ {TARGET_RATIO} target)")
-    grid_scores = [t["score"] for t in grid["trials"] if t["complete"]]
-    lines += ["", f"TPE + ASHA trial-steps ÷ grid trial-steps: {verdict}. "
-              f"Grid scores range {min(grid_scores, default=float('nan')):.1f}"
-              f"–{max(grid_scores, default=float('nan')):.1f}."]
-    if report["degenerate"]:
-        lines.append("Every grid trial scored within 1 point of 0: any trial reaches the grid's best, so this "
-                     "ratio says nothing about the search (the checkpoint cannot solve the held-out task yet).")
-    for name, run in (("Grid", grid), ("Optuna TPE + ASHA", tpe)):
-        lines += ["", f"{name} trials in the order they ran:", "",
-                  "| # | trial | hyper-parameters | validations | trial-steps | status | score |",
-                  "|---|---|---|---|---|---|---|"]
-        for i, t in enumerate(run["trials"], 1):
-            score = f"{t['score']:.3f}" if t["score"] is not None else "–"
-            lines.append(f"| {i} | {t['trial_id']} | {describe(t['params'])} | {t['validations']} "
-                         f"| {t['trial_steps']} | {'complete' if t['complete'] else 'stopped'} | {score} |")
+             f"Checkpoint: {report['checkpoint']}. {report['machine']}.",
+             f"Per trial: {report['num_shots']} shots, {report['total_steps']} steps, validation every "
+             f"{report['eval_every_epochs']} epochs; TPE + ASHA: {report['num_samples']} trials, first the space's "
+             f"start point {report['start_points']}, ASHA on validation {report['asha_metric']} "
+             f"(grace {report['asha_grace_period']}, reduction {report['asha_reduction_factor']}).",
+             f"Score: best validation exact match (0–100); \"within 1 point\" = at least the grid's best − "
+             f"{WITHIN:g}, counted at the end of the first trial that gets there.", "",
+             "| task | seed | grid best (its trial-steps to it) | TPE + ASHA best | TPE + ASHA trial-steps (stopped) "
+             "| trial-steps to within 1 point of the grid's best | ÷ grid total | same, TPE's own trials only |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        grid, tpe = r["grid"], r["optuna"]
+        stopped = sum(not t["complete"] for t in tpe["trials"])
+        reached = "not reached" if r["steps_to_target"] is None else r["steps_to_target"]
+        lines.append(f"| `{r['task']}` | {r['seed']} | {grid['best_score']:.1f} ({r['grid_steps_to_best']}) | "
+                     f"{tpe['best_score']:.1f} | {tpe['total_steps']} ({stopped}) | {reached} | {_ratio(r['ratio'])} | "
+                     f"{_ratio(r['ratio_by_tpe'])} |")
+    summary = report["summary"]
+    lines += ["", f"Grid total: {rows[0]['grid']['total_steps']} trial-steps per task and seed. "
+              f"Within 1 point at ≤ {TARGET_RATIO} of it: {summary['met']} of {len(rows)} "
+              f"(ratio median {_ratio(summary['median_ratio'])}); TPE's own trials: {summary['met_by_tpe']} of "
+              f"{len(rows)}. Best score, mean over runs: grid {summary['grid_best_mean']:.1f}, TPE + ASHA "
+              f"{summary['tpe_best_mean']:.1f}. Wall: grid {summary['grid_wall_s']:.0f} s, TPE + ASHA "
+              f"{summary['tpe_wall_s']:.0f} s in all."]
+    if any(r["degenerate"] for r in rows):
+        lines.append("Some grid scored within 1 point of 0 on every point: there any trial reaches the grid's best.")
+    for r in rows:
+        for name in ("grid", "optuna"):
+            lines += ["", f"`{r['task']}`, seed {r['seed']}, {'grid' if name == 'grid' else 'TPE + ASHA'}, "
+                      "trials in the order they ran:", "",
+                      "| # | hyper-parameters | validations | trial-steps | status | score |", "|---|---|---|---|---|---|"]
+            for i, t in enumerate(r[name]["trials"], 1):
+                score = f"{t['score']:.1f}" if t["score"] is not None else "–"
+                lines.append(f"| {i} | {describe(t['params'])} | {t['validations']} | {t['trial_steps']} | "
+                             f"{'complete' if t['complete'] else 'stopped'} | {score} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help=f"a shorter pre-training and {QUICK['total_steps']} steps per trial, "
-                             f"{QUICK['num_samples']} TPE trials, one seed")
+                        help=f"a shorter pre-training, {QUICK['total_steps']} steps per trial, "
+                             f"{QUICK['num_samples']} TPE trials, one task and seed")
+    parser.add_argument("--tasks", nargs="+", default=None, help=f"held-out tasks (default {TASKS})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help=f"seeds (default {SEEDS})")
     parser.add_argument("--out", type=Path, default=OUT, help=f"folder for sweep.json and sweep.md (default {OUT})")
     add_config_arguments(parser)
     args = parser.parse_args()
-    cfg = load_config(args.config_files, flat_kwargs(args), base={**SWEEP_DEFAULTS, **(QUICK if args.quick else FULL)})
-    from mttl.sweep import load_space
+    cfg = load_config(args.config_files, flat_kwargs(args), base={**SWEEP_DEFAULTS, **(QUICK if args.quick else {})})
+    tasks = args.tasks or (TASKS[:1] if args.quick else TASKS)
+    seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
+    from mttl.sweep import load_space, sweep_base_config
 
-    grid_size = len(load_space(cfg.tune_space).GRID)
     with tempfile.TemporaryDirectory(prefix="mttl-bench-sweep-") as tmp:
         tmp = Path(tmp)
         if cfg.checkpoint:
@@ -158,26 +208,31 @@ def main() -> None:
             from mttl.train.recipe import BACKBONE_STEP_FACTOR, DEFAULTS
 
             started = time.perf_counter()
-            cfg.checkpoint = str(pretrained_checkpoint(tmp, args.quick))
+            cfg.update({"checkpoint": str(pretrained_checkpoint(tmp, args.quick))}, source="benchmark")
             steps = PRETRAIN_QUICK_STEPS if args.quick else DEFAULTS["total_steps"]
             checkpoint = (f"built here by the default `mttl pretrain`, {BACKBONE_STEP_FACTOR * steps} + {steps} "
                           f"steps ({time.perf_counter() - started:.0f} s)")
-        runs = {search: run_search(cfg, tmp, search) for search in ("grid", "optuna")}
-    for run in runs.values():
-        run["total_steps"] = sum(t["trial_steps"] for t in run["trials"])
-        run["best_score"] = max((t["score"] for t in run["trials"] if t["complete"]), default=float("nan"))
-    grid_best = runs["grid"]["best_score"]
-    for run in runs.values():
-        run["steps_to_target"] = steps_to_reach(run["trials"], grid_best - WITHIN)
-    reached = runs["optuna"]["steps_to_target"]
-    report = {"tune_space": cfg.tune_space, "grid_points": grid_size, "tasks": cfg.tasks, "seeds": cfg.seeds,
-              "total_steps": cfg.total_steps, "num_shots": cfg.num_shots,
-              "num_samples": cfg.num_samples, "metric": "exact match", "checkpoint": checkpoint,
+        data_for(cfg, tmp)
+        _, _, space_name = sweep_base_config(cfg)
+        start_points = [dict(p) for p in getattr(load_space(space_name), "START", [])]
+        pairs = [compare(cfg, tmp, task, seed, start_points) for task in tasks for seed in seeds]
+    ratios = sorted(r["ratio"] if r["ratio"] is not None else float("inf") for r in pairs)
+    summary = {"met": sum(r["ratio"] is not None and r["ratio"] <= TARGET_RATIO for r in pairs),
+               "met_by_tpe": sum(r["ratio_by_tpe"] is not None and r["ratio_by_tpe"] <= TARGET_RATIO for r in pairs),
+               "median_ratio": statistics.median(ratios) if ratios and statistics.median(ratios) != float("inf")
+               else None,
+               "grid_best_mean": statistics.fmean(r["grid"]["best_score"] for r in pairs),
+               "tpe_best_mean": statistics.fmean(r["optuna"]["best_score"] for r in pairs),
+               "grid_wall_s": sum(r["grid"]["wall_s"] for r in pairs),
+               "tpe_wall_s": sum(r["optuna"]["wall_s"] for r in pairs)}
+    report = {"tune_space": space_name, "checkpoint": checkpoint, "tasks": tasks, "seeds": seeds,
+              "total_steps": cfg.total_steps, "num_shots": cfg.num_shots, "eval_every_epochs": cfg.eval_every_epochs,
+              "num_samples": cfg.num_samples, "start_points": start_points, "asha_metric": cfg.asha_metric,
+              "asha_grace_period": cfg.asha_grace_period, "asha_reduction_factor": cfg.asha_reduction_factor,
+              "metric": "exact match",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, one trial at a time, 1 CPU each",
-              "within": WITHIN, "target_ratio": TARGET_RATIO,
-              "ratio": None if reached is None else reached / runs["grid"]["total_steps"],
-              "degenerate": grid_best <= WITHIN, "command": " ".join(["python", "benchmarks/sweep.py", *sys.argv[1:]]),
-              **runs}
+              "within": WITHIN, "target_ratio": TARGET_RATIO, "summary": summary, "pairs": pairs,
+              "command": " ".join(["python", "benchmarks/sweep.py", *sys.argv[1:]])}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "sweep.json", json.dumps(report, indent=2) + "\n")
     table = markdown(report)

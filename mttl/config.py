@@ -255,6 +255,10 @@ class SearchSection:
                               "Example: -k study_per_task=False")
     asha_grace_period: int = _f(1, "ASHA: validations before a trial can be stopped. Example: -k asha_grace_period=2")
     asha_reduction_factor: int = _f(2, "ASHA: reduction factor. Example: -k asha_reduction_factor=3")
+    asha_metric: str = _f("loss", "What ASHA compares trials on: loss (the mean lowest validation loss, which moves "
+                          "from the first steps) or score (the running mean of the best validation scores, often 0 "
+                          "early in a few-shot run). TPE always models the final score. Example: -k asha_metric=score",
+                          choices=["loss", "score"])
     trust_sweep_state: bool = _f(False, "Resume a sweep whose Ray Tune state files (pickles) this machine's mttl did "
                                  "not sign, e.g. one started on another machine or by another user: only for a sweep "
                                  "folder whose every file you trust, as loading it runs code. Set only by your own "

@@ -158,8 +158,17 @@ def delete(uri: str, files: list[str] | None = None, fs=None) -> None:
         raise storage_error(uri, err, "delete under") from None
 
 
+CHUNK = 8 << 20  # bytes per read while streaming a file: a multi-GB checkpoint never sits in memory whole
+
+
 def upload_file(local: str | os.PathLike, uri: str, fs=None) -> None:
-    write_bytes(uri, Path(local).read_bytes(), fs)
+    """One local file streamed to `uri` (S3: a multipart upload, visible only once complete)."""
+    fs, path = filesystem(uri, fs)
+    try:
+        with open(local, "rb") as source, fs.open_output_stream(path) as stream:
+            shutil.copyfileobj(source, stream, CHUNK)
+    except OSError as err:
+        raise storage_error(uri, err, "write") from None
 
 
 def upload_folder(local: str | os.PathLike, uri: str, *, marker: str | None = COMPLETE,
@@ -193,13 +202,13 @@ def download_folder(uri: str, local: str | os.PathLike, *, files: list[str] | No
     for rel in files if files is not None else list_files(uri, fs):
         target = local / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with fs.open_input_stream(f"{path}/{rel}") as stream:
-                data = stream.read()
-        except OSError as err:
-            raise storage_error(join(uri, rel), err, "read") from None
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
+        try:  # streamed into a temp file, renamed when whole: a reader never sees half a file
+            with fs.open_input_stream(f"{path}/{rel}") as stream, open(tmp, "wb") as out:
+                shutil.copyfileobj(stream, out, CHUNK)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(join(uri, rel), err, "read") from None
         os.replace(tmp, target)
     return local
 

@@ -66,13 +66,32 @@ def default_space_name(cfg: Config) -> str:
 
 # ------------------------------------------------------------------------------------ trials
 OBJECTIVE = "objective"  # running mean of the best validation scores (final: the seed mean)
+VAL_LOSS = "val_loss"  # running mean of the lowest validation losses: ASHA's signal with asha_metric=loss
 TIME_ATTR = "validation"  # ASHA's clock: validations done so far in the trial
 GRID_KEY = "grid_point"  # search=grid: the trial's preset point, a dict of config overrides
 TRIAL_STEPS = "trial_steps"  # optimizer steps the trial has run so far, over all its tasks and seeds
 
 
+STEPS_FRACTION = "steps_fraction"  # a space's key: this share of the configured steps (the most a trial runs)
+
+
 def trial_overrides(config: dict) -> dict:
     return config.get(GRID_KEY, config)
+
+
+def config_overrides(config: dict, base: Config) -> dict:
+    """The trial's config keys: `steps_fraction` becomes total_steps (or num_train_epochs) scaled from `base`'s."""
+    from mttl.finetune.loop import DEFAULT_STEPS
+
+    overrides = dict(trial_overrides(config))
+    fraction = overrides.pop(STEPS_FRACTION, None)
+    if fraction is not None:
+        if base.total_steps <= 0 and base.num_train_epochs > 0:
+            overrides["num_train_epochs"] = max(1, round(fraction * base.num_train_epochs))
+        else:
+            overrides["total_steps"] = max(1, round(fraction * (base.total_steps if base.total_steps > 0
+                                                                 else DEFAULT_STEPS)))
+    return overrides
 
 
 def _trial(config: dict, base: Config, tasks: list[str]) -> None:
@@ -83,9 +102,10 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
 
     from mttl.tracking import MetricsLogger
 
-    cfg = base.copy(**trial_overrides(config))
+    cfg = base.copy(**config_overrides(config, base))
     cfg.do_zs = False  # the reference's search skips zero-shot scoring too
     best_val: dict[str, float] = {}
+    best_loss: dict[str, float] = {}
     test: dict[str, float] = {}
     clock = {"validation": 0, "steps_before_seed": 0, "steps": 0}
     context = tune.get_context()
@@ -93,14 +113,16 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
     logger = MetricsLogger(Path(context.get_trial_dir()), cfg,
                            name=f"{base.run_name or 'sweep'}/{context.get_trial_name()}")
     with logger:
-        _run_trial_seeds(cfg, tasks, best_val, test, clock, logger.log)
-    tune.report({OBJECTIVE: fmean(best_val.values()), TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
+        _run_trial_seeds(cfg, tasks, best_val, best_loss, test, clock, logger.log)
+    tune.report({OBJECTIVE: fmean(best_val.values()), VAL_LOSS: fmean(best_loss.values()),
+                 TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
                  "complete": True,
                  "test_mean": fmean(test.values()), **{f"val/{k}": v for k, v in best_val.items()},
                  **{f"test/{k}": v for k, v in test.items()}})
 
 
-def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, test: dict, clock: dict, log) -> None:
+def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: dict, test: dict, clock: dict,
+                     log) -> None:
     """Every task × seed of one trial, each validation reported to Tune (ASHA decides on it)."""
     from statistics import fmean
 
@@ -111,18 +133,23 @@ def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, test: dict, 
     for task in tasks:
         for seed in default_seeds(cfg):
             key = f"{task}/{seed}"
-            running = {"best": float("-inf")}
+            running = {"best": float("-inf"), "loss": float("inf")}
 
             def report(row: dict) -> None:
                 clock["validation"] += 1
                 clock["steps"] = clock["steps_before_seed"] + row["step"]
                 running["best"] = max(running["best"], row["value"])
-                tune.report({OBJECTIVE: fmean([*best_val.values(), running["best"]]), TIME_ATTR: clock["validation"],
-                             TRIAL_STEPS: clock["steps"], "task": task, "seed": seed, "val_value": row["value"]})
+                running["loss"] = min(running["loss"], row["loss"])
+                best_loss[key] = running["loss"]
+                tune.report({OBJECTIVE: fmean([*best_val.values(), running["best"]]),
+                             VAL_LOSS: fmean(best_loss.values()), TIME_ATTR: clock["validation"],
+                             TRIAL_STEPS: clock["steps"], "task": task, "seed": seed, "val_value": row["value"],
+                             "val_loss_now": row["loss"]})
 
             for row in finetune_seed(cfg, task, seed, on_validation=report, log=log):
                 if row["evaluation"] == "best_val":
                     best_val[key] = row["value"]
+                    clock["steps"] = clock["steps_before_seed"] + row["trained_steps"]  # past the last validation
                 elif row["evaluation"] == "test":
                     test[key] = row["value"]
             clock["steps_before_seed"] = clock["steps"]
@@ -236,7 +263,9 @@ def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, sp
         param_space = {GRID_KEY: tune.grid_search(list(module.GRID))}
     else:
         search = _optuna_search(cfg, space_name)
-        scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode="max", max_t=1_000_000,
+        # ASHA ranks trials at its rungs (the first after asha_grace_period validations), TPE on the final score
+        metric, mode = (VAL_LOSS, "min") if cfg.asha_metric == "loss" else (OBJECTIVE, "max")
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=1_000_000,
                                   grace_period=cfg.asha_grace_period, reduction_factor=cfg.asha_reduction_factor)
         samples = cfg.num_samples
     from mttl.progress import TrialProgress
@@ -294,14 +323,15 @@ def _restored_tuner(study_dir: Path, trainable, cfg: Config, space_name: str):
     return tuner
 
 
-def _trial_rows(study: str, results) -> list[dict]:
+def _trial_rows(study: str, results, base: Config) -> list[dict]:
+    """One row per trial; its hyper-parameters as config keys a `mttl finetune` run takes."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
         error = str(result.error).strip().splitlines()[-1] if result.error else ""
         row = {"study": study, "trial_id": metrics.get("trial_id") or Path(result.path).name,
                "status": "complete" if metrics.get("complete") else ("error" if result.error else "stopped"),
-               **{f"hp/{k}": v for k, v in sorted(trial_overrides(result.config).items())},
+               **{f"hp/{k}": v for k, v in sorted(config_overrides(result.config, base).items())},
                "validations": metrics.get(TIME_ATTR, 0), "trial_steps": metrics.get(TRIAL_STEPS, 0),
                "mean": metrics.get(OBJECTIVE),
                "test_mean": metrics.get("test_mean"), "error": error}
@@ -362,7 +392,7 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
         with console.library_prints_to_log(), _optuna_quiet(cfg):
             tuner = _study_tuner(study_dir, trainable, cfg, module, space_name, resources)
             results = run_in_background(tuner.fit)
-        rows = _trial_rows(study, results)
+        rows = _trial_rows(study, results, base)
         complete = [r for r in rows if r["status"] == "complete"]
         if complete:
             best = max(complete, key=lambda r: r["mean"])

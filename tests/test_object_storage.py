@@ -196,6 +196,59 @@ def test_half_uploaded_folders_are_not_taken_for_whole_ones(s3, local):
     assert (Path(storage.local_run_copy(f"{half}/run", local / "other", folders=("final",))) / "final").is_dir()
 
 
+class _CountingS3:
+    """The real S3 filesystem, recording the largest single read and write its streams see."""
+
+    def __init__(self):
+        self.fs, _ = storage.filesystem(f"s3://{BUCKET}")
+        self.largest = {"read": 0, "write": 0}
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path, *args, **kwargs):
+        return _CountingStream(self.fs.open_output_stream(path, *args, **kwargs), self.largest)
+
+    def open_input_stream(self, path, *args, **kwargs):
+        return _CountingStream(self.fs.open_input_stream(path, *args, **kwargs), self.largest)
+
+
+class _CountingStream:
+    def __init__(self, stream, largest):
+        self.stream, self.largest = stream, largest
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.stream.__exit__(*exc)
+
+    def write(self, data):
+        self.largest["write"] = max(self.largest["write"], len(data))
+        return self.stream.write(data)
+
+    def read(self, size=-1):
+        data = self.stream.read() if size is None or size < 0 else self.stream.read(size)
+        self.largest["read"] = max(self.largest["read"], len(data))
+        return data
+
+
+def test_large_files_stream_through_without_being_held_whole(s3, tmp_path):
+    """A checkpoint shard of many GB must not be read into memory to upload or download it: a file of
+    three chunks goes up and comes back byte for byte, moved one chunk at a time each way."""
+    payload = os.urandom(3 * storage.CHUNK + 123)
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "shard.bin").write_bytes(payload)
+    uri = f"s3://{BUCKET}/streamed"
+    fs = _CountingS3()
+    storage.upload_folder(tmp_path / "up", uri, fs=fs)
+    storage.download_folder(uri, tmp_path / "down", fs=fs)
+    assert (tmp_path / "down" / "shard.bin").read_bytes() == payload
+    assert sorted(storage.list_files(uri)) == [storage.COMPLETE, "shard.bin"]
+    assert 0 < fs.largest["write"] <= storage.CHUNK and 0 < fs.largest["read"] <= storage.CHUNK, fs.largest
+    assert not list((tmp_path / "down").glob(".*tmp*"))  # the temp file was renamed into place
+
+
 def test_the_secret_key_is_in_no_file(s3, local, ray_cluster):
     secret = SECRET.encode()
     objects = storage.list_files(f"s3://{BUCKET}")

@@ -68,6 +68,28 @@ def test_optuna_asha_sweep_stops_poor_trials(ray_cluster, tmp_path, cb_run):
     assert {int(r["trial_steps"]) for r in complete} == {4}
     assert json.loads((sweep / "config.json").read_text())["finetune_type"] == "F"  # from the space file
     assert "| cb | 4 |" in (sweep / "summary.md").read_text()
+    _assert_asha_stopped_on_validation_loss(sweep / "cb")
+
+
+def _assert_asha_stopped_on_validation_loss(study: Path) -> None:
+    """asha_metric=loss (the default): every report carries the lowest validation loss so far, and a
+    stopped trial's loss at its last validation was above one that an earlier trial had at the same
+    validation (sequential ASHA keeps a trial only when it ranks in the top 1/reduction_factor)."""
+    import math
+
+    trials = []
+    for result in study.glob("*/result.json"):
+        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        trials.append(reports)
+    trials.sort(key=lambda reports: reports[0]["timestamp"] - reports[0]["time_total_s"])
+    for i, reports in enumerate(trials):
+        losses = [r["val_loss"] for r in reports]
+        assert all(math.isfinite(v) and v > 0 for v in losses)
+        assert losses == sorted(losses, reverse=True)  # a running minimum
+        if not reports[-1].get("complete"):
+            at = reports[-1]["validation"]
+            earlier = [r["val_loss"] for other in trials[:i] for r in other if r["validation"] == at]
+            assert earlier and min(earlier) < reports[-1]["val_loss"], (at, earlier, reports[-1]["val_loss"])
 
 
 def test_grid_search_runs_the_reference_preset(ray_cluster, tmp_path, cb_run):

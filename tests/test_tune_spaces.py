@@ -13,20 +13,42 @@ REFERENCE_ROUTING_LRS = {0.5, 0.1}
 
 
 def test_every_finetune_type_has_a_space():
-    assert {"lora", "ia3", "poly", "poly_z", "mhr", "mhr_z", "mhr_mu", "full"} <= set(available_spaces())
+    assert set(SPACES) <= set(available_spaces())
 
 
-@pytest.mark.parametrize("name", ["lora", "ia3", "poly", "poly_z", "mhr", "mhr_z", "mhr_mu", "full"])
-def test_space_is_define_by_run_and_inside_its_grid_keys(name):
+SPACES = ["lora", "ia3", "poly", "poly_z", "mhr", "mhr_z", "mhr_mu", "full", "fresh_routed", "lora_fresh"]
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_space_is_define_by_run_and_searches_its_grid_keys(name):
+    """Every space searches its grid's keys and at most config keys or the sweep's steps_fraction."""
+    from mttl.config import Config
+    from mttl.sweep import STEPS_FRACTION
+
     module = load_space(name)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     for _ in range(3):
         trial = study.ask()
         values = module.space(trial)
         assert set(trial.params) <= set(values)
-        assert set(values) == set(module.GRID[0])
-        assert all(v > 0 for v in values.values())
+        assert set(module.GRID[0]) <= set(values)
+        assert set(values) - {STEPS_FRACTION} <= set(Config.field_names())
+        assert all(v >= 0 for v in values.values()) and 0 < values.get(STEPS_FRACTION, 1) <= 1
         study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize("total_steps,epochs,fraction,want", [
+    (100, -1, 0.25, {"total_steps": 25}), (100, -1, 0.001, {"total_steps": 1}),
+    (-1, 40, 0.5, {"num_train_epochs": 20}), (-1, -1, 0.5, {"total_steps": 500}),  # the few-shot default: 1000 steps
+])
+def test_steps_fraction_scales_the_configured_budget(total_steps, epochs, fraction, want):
+    from mttl.config import Config
+    from mttl.sweep import config_overrides
+
+    base = Config().update({"total_steps": total_steps, "num_train_epochs": epochs})
+    assert config_overrides({"learning_rate": 1e-3, "steps_fraction": fraction}, base) == {"learning_rate": 1e-3,
+                                                                                            **want}
+    assert config_overrides({"grid_point": {"learning_rate": 1e-4}}, base) == {"learning_rate": 1e-4}
 
 
 def test_reference_grids():
@@ -60,6 +82,7 @@ def test_unknown_or_broken_space_is_a_user_error(tmp_path):
 @pytest.mark.parametrize("finetune_type,modifier,n_splits,want", [
     ("Z", "poly", 1, "poly_z"), ("Z", "poly", 4, "mhr_z"), ("MuZ", "poly", 4, "mhr_mu"), (None, "poly", 4, "mhr"),
     (None, "poly", 1, "poly"), ("F", None, 1, "full"), ("A", "ia3", 1, "ia3"), (None, "lora", 1, "lora"),
+    ("PolyRand", "poly", 4, "fresh_routed"), ("PolyRand", "lora", 1, "lora_fresh"), ("PolyRand", "ia3", 1, "ia3"),
 ])
 def test_default_space_from_finetune_type_and_modifier(finetune_type, modifier, n_splits, want):
     from mttl.config import Config

@@ -101,6 +101,21 @@ def _loss(model, tokenizer, batch_rows: list[dict], cfg: Config, policy: Precisi
         return lm_loss(model, policy.to_device(batch), task_ids)
 
 
+@torch.no_grad()
+def validation_loss(model, tokenizer, rows: list[dict], cfg: Config, policy: Precision) -> float:
+    """The training loss of `rows` (teacher-forced, dropout off), averaged over rows."""
+    was_training = model.training
+    model.eval()
+    total, size = 0.0, max(cfg.predict_batch_size, 1)
+    try:
+        for start in range(0, len(rows), size):
+            batch = rows[start:start + size]
+            total += _loss(model, tokenizer, batch, cfg, policy)["loss"].item() * len(batch)
+    finally:
+        model.train(was_training)
+    return total / max(len(rows), 1)
+
+
 def _trainable_state(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -155,13 +170,17 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     train_rows, val_rows, test_rows = setup.train_rows, setup.val_rows, setup.test_rows
     model, run_cfg = ft.model, ft.cfg
     base = {"task": task, "seed": seed, "finetune_type": cfg.finetune_type or "Poly"}
+    policy = for_model(model, run_cfg.precision)
 
     def evaluate(rows, evaluation, step, epoch) -> dict:
         scores = evaluate_rows(model, ft.tokenizer, rows, TASK_ID, metric, run_cfg)
         row = {**base, "evaluation": evaluation, "metric": scores["metric"], "value": scores["value"],
                "step": step, "epoch": epoch, **{k: scores[k] for k in SCORE_KEYS if k in scores}}
+        if evaluation == "val":  # moves from the first steps, while a score such as exact match is still 0
+            row["loss"] = validation_loss(model, ft.tokenizer, rows, run_cfg, policy)
         if log:
-            log({"step": step, "seed": seed, f"{evaluation}/{scores['metric']}": scores["value"]})
+            log({"step": step, "seed": seed, f"{evaluation}/{scores['metric']}": scores["value"],
+                 **({f"{evaluation}/loss": row["loss"]} if "loss" in row else {})})
         return row
 
     results = [evaluate(test_rows, "zero_shot", 0, 0)] if run_cfg.do_zs else []
@@ -180,7 +199,6 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     optimizer = build_optimizer(optimizer_groups(model, run_cfg), run_cfg)
     scheduler = build_scheduler(optimizer, run_cfg, total_steps, warmup_steps(run_cfg, total_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    policy = for_model(model, run_cfg.precision)
     scaler = policy.scaler()  # scales fp16 losses so small gradients do not flush to zero; else passes through
     every = 10_000 if run_cfg.finetune_skip_es else eval_every_epochs(run_cfg)
 
@@ -219,7 +237,7 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
                 best = row
                 if not run_cfg.finetune_skip_es:
                     best_state = _trainable_state(model)
-    results.append({**best, "evaluation": "best_val"})
+    results.append({**best, "evaluation": "best_val", "trained_steps": step})
     tested_step, tested_epoch = step, epoch
     if best_state is not None:
         with torch.no_grad():

@@ -33,6 +33,13 @@ def _adapter_space(model_modifier: str | None, n_splits: int) -> str:
     return "ia3" if model_modifier == "ia3" else "lora"
 
 
+def _fresh_space(model_modifier: str | None, n_splits: int) -> str:
+    """The space of fresh adapters: the adapter family's, with the rank searched (nothing pre-trained fixes it)."""
+    if is_routed(model_modifier):
+        return "fresh_routed"
+    return "ia3" if model_modifier == "ia3" else "lora_fresh"
+
+
 @dataclass(frozen=True)
 class FinetuneType:
     name: str
@@ -60,7 +67,7 @@ FINETUNE_TYPES: dict[str, FinetuneType] = {t.name: t for t in (
                  "the checkpoint, routing replaced by the average (MHR-µ)", ADAPTER_PARAMS,
                  lambda modifier, n_splits: "mhr_mu", needs_routed_checkpoint=True, average_routing=True),
     FinetuneType("PolyRand", "no pre-trained adapters", "what trainable_param_names matches",
-                 "the backbone with freshly initialised adapters", None, _adapter_space, fresh_adapters=True),
+                 "the backbone with freshly initialised adapters", None, _fresh_space, fresh_adapters=True),
     FinetuneType(DEFAULT_TYPE, "adapters + a fresh routing row; also None", "what trainable_param_names matches",
                  "the checkpoint + a fresh routing row (Poly/MHR)", None, _adapter_space),
 )}
