@@ -149,8 +149,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Sweep cost: Optuna TPE + ASHA vs the preset grid (`{report['tune_space']}`)", "",
              f"Checkpoint: {report['checkpoint']}. {report['machine']}.",
              f"Per trial: {report['num_shots']} shots, {report['total_steps']} steps, validation every "
-             f"{report['eval_every_epochs']} epochs; TPE + ASHA: {report['num_samples']} trials, first the space's "
-             f"start point {report['start_points']}, ASHA on validation {report['asha_metric']} "
+             f"{report['eval_every_epochs']} epochs; TPE + ASHA: {report['num_samples']} trials, starting from "
+             f"{report['start_points'] or 'no preset points'}, ASHA on validation {report['asha_metric']} "
              f"(grace {report['asha_grace_period']}, reduction {report['asha_reduction_factor']}).",
              f"Score: best validation exact match (0–100); \"within 1 point\" = at least the grid's best − "
              f"{WITHIN:g}, counted at the end of the first trial that gets there.", "",
@@ -192,13 +192,16 @@ def main() -> None:
                              f"{QUICK['num_samples']} TPE trials, one task and seed")
     parser.add_argument("--tasks", nargs="+", default=None, help=f"held-out tasks (default {TASKS})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help=f"seeds (default {SEEDS})")
+    parser.add_argument("--reverse-grid", action="store_true",
+                        help="the space's grid in the opposite order, in both searches: what starting the search "
+                             "from the grid costs when its best point is not first")
     parser.add_argument("--out", type=Path, default=OUT, help=f"folder for sweep.json and sweep.md (default {OUT})")
     add_config_arguments(parser)
     args = parser.parse_args()
     cfg = load_config(args.config_files, flat_kwargs(args), base={**SWEEP_DEFAULTS, **(QUICK if args.quick else {})})
     tasks = args.tasks or (TASKS[:1] if args.quick else TASKS)
     seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
-    from mttl.sweep import load_space, sweep_base_config
+    from mttl.sweep import load_space, start_points, sweep_base_config
 
     with tempfile.TemporaryDirectory(prefix="mttl-bench-sweep-") as tmp:
         tmp = Path(tmp)
@@ -214,8 +217,15 @@ def main() -> None:
                           f"steps ({time.perf_counter() - started:.0f} s)")
         data_for(cfg, tmp)
         _, _, space_name = sweep_base_config(cfg)
-        start_points = [dict(p) for p in getattr(load_space(space_name), "START", [])]
-        pairs = [compare(cfg, tmp, task, seed, start_points) for task in tasks for seed in seeds]
+        if args.reverse_grid:  # the same space, its grid in the opposite order (for both searches)
+            reversed_space = tmp / f"{Path(space_name).stem}_reversed.py"
+            module = load_space(space_name)
+            reversed_space.write_text(f"from {module.__name__} import *  # noqa: F403\n"
+                                      f"from {module.__name__} import GRID as _GRID\n\nGRID = _GRID[::-1]\n")
+            cfg.update({"tune_space": str(reversed_space)}, source="benchmark")
+            _, _, space_name = sweep_base_config(cfg)
+        starts = start_points(cfg, space_name)
+        pairs = [compare(cfg, tmp, task, seed, starts) for task in tasks for seed in seeds]
     ratios = sorted(r["ratio"] if r["ratio"] is not None else float("inf") for r in pairs)
     summary = {"met": sum(r["ratio"] is not None and r["ratio"] <= TARGET_RATIO for r in pairs),
                "met_by_tpe": sum(r["ratio_by_tpe"] is not None and r["ratio_by_tpe"] <= TARGET_RATIO for r in pairs),
@@ -225,9 +235,10 @@ def main() -> None:
                "tpe_best_mean": statistics.fmean(r["optuna"]["best_score"] for r in pairs),
                "grid_wall_s": sum(r["grid"]["wall_s"] for r in pairs),
                "tpe_wall_s": sum(r["optuna"]["wall_s"] for r in pairs)}
-    report = {"tune_space": space_name, "checkpoint": checkpoint, "tasks": tasks, "seeds": seeds,
+    report = {"tune_space": space_name, "reverse_grid": args.reverse_grid, "checkpoint": checkpoint,
+              "tasks": tasks, "seeds": seeds,
               "total_steps": cfg.total_steps, "num_shots": cfg.num_shots, "eval_every_epochs": cfg.eval_every_epochs,
-              "num_samples": cfg.num_samples, "start_points": start_points, "asha_metric": cfg.asha_metric,
+              "num_samples": cfg.num_samples, "start_points": starts, "asha_metric": cfg.asha_metric,
               "asha_grace_period": cfg.asha_grace_period, "asha_reduction_factor": cfg.asha_reduction_factor,
               "metric": "exact match",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, one trial at a time, 1 CPU each",

@@ -248,6 +248,9 @@ class SearchSection:
     search: str = _f("optuna", "optuna (TPE + ASHA) or grid (the reference preset). Example: -k search=grid",
                      choices=["optuna", "grid"])
     num_samples: int = _f(8, "Trials per study (optuna search). Example: -k num_samples=16")
+    search_starts_from_grid: bool = _f(True, "optuna search: the first trials are the space's preset grid points in "
+                                       "order (full steps; ASHA stops the poor ones early), then TPE explores from "
+                                       "what they scored. Example: -k search_starts_from_grid=False")
     max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's "
                                            "resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
     trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")

@@ -221,7 +221,29 @@ def _optuna_search(cfg: Config, space_name: str):
     # Optuna samples its first 10 trials at random; a sweep of num_samples=8 would never use TPE,
     # so a third of the trials (at least 2) explore at random and the rest follow the model.
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=random_trials(cfg))
-    return OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler)
+    return OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler,
+                        points_to_evaluate=start_points(cfg, space_name) or None)
+
+
+def start_points(cfg: Config, space_name: str) -> list[dict]:
+    """The trials TPE runs first with search_starts_from_grid: the space's GRID in order, at full steps.
+
+    The reference's grid is a good prior on a few-shot task; started from it, the search costs the
+    grid's best point plus what ASHA lets the others run, and TPE models around scores it trusts."""
+    import optuna
+
+    if not cfg.search_starts_from_grid:
+        return []
+    module = load_space(space_name)
+    with _optuna_quiet(cfg):
+        searched = set(module.space(optuna.create_study().ask()))
+    for point in module.GRID:
+        if not set(point) <= searched:
+            raise ConfigError(f"tune_space '{space_name}': GRID key(s) {sorted(set(point) - searched)} are not "
+                              "searched by space(trial), so a search started from the grid would drop them; add "
+                              "them to space(trial) or set -k search_starts_from_grid=False")
+    full = {STEPS_FRACTION: 1.0} if STEPS_FRACTION in searched else {}
+    return [{**point, **full} for point in module.GRID][:cfg.num_samples]
 
 
 @contextlib.contextmanager

@@ -175,6 +175,42 @@ def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     assert _local_files_outside_cache(local) == []
 
 
+def test_several_tasks_fan_out_from_and_into_the_bucket(s3, local, tmp_path):
+    """tasks=[...]: every task x seed a Ray task reading checkpoint and data from the bucket; the run
+    folder is in the bucket, its results uploaded after each pair, and a rerun skips finished pairs.
+
+    `mttl finetune` runs as its own process with its own Ray cluster, as a user's would: Ray tasks
+    get the bucket's credentials from their node's environment (never through Ray's runtime env,
+    which the dashboard shows), and this session's cluster started before the fixture set them."""
+    import subprocess
+    import sys
+
+    manifest = json.loads(storage.read_bytes(f"{DATA}/manifest.json"))
+    tasks = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[:2]
+    argv = [sys.executable, "-m", "mttl.cli", "finetune", "-k", f"checkpoint={RUNS}/pre", f"tasks={tasks}",
+            f"output_dir={RUNS}", "run_name=fan", f"cache_dir={local / 'cache'}", "seeds=[13]", "total_steps=2",
+            "train_batch_size=4", "eval_every_epochs=1", "num_shots=8", "num_beams=1", "predict_batch_size=16",
+            "tensorboard=False", "log_every=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def run():
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    run()
+    rows = _rows(f"{RUNS}/fan/results.jsonl")
+    assert sorted({(r["task"], r["seed"]) for r in rows if r["evaluation"] == "test"}) == [(t, 13) for t in tasks]
+    assert {"config.json", "metrics.jsonl", "results.csv"} <= set(storage.list_files(f"{RUNS}/fan"))
+    assert {r["task"] for r in _rows(f"{RUNS}/fan/metrics.jsonl")} == set(tasks)
+    # another machine (no local copy): the bucket's results say both pairs are done
+    import shutil
+
+    shutil.rmtree(local / "cache" / "storage" / "s3" / BUCKET / "runs" / "fan")
+    run()
+    assert _rows(f"{RUNS}/fan/results.jsonl") == rows
+    assert _local_files_outside_cache(local) == []
+
+
 def test_half_uploaded_folders_are_not_taken_for_whole_ones(s3, local):
     from mttl.config import Config
     from mttl.data.locate import resolve_data_dir

@@ -89,3 +89,21 @@ def test_default_space_from_finetune_type_and_modifier(finetune_type, modifier, 
 
     cfg = Config().update({"finetune_type": finetune_type, "model_modifier": modifier, "n_splits": n_splits})
     assert default_space_name(cfg) == want
+
+
+def test_the_search_starts_from_the_grid_at_full_steps(tmp_path):
+    """search_starts_from_grid: TPE's first trials are GRID's points in order, every searched key fixed
+    (steps_fraction at 1: the grid's configured steps); off, none; a GRID key the space does not
+    search would be dropped from those trials, so it is refused."""
+    from mttl.config import Config
+    from mttl.sweep import start_points
+
+    cfg = Config().update({"num_samples": 8})
+    assert start_points(cfg, "mhr") == [{**point, "steps_fraction": 1.0} for point in load_space("mhr").GRID]
+    assert start_points(cfg.copy(num_samples=3), "mhr") == start_points(cfg, "mhr")[:3]
+    assert start_points(cfg.copy(search_starts_from_grid=False), "mhr") == []
+    space = tmp_path / "narrow.py"
+    space.write_text("GRID = [{'learning_rate': 0.1, 'warmup_steps': 3}]\n"
+                     "def space(trial):\n    return {'learning_rate': trial.suggest_float('learning_rate', 0.01, 1)}\n")
+    with pytest.raises(ConfigError, match=r"GRID key\(s\) \['warmup_steps'\] are not searched"):
+        start_points(cfg, str(space))

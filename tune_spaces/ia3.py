@@ -10,4 +10,4 @@ def space(trial) -> dict:
     # more for them, since a large first step scales whole activations.
     return {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True),
             "warmup_proportion": trial.suggest_float("warmup_proportion", 0.0, 0.2),
-            "steps_fraction": trial.suggest_float("steps_fraction", 0.25, 1.0)}
+            "steps_fraction": trial.suggest_float("steps_fraction", 0.5, 1.0)}

@@ -7,4 +7,4 @@ GRID = [{"module_logits_learning_rate": 0.5}, {"module_logits_learning_rate": 0.
 
 def space(trial) -> dict:
     return {"module_logits_learning_rate": trial.suggest_float("module_logits_learning_rate", 1e-2, 1.0, log=True),
-            "steps_fraction": trial.suggest_float("steps_fraction", 0.25, 1.0)}
+            "steps_fraction": trial.suggest_float("steps_fraction", 0.5, 1.0)}

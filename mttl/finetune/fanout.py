@@ -123,11 +123,9 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     from mttl.finetune.loop import default_seeds
     from mttl.finetune.types import checkpoint_finetune_config
     from mttl.progress import progress_line
-    from mttl.run_folder import local_output_only
-
-    local_output_only(cfg, "fine-tuning several tasks (tasks=...)")
+    from mttl import storage
     from mttl.ray_utils import init_ray
-    from mttl.run_folder import read_results, safe_name, write_results
+    from mttl.run_folder import pull_run, push_run, read_results, safe_name, write_results
     from mttl.sweep import with_absolute_paths
     from mttl.tracking import MetricsLogger
 
@@ -140,13 +138,17 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     cfg = with_absolute_paths(cfg)  # Ray tasks run in their own working folders
     tasks = resolve_tasks(cfg, names)
     kind = cfg.finetune_type or "Poly"
-    run_dir = Path(cfg.output_dir) / (cfg.run_name or safe_name(f"finetune_{len(tasks)}tasks_{kind}"))
+    run_name = cfg.run_name or safe_name(f"finetune_{len(tasks)}tasks_{kind}")
+    # output_dir in a bucket: the run's files are read from it first and uploaded after every pair
+    run_uri = storage.join(str(cfg.output_dir), run_name) if storage.is_uri(str(cfg.output_dir)) else None
+    run_dir = storage.local_mirror(run_uri, cfg.cache_dir) if run_uri else Path(cfg.output_dir) / run_name
     # unknown task, a checkpoint that does not fit the keys: fail here, before any Ray task starts
     seeds = {}
     for task in tasks:
         merged = checkpoint_finetune_config(cfg.copy(finetune_task_name=task, tasks=None))
         task_info(resolve_data_dir(merged), task)
         seeds[task] = default_seeds(merged)
+    pull_run(run_dir, run_uri)
     rows = read_results(run_dir)
     done = {(r["task"], r["seed"]) for r in rows if r["finetune_type"] == kind and r["evaluation"] == "test"}
     # rows of a pair without its test row are from a pair that did not finish: it runs again
@@ -160,6 +162,7 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     cfg.copy(finetune_task_name=tasks, tasks=None).save(run_dir)
     if not pending:
         write_results(run_dir, rows)
+        push_run(run_dir, run_uri)
         return run_dir
     init_ray(cfg)
     resources = resources_per_run(cfg)
@@ -174,9 +177,11 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
             write_results(run_dir, rows)
             for record in records:
                 logger.log(record)
+            push_run(run_dir, run_uri)
             finished += 1
             test = next((r for r in pair_rows if r["evaluation"] == "test"), None)
             score = f" test {test['metric']} {test['value']:.2f}" if test else ""
             echo(progress_line(len(skipped) + finished, len(pairs), f"{task} seed {seed} done{score}",
                                time.monotonic() - start, finished, len(pending) - finished), flush=True)
+    push_run(run_dir, run_uri)  # the logger's last lines, written as it closed
     return run_dir
