@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--activations-batch", type=int, default=8, help="micro batch of the --activations runs")
     parser.add_argument("--activations-workers", type=int, default=2,
                         help="workers of the --activations runs (1: ZeRO-0 in one process, for small machines)")
+    parser.add_argument("--stages", default="0,3",
+                        help="ZeRO stages of the main runs, e.g. --stages 3 to re-measure ZeRO-3 alone")
     args = parser.parse_args()
     # the runs' checkpoints and final folders of a 1 B-parameter model: ~7 GB each, removed at the end
     work = Path(tempfile.mkdtemp(prefix="mttl-memory-"))
@@ -96,7 +98,7 @@ def measure_all(args, work: Path) -> list[dict]:
     results = []
     shapes = {"small": SMALL} if args.quick else {"small": SMALL, "t5-large-shaped": LARGE}
     for shape_name, shape in shapes.items():
-        for stage in (0, 3):
+        for stage in [int(x) for x in args.stages.split(",")]:
             results.append({"shape": shape_name, **measure(config(work, f"{shape_name}-z{stage}", shape,
                                                                   zero_stage=stage))})
             print(json.dumps(results[-1]), flush=True)

@@ -142,5 +142,17 @@ def test_partitioned_zero3_with_checkpointing_matches_zero0(ray_cluster, default
     assert len(losses) == RAY_STEPS["total_steps"]
     assert losses == pytest.approx(reference, rel=0, abs=LOSS_TOLERANCE), (losses, reference)
     assert losses[0] != losses[-1]  # the adapters moved
+    # final/backbone: ZeRO-0 writes it whole, ZeRO-3 a gathered group at a time in transformers' shards;
+    # the frozen backbone loads back with the same weights from both
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from mttl.train.checkpoint import BACKBONE_INDEX
+
+    assert (zero3 / "final" / "backbone" / BACKBONE_INDEX).is_file()
+    whole = AutoModelForSeq2SeqLM.from_pretrained(zero0 / "final" / "backbone").state_dict()
+    shards = AutoModelForSeq2SeqLM.from_pretrained(zero3 / "final" / "backbone").state_dict()
+    assert whole.keys() == shards.keys()
+    assert all(torch.equal(whole[k], shards[k]) for k in whole), [k for k in whole if not torch.equal(whole[k], shards[k])]
     # Resuming a partitioned ZeRO-3 run (bf16, damaged latest checkpoint) is the resume matrix's ZeRO-3
     # point (tests/test_resume_matrix.py), which builds through the same partitioned path.

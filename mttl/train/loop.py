@@ -34,7 +34,8 @@ from mttl.models.run import build_routed_model, check_model_config, read_tasks_f
 from mttl import storage
 from mttl.run_folder import (BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, LOGS_DIR, METRICS_FILE, RUN_FILES, TASKS_FILE,
                              TRACKING_FILE, atomic_write_text, pull_run, push_run, remote_run_for, run_dir_for)
-from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, gathered, load_checkpoint,
+from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, load_checkpoint,
+                                   save_backbone_shards,
                                    older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
                                    usable_checkpoint)
 from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
@@ -637,12 +638,12 @@ def write_final(engine, cfg: Config, tokenizer, run_dir: Path, meta: dict, rank:
     if cfg.model_modifier:
         save_adapter_tensors(model, staging, meta, cfg.zero_stage, rank)
     backbone_trained = cfg.model_modifier is None or cfg.model in CONFIG_BUILT_MODELS
-    if backbone_trained:
-        with gathered(list(model.parameters()), cfg.zero_stage):
-            if rank == 0:
-                hf_model = model.hf_model
-                hf_model.save_pretrained(staging / BACKBONE_DIR)
-                tokenizer.save_pretrained(staging / BACKBONE_DIR)
+    if backbone_trained and cfg.zero_stage == 3:  # partitioned: gathered and written a group at a time
+        save_backbone_shards(model, tokenizer, staging / BACKBONE_DIR,
+                             zero3_gather_limits(cfg, largest_layer_params(model))["stage3_max_live_parameters"], rank)
+    elif backbone_trained and rank == 0:
+        model.hf_model.save_pretrained(staging / BACKBONE_DIR)
+        tokenizer.save_pretrained(staging / BACKBONE_DIR)
     torch.distributed.barrier()
     if rank == 0:
         final = run_dir / FINAL_DIR
