@@ -64,13 +64,13 @@ def measure(cfg: Config) -> dict:
 
     run_dir = pretrain(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    peak = max(r["peak_rss_gb"] for r in rows if "peak_rss_gb" in r)
+    peak = max(r.get("peak_rss_final_gb", r.get("peak_rss_gb", 0.0)) for r in rows)  # with writing final/
     # resident memory by stage (the worker's first rows): where the peak comes from
     stages = {k: v for r in rows for k, v in r.items() if k.startswith("rss_after_")}
     p = plan(cfg.copy(n_tasks=cfg.n_tasks or 8))
     return {"run": cfg.run_name, "zero_stage": cfg.zero_stage, "gradient_checkpointing": cfg.gradient_checkpointing,
             "micro_batch": cfg.train_batch_size // cfg.num_workers, "input_len": cfg.max_input_length,
-            "peak_rss_gb": peak, **stages, "plan_model_states_gb": p["per_worker_bytes"]["model_states"] / 1e9,
+            "peak_rss_gb": peak, "peak_rss_steps_gb": max(r.get("peak_rss_gb", 0.0) for r in rows), **stages, "plan_model_states_gb": p["per_worker_bytes"]["model_states"] / 1e9,
             "plan_activations_gb": p["per_worker_bytes"]["activations"] / 1e9,
             "params_m": p["params"]["total"] / 1e6}
 

@@ -448,7 +448,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             logger.log(val)
     write_final(engine, cfg, tokenizer, run_dir, meta, rank)
+    # the high-water mark again, now with writing final/ (ZeRO-3 gathers the adapters, and a trained
+    # backbone group by group): the training rows were logged before it
+    final_peak = _max_over_ranks(_peak_rss_bytes()) / 1e9
     if logger is not None:
+        logger.log({"step": state.step, "peak_rss_final_gb": final_peak})
         logger.close()
     if rank == 0 and run_uri is not None:  # final/ uploaded with its marker last, then the last rows
         storage.upload_folder(run_dir / FINAL_DIR, storage.join(run_uri, FINAL_DIR), fs=storage_fs)
