@@ -2,7 +2,10 @@
 
 Owns `mttl sweep`: the search space comes from a `tune_spaces/` module (or a .py file); each
 trial fine-tunes one held-out task with every configured seed, reporting after each validation
-so ASHA can stop poor trials early, and ends with the seed mean of the best validation scores.
+so ASHA can stop poor trials early (on the validation loss, which moves from the first steps,
+by default), and ends with the seed mean of the best validation scores, which TPE models. TPE
+starts from the space's preset grid (`search_starts_from_grid`); a space's `steps_fraction` is
+turned into total_steps here (`config_overrides`).
 One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or one for all
 tasks with `study_per_task=False`); running the same `run_name` again restores it (finished
 trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep_state` has
