@@ -260,9 +260,28 @@ def local_run_copy(uri: str, cache_dir: str | os.PathLike, *, folders: tuple[str
     if not files:
         raise ConfigError(f"{uri} holds no run folder (nothing under it); give $output_dir/$run_name of a run")
     local = local_mirror(uri, cache_dir)
-    shutil.rmtree(local, ignore_errors=True)
-    download_folder(uri, local, files=[f for f in files if "/" not in f])
+    # built beside the mirror and swapped in whole: several processes of one node (the Ray tasks of a
+    # fan-out) copy the same run into the same cache at once, and must never read one another's half
+    staging = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    download_folder(uri, staging, files=[f for f in files if "/" not in f])
     for folder in folders:
-        download_complete_folder(join(uri, folder), local / folder)
+        download_complete_folder(join(uri, folder), staging / folder)
+    _swap_into_place(staging, local)
     _COPIED[key] = local
     return local
+
+
+def _swap_into_place(staging: Path, local: Path) -> None:
+    """`staging` becomes `local`; an older copy there is moved aside first and removed after."""
+    old = local.with_name(f".{local.name}.old-{os.getpid()}")
+    try:
+        os.rename(local, old)
+    except FileNotFoundError:
+        old = None
+    try:
+        os.rename(staging, local)
+    except OSError:  # another process put its whole copy there in between: the same objects, keep it
+        shutil.rmtree(staging, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
