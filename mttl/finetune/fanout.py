@@ -123,9 +123,9 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     from mttl.finetune.loop import default_seeds
     from mttl.finetune.types import checkpoint_finetune_config
     from mttl.progress import progress_line
-    from mttl import storage
     from mttl.ray_utils import init_ray
-    from mttl.run_folder import pull_run, push_run, read_results, safe_name, write_results
+    from mttl.run_folder import (pull_run, push_run, read_results, remote_run_for, run_dir_for, safe_name,
+                                 write_results)
     from mttl.sweep import with_absolute_paths
     from mttl.tracking import MetricsLogger
 
@@ -138,10 +138,9 @@ def run_finetune_tasks(cfg: Config, names: list[str], *, echo=print) -> Path:
     cfg = with_absolute_paths(cfg)  # Ray tasks run in their own working folders
     tasks = resolve_tasks(cfg, names)
     kind = cfg.finetune_type or "Poly"
-    run_name = cfg.run_name or safe_name(f"finetune_{len(tasks)}tasks_{kind}")
+    named = cfg.copy(run_name=cfg.run_name or safe_name(f"finetune_{len(tasks)}tasks_{kind}"))
     # output_dir in a bucket: the run's files are read from it first and uploaded after every pair
-    run_uri = storage.join(str(cfg.output_dir), run_name) if storage.is_uri(str(cfg.output_dir)) else None
-    run_dir = storage.local_mirror(run_uri, cfg.cache_dir) if run_uri else Path(cfg.output_dir) / run_name
+    run_uri, run_dir = remote_run_for(named, "finetune"), run_dir_for(named, "finetune")
     # unknown task, a checkpoint that does not fit the keys: fail here, before any Ray task starts
     seeds = {}
     for task in tasks:
