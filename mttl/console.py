@@ -101,6 +101,14 @@ class _LogStream(io.TextIOBase):
         return len(text)
 
 
+def to_log(text: str) -> bool:
+    """Append `text` (a traceback a one-line error left out) to the log file; False when there is none."""
+    if _state["file"] is None:
+        return False
+    _write(text)
+    return True
+
+
 def _write(text: str) -> None:
     with _state["lock"]:
         handle = _state["file"]

@@ -77,3 +77,37 @@ def test_killed_driver_reruns_only_the_unfinished_pairs(tmp_path, synthetic, ray
     assert f"mean over 2 tasks\ttest\t{statistics.fmean(medians):.2f}" in out, out
     for task, median in zip(held_out, medians):
         assert f"{task}\ttest\tmedian over seeds {median:.2f}" in out
+
+
+def _fails_for_seed_42(cfg, task, seed):
+    if seed == 42:
+        raise ValueError(f"no rows left for {task}\nsecond line")
+    return seed
+
+
+def test_a_failed_pair_names_its_cause_and_logs_the_traceback(tmp_path, ray_cluster, monkeypatch):
+    import pytest
+
+    from mttl import console
+    from mttl.config import Config
+    from mttl.errors import MttlError
+    from mttl.finetune.fanout import run_as_ray_tasks
+
+    import ray.cloudpickle
+
+    # Ray's workers cannot import this test module: send the failing function by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    log = tmp_path / "internal.log"
+    monkeypatch.setitem(console._state, "path", log)
+    monkeypatch.setitem(console._state, "file", open(log, "a", encoding="utf-8", buffering=1))
+    try:
+        with pytest.raises(MttlError) as raised:
+            list(run_as_ray_tasks(_fails_for_seed_42, Config(), [("t1", 42)], {"CPU": 1},
+                                  lambda unit: f"task {unit[0]} seed {unit[1]}"))
+    finally:
+        console._state["file"].close()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    # one line: the pair, the cause's type and first line (not Ray's "ray::..." header), where to look
+    assert str(raised.value) == f"task t1 seed 42 failed: ValueError: no rows left for t1 (the traceback is in {log})"
+    logged = log.read_text()
+    assert "task t1 seed 42 failed:" in logged and "_fails_for_seed_42" in logged and "second line" in logged

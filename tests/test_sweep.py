@@ -139,7 +139,10 @@ def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
-        while not (_complete_trial_reports(study) and _state_has_terminated_trial(study)):
+        # Tune writes the experiment state before the searcher's, so wait for the searcher's file to
+        # know the finished trial too, not only for the state to say TERMINATED
+        while not (_complete_trial_reports(study) and _state_has_terminated_trial(study)
+                   and _searcher_knows(study, space)):
             assert driver.poll() is None, "the sweep ended before it could be killed"
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(0.5)
@@ -160,6 +163,15 @@ def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
         assert after[trial] == reports  # kept as it was, not run again
     searched = _searcher_trials(study, space)
     assert searched >= _finished_trials(study, after) and len(searched) == 2  # the restored study went on
+
+
+def _searcher_knows(study: Path, space: Path) -> bool:
+    """Whether the searcher state saved in `study` holds every finished trial (False while half-written)."""
+    finished = _finished_trials(study, _complete_trial_reports(study))
+    try:
+        return bool(finished) and _searcher_trials(study, space) >= finished
+    except Exception:  # the pickle is being written, or not written yet
+        return False
 
 
 def _finished_trials(study: Path, trials) -> set[tuple[float, float]]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mttl.config import Config
+from mttl.console import log_path, to_log
 from mttl.errors import ConfigError, MttlError
 
 HELD_OUT = "held_out"  # -k tasks=held_out: every held-out task of the data
@@ -97,8 +98,11 @@ def run_as_ray_tasks(function, cfg: Config, units: list[tuple], resources: dict,
             cause = getattr(err, "cause", None)
             if isinstance(cause, MttlError):
                 raise type(cause)(f"{describe(unit)}: {cause}") from None
-            raise MttlError(f"{describe(unit)} failed: {str(err).splitlines()[0]} (the full traceback "
-                            f"is in the Ray logs)") from None
+            # str(err) starts with the task's name ("ray::run_pair()"); the cause says what went wrong
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+            first_line = next((line for line in reason.splitlines() if line.strip()), type(err).__name__)
+            where = f" (the traceback is in {log_path()})" if to_log(f"{describe(unit)} failed:\n{err}") else ""
+            raise MttlError(f"{describe(unit)} failed: {first_line}{where}") from None
         yield unit, result
 
 
