@@ -4,8 +4,8 @@ Both searches run through `mttl.sweep.run_sweep` (what `mttl sweep` runs) on the
 synthetic task(s), seeds and step budget, one trial at a time (so the order of trials is exact and
 TPE has seen every finished trial before suggesting the next). Cost is counted in trial-steps:
 the optimizer steps each trial actually ran (ASHA stops some early), summed in the order the
-trials ran. The grid's best score is the best seed mean of best validation scores among its
-trials (mttl's scores run 0–100); the search "reaches" it at the end of the first trial whose
+trials ran, after every step of the start race that orders the grid's points. The grid's best
+score is the best seed mean of best validation scores among its trials (mttl's scores run 0–100); the search "reaches" it at the end of the first trial whose
 final seed mean is within 1 point of it, and its cost is every trial-step run until then. Target:
 at most 0.4 of the grid's total trial-steps.
 
@@ -36,7 +36,7 @@ from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environme
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
 from mttl.config import Config, load_config  # noqa: E402
 from mttl.run_folder import atomic_write_text, safe_name  # noqa: E402
-from mttl.sweep import OBJECTIVE, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
+from mttl.sweep import OBJECTIVE, RACE_ORDER, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
 
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100
 TARGET_RATIO = 0.4
@@ -96,9 +96,19 @@ def search_rows(study_dir: Path) -> list[dict]:
             for t in trials]
 
 
-def steps_to_reach(trials: list[dict], target: float, eligible=lambda trial: True) -> int | None:
-    """Trial-steps run up to the end of the first complete (eligible) trial scoring at least `target`."""
-    spent = 0
+def race_laps(study_dir: Path) -> list[dict]:
+    """The start race's laps (`mttl.sweep.race_start_points`), best first, with the steps each ran."""
+    order = study_dir / RACE_ORDER
+    if not order.exists():
+        return []
+    ranked = json.loads(order.read_text())["ranked"]
+    return [{"params": lap["point"], "trial_steps": lap[TRIAL_STEPS], "value": lap.get("val_loss", lap.get(OBJECTIVE))}
+            for lap in ranked]
+
+
+def steps_to_reach(trials: list[dict], target: float, eligible=lambda trial: True, spent: int = 0) -> int | None:
+    """Trial-steps run (from `spent`: the start race's, which runs first) up to the end of the first
+    complete (eligible) trial scoring at least `target`."""
     for trial in trials:
         spent += trial["trial_steps"]
         if trial["complete"] and trial["score"] >= target and eligible(trial):
@@ -115,7 +125,10 @@ def run_search(cfg: Config, root: Path, search: str) -> dict:
         sweep_dir, _ = run_sweep(run_cfg)
     wall = time.perf_counter() - started
     trials = search_rows(sweep_dir / "all_tasks")
-    return {"trials": trials, "wall_s": wall, "total_steps": sum(t["trial_steps"] for t in trials),
+    race = race_laps(sweep_dir / "all_tasks")
+    race_steps = sum(lap["trial_steps"] for lap in race)
+    return {"trials": trials, "race": race, "race_steps": race_steps, "wall_s": wall,
+            "total_steps": race_steps + sum(t["trial_steps"] for t in trials),
             "best_score": max((t["score"] for t in trials if t["complete"]), default=float("nan"))}
 
 
@@ -125,9 +138,9 @@ def compare(cfg: Config, root: Path, task: str, seed: int, start_points: list[di
     runs = {search: run_search(pair, root / f"{safe_name(task)}-{seed}", search) for search in ("grid", "optuna")}
     grid, tpe = runs["grid"], runs["optuna"]
     target = grid["best_score"] - WITHIN
-    reached = steps_to_reach(tpe["trials"], target)
+    reached = steps_to_reach(tpe["trials"], target, spent=tpe["race_steps"])
     # the same run, crediting only trials TPE suggested (the start points' steps still count as spent)
-    by_tpe = steps_to_reach(tpe["trials"], target, lambda t: t["params"] not in start_points)
+    by_tpe = steps_to_reach(tpe["trials"], target, lambda t: t["params"] not in start_points, spent=tpe["race_steps"])
     return {"task": task, "seed": seed, "grid": grid, "optuna": tpe,
             "grid_steps_to_best": steps_to_reach(grid["trials"], grid["best_score"]),
             "steps_to_target": reached, "ratio": None if reached is None else reached / grid["total_steps"],
@@ -150,7 +163,8 @@ def markdown(report: dict) -> str:
              f"Checkpoint: {report['checkpoint']}. {report['machine']}.",
              f"Per trial: {report['num_shots']} shots, {report['total_steps']} steps, validation every "
              f"{report['eval_every_epochs']} epochs; TPE + ASHA: {report['num_samples']} trials, starting from "
-             f"{report['start_points'] or 'no preset points'}, ASHA on validation {report['asha_metric']} "
+             f"{report['start_points'] or 'no preset points'} (raced over {report['start_race_validations']} "
+             f"validation(s) first; their steps count), ASHA on validation {report['asha_metric']} "
              f"(grace {report['asha_grace_period']}, reduction {report['asha_reduction_factor']}).",
              f"Score: best validation exact match (0–100); \"within 1 point\" = at least the grid's best − "
              f"{WITHIN:g}, counted at the end of the first trial that gets there.", "",
@@ -178,6 +192,9 @@ def markdown(report: dict) -> str:
             lines += ["", f"`{r['task']}`, seed {r['seed']}, {'grid' if name == 'grid' else 'TPE + ASHA'}, "
                       "trials in the order they ran:", "",
                       "| # | hyper-parameters | validations | trial-steps | status | score |", "|---|---|---|---|---|---|"]
+            for lap in r[name].get("race", []):
+                lines.append(f"| race | {describe(lap['params'])} | {report['start_race_validations']} | "
+                             f"{lap['trial_steps']} | lap | {report['asha_metric']} {'–' if lap['value'] is None else format(lap['value'], '.3g')} |")
             for i, t in enumerate(r[name]["trials"], 1):
                 score = f"{t['score']:.1f}" if t["score"] is not None else "–"
                 lines.append(f"| {i} | {describe(t['params'])} | {t['validations']} | {t['trial_steps']} | "
@@ -240,6 +257,7 @@ def main() -> None:
               "total_steps": cfg.total_steps, "num_shots": cfg.num_shots, "eval_every_epochs": cfg.eval_every_epochs,
               "num_samples": cfg.num_samples, "start_points": starts, "asha_metric": cfg.asha_metric,
               "asha_grace_period": cfg.asha_grace_period, "asha_reduction_factor": cfg.asha_reduction_factor,
+              "start_race_validations": cfg.start_race_validations,
               "metric": "exact match",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, one trial at a time, 1 CPU each",
               "within": WITHIN, "target_ratio": TARGET_RATIO, "summary": summary, "pairs": pairs,

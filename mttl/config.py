@@ -251,6 +251,10 @@ class SearchSection:
     search_starts_from_grid: bool = _f(True, "optuna search: the first trials are the space's preset grid points in "
                                        "order (full steps; ASHA stops the poor ones early), then TPE explores from "
                                        "what they scored. Example: -k search_starts_from_grid=False")
+    start_race_validations: int = _f(1, "optuna search from the grid: the grid's points first run side by side for "
+                                     "this many validations (each task and seed), and the search starts from them "
+                                     "best first (asha_metric), so ASHA measures later trials against the best "
+                                     "point; 0 keeps the grid's order. Example: -k start_race_validations=2")
     max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's "
                                            "resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
     trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")
@@ -660,6 +664,7 @@ VALUE_RULES: dict[str, _Rule] = {
     "max_failures": _at_least(0, or_value=-1, meaning="retry without limit"), "uniform_interp_steps": _at_least(0),
     "num_shots": _at_least(1), "eval_every_epochs": _at_least(1), "max_concurrent_trials": _at_least(1),
     "asha_grace_period": _at_least(1), "asha_reduction_factor": _at_least(2),
+    "start_race_validations": _at_least(0),
     "device_memory_gb": _above(0), "worker_start_timeout_s": _above(0), "collective_timeout_s": _above(0),
     "data_timeout_s": _above(0),
     "mc_loss": _at_least(0), "unlikely_loss": _at_least(0), "length_norm": _at_least(0),

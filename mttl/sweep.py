@@ -4,8 +4,9 @@ Owns `mttl sweep`: the search space comes from a `tune_spaces/` module (or a .py
 trial fine-tunes one held-out task with every configured seed, reporting after each validation
 so ASHA can stop poor trials early (on the validation loss, which moves from the first steps,
 by default), and ends with the seed mean of the best validation scores, which TPE models. TPE
-starts from the space's preset grid (`search_starts_from_grid`); a space's `steps_fraction` is
-turned into total_steps here (`config_overrides`).
+starts from the space's preset grid (`search_starts_from_grid`), whose points first race side by
+side for `start_race_validations` and then run best first (`race_start_points`); a space's
+`steps_fraction` is turned into total_steps here (`config_overrides`).
 One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or one for all
 tasks with `study_per_task=False`); running the same `run_name` again restores it (finished
 trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep_state` has
@@ -97,8 +98,11 @@ def config_overrides(config: dict, base: Config) -> dict:
     return overrides
 
 
-def _trial(config: dict, base: Config, tasks: list[str]) -> None:
-    """One trial: fine-tune `tasks` × seeds with the trial's hyper-parameters, reporting each validation."""
+def _trial(config: dict, base: Config, tasks: list[str], race_validations: int = 0) -> None:
+    """One trial: fine-tune `tasks` × seeds with the trial's hyper-parameters, reporting each validation.
+
+    With `race_validations` (a start race's lap, `race_start_points`) each task × seed stops after that
+    many validations and nothing is tested."""
     from statistics import fmean
 
     from ray import tune
@@ -116,17 +120,22 @@ def _trial(config: dict, base: Config, tasks: list[str]) -> None:
     logger = MetricsLogger(Path(context.get_trial_dir()), cfg,
                            name=f"{base.run_name or 'sweep'}/{context.get_trial_name()}")
     with logger:
-        _run_trial_seeds(cfg, tasks, best_val, best_loss, test, clock, logger.log)
+        _run_trial_seeds(cfg, tasks, best_val, best_loss, test, clock, logger.log, stop_after=race_validations)
     tune.report({OBJECTIVE: fmean(best_val.values()), VAL_LOSS: fmean(best_loss.values()),
                  TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
                  "complete": True,
-                 "test_mean": fmean(test.values()), **{f"val/{k}": v for k, v in best_val.items()},
+                 **({"test_mean": fmean(test.values())} if test else {}), **{f"val/{k}": v for k, v in best_val.items()},
                  **{f"test/{k}": v for k, v in test.items()}})
 
 
+class _LapDone(Exception):
+    """Raised from a start race's validation callback: this task × seed has run its lap."""
+
+
 def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: dict, test: dict, clock: dict,
-                     log) -> None:
-    """Every task × seed of one trial, each validation reported to Tune (ASHA decides on it)."""
+                     log, stop_after: int = 0) -> None:
+    """Every task × seed of one trial, each validation reported to Tune (ASHA decides on it); with
+    `stop_after`, each task × seed ends after that many validations (its best so far kept)."""
     from statistics import fmean
 
     from ray import tune
@@ -148,8 +157,15 @@ def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: d
                              VAL_LOSS: fmean(best_loss.values()), TIME_ATTR: clock["validation"],
                              TRIAL_STEPS: clock["steps"], "task": task, "seed": seed, "val_value": row["value"],
                              "val_loss_now": row["loss"]})
+                if stop_after and row["validation"] >= stop_after:
+                    raise _LapDone
 
-            for row in finetune_seed(cfg, task, seed, on_validation=report, log=log):
+            try:
+                rows = finetune_seed(cfg, task, seed, on_validation=report, log=log)
+            except _LapDone:
+                rows = []
+                best_val[key] = running["best"]
+            for row in rows:
                 if row["evaluation"] == "best_val":
                     best_val[key] = row["value"]
                     clock["steps"] = clock["steps_before_seed"] + row["trained_steps"]  # past the last validation
@@ -217,7 +233,7 @@ def random_trials(cfg: Config) -> int:
     return min(10, max(2, cfg.num_samples // 3))
 
 
-def _optuna_search(cfg: Config, space_name: str):
+def _optuna_search(cfg: Config, space_name: str, starts: list[dict] | None = None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -225,14 +241,15 @@ def _optuna_search(cfg: Config, space_name: str):
     # so a third of the trials (at least 2) explore at random and the rest follow the model.
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=random_trials(cfg))
     return OptunaSearch(space=DefineBySpace(space_name), metric=OBJECTIVE, mode="max", sampler=sampler,
-                        points_to_evaluate=start_points(cfg, space_name) or None)
+                        points_to_evaluate=(start_points(cfg, space_name) if starts is None else starts) or None)
 
 
 def start_points(cfg: Config, space_name: str) -> list[dict]:
     """The trials TPE runs first with search_starts_from_grid: the space's GRID in order, at full steps.
 
-    The reference's grid is a good prior on a few-shot task; started from it, the search costs the
-    grid's best point plus what ASHA lets the others run, and TPE models around scores it trusts."""
+    The reference's grid is a good prior on a few-shot task; started from it (raced into best-first
+    order by `race_start_points`), the search costs the race, the grid's best point and what ASHA
+    lets the others run, and TPE models around scores it trusts."""
     import optuna
 
     if not cfg.search_starts_from_grid:
@@ -247,6 +264,62 @@ def start_points(cfg: Config, space_name: str) -> list[dict]:
                               "them to space(trial) or set -k search_starts_from_grid=False")
     full = {STEPS_FRACTION: 1.0} if STEPS_FRACTION in searched else {}
     return [{**point, **full} for point in module.GRID][:cfg.num_samples]
+
+
+RACE_DIR = "start_race"  # in a study's folder: the Tune experiment of its start race
+RACE_ORDER = "start_race.json"  # in a study's folder: the start points best first, with what they reached
+
+
+def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[str], resources: dict,
+                      points: list[dict]) -> list[dict]:
+    """`points` best first after a race: each runs `start_race_validations` validations of every task ×
+    seed, side by side, and they are ranked as ASHA ranks (`asha_metric`; a failed one last).
+
+    Why: ASHA cannot stop a study's first trial (nothing to compare it with) and compares each later
+    one with those before it, so a preset whose best point comes late pays full runs for the points
+    before it. Raced, the best point runs first and the rest are stopped at their first rung. The
+    race is a probe: its trials are not in results.csv; `start_race.json` keeps the ranking, and a
+    race cut short runs again whole."""
+    import json
+    import shutil
+
+    from ray import tune
+
+    from mttl.ray_utils import run_in_background
+    from mttl.run_folder import atomic_write_text
+
+    laps = cfg.start_race_validations
+    if laps <= 0 or len(points) < 2:
+        return points
+    shutil.rmtree(study_dir / RACE_DIR, ignore_errors=True)
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=tasks, race_validations=laps),
+                                    resources)
+    tuner = tune.Tuner(trainable, param_space={GRID_KEY: tune.grid_search(points)},
+                       tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=(
+                           cfg.max_concurrent_trials or fits_at_once(resources))),
+                       run_config=tune.RunConfig(name=RACE_DIR, storage_path=str(study_dir), verbose=0))
+    print(f"[sweep] {study_dir.name}: racing the {len(points)} grid points over {laps} validation(s) each",
+          file=console.ours(), flush=True)
+    results = run_in_background(tuner.fit)
+    metric, sign = (VAL_LOSS, 1.0) if cfg.asha_metric == "loss" else (OBJECTIVE, -1.0)
+    laps_run = []
+    for result in results:
+        metrics = result.metrics or {}
+        value = metrics.get(metric) if metrics.get("complete") and not result.error else None
+        laps_run.append({"point": trial_overrides(result.config), metric: value,
+                         TRIAL_STEPS: metrics.get(TRIAL_STEPS, 0)})
+    position = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
+    # best first; a failed point last; ties keep the preset's order
+    laps_run.sort(key=lambda lap: (lap[metric] is None, sign * (lap[metric] or 0.0),
+                                   position.get(json.dumps(lap["point"], sort_keys=True), len(points))))
+    atomic_write_text(study_dir / RACE_ORDER, json.dumps(
+        {"metric": metric, "validations": laps, "ranked": laps_run}, indent=2) + "\n")
+    ranked = [lap["point"] for lap in laps_run]
+    best = laps_run[0]
+    print(f"[sweep] {study_dir.name}: the search starts from "
+          + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["point"].items()))
+          + (f" ({metric} {best[metric]:.4g})" if best[metric] is not None else ""), file=console.ours(), flush=True)
+    return ranked + [p for p in points if p not in ranked]
 
 
 @contextlib.contextmanager
@@ -274,7 +347,7 @@ def fits_at_once(resources: dict) -> int:
 
 
 def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, space_name: str,
-                 resources: dict | None = None):
+                 resources: dict | None = None, race=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -287,7 +360,8 @@ def _study_tuner(study_dir: Path, trainable, cfg: Config, module: ModuleType, sp
         search, scheduler, samples = None, None, 1
         param_space = {GRID_KEY: tune.grid_search(list(module.GRID))}
     else:
-        search = _optuna_search(cfg, space_name)
+        starts = start_points(cfg, space_name)
+        search = _optuna_search(cfg, space_name, race(starts) if race and starts else starts)
         # ASHA ranks trials at its rungs (the first after asha_grace_period validations), TPE on the final score
         metric, mode = (VAL_LOSS, "min") if cfg.asha_metric == "loss" else (OBJECTIVE, "max")
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=1_000_000,
@@ -415,7 +489,9 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
         set_interrupt_hint(f"finished trials and the search state are kept in {sweep_dir}; run the same command "
                            "again to resume the sweep")
         with console.library_prints_to_log(), _optuna_quiet(cfg):
-            tuner = _study_tuner(study_dir, trainable, cfg, module, space_name, resources)
+            race = lambda points, study_dir=study_dir, study_tasks=study_tasks: race_start_points(  # noqa: E731
+                study_dir, cfg, base, study_tasks, resources, points)
+            tuner = _study_tuner(study_dir, trainable, cfg, module, space_name, resources, race)
             results = run_in_background(tuner.fit)
         rows = _trial_rows(study, results, base)
         complete = [r for r in rows if r["status"] == "complete"]

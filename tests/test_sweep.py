@@ -71,6 +71,46 @@ def test_optuna_asha_sweep_stops_poor_trials(ray_cluster, tmp_path, cb_run):
     _assert_asha_stopped_on_validation_loss(sweep / "cb")
 
 
+def test_the_grid_race_puts_the_best_point_first(ray_cluster, tmp_path, cb_run):
+    """The preset's points race for one validation; the search's first trial is the race's winner
+    (the lower validation loss after the lap, whatever the preset's order), and ASHA then stops the
+    loser at its first rung."""
+    checkpoint, _ = cb_run
+    space = tmp_path / "reversed.py"  # the wide space with its grid reversed
+    space.write_text(WIDE_SPACE.replace('[{"learning_rate": 1e-4}, {"learning_rate": 0.3}]',
+                                        '[{"learning_rate": 0.3}, {"learning_rate": 1e-4}]'))
+    assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}", "num_samples=3",
+                 f"output_dir={tmp_path}", "run_name=race", *FAST]) == 0
+    study = tmp_path / "race" / "cb"
+    race = json.loads((study / "start_race.json").read_text())
+    assert race["metric"] == "val_loss" and race["validations"] == 1
+    # each lap ran one validation (one epoch of 8 rows in batches of 4 = 2 steps); its loss is the one it reported
+    laps = {}
+    for result in (study / "start_race").glob("*/result.json"):
+        reports = [json.loads(line) for line in result.read_text().splitlines()]
+        params = json.loads((result.parent / "params.json").read_text())["grid_point"]
+        laps[params["learning_rate"]] = reports
+    assert sorted(laps) == [1e-4, 0.3]
+    for lap in race["ranked"]:
+        reports = laps[lap["point"]["learning_rate"]]
+        assert [r["validation"] for r in reports if not r.get("complete")] == [1] and reports[-1]["trial_steps"] == 2
+        assert lap["val_loss"] == pytest.approx(reports[0]["val_loss_now"])
+    # ranked on the loss each lap itself reported, lowest first
+    own = {lr: reports[0]["val_loss_now"] for lr, reports in laps.items()}
+    ranked = [lap["point"]["learning_rate"] for lap in race["ranked"]]
+    assert ranked == sorted(own, key=own.get) and own[ranked[0]] < own[ranked[1]]
+    # the study itself: the race's winner first, then the loser, stopped at ASHA's first rung
+    trials = []
+    for result in study.glob("*/result.json"):
+        reports = [json.loads(line) for line in result.read_text().splitlines()]
+        trials.append((reports[0]["timestamp"] - reports[0]["time_total_s"],
+                       json.loads((result.parent / "params.json").read_text())["learning_rate"], reports))
+    trials.sort(key=lambda t: t[0])
+    assert [t[1] for t in trials[:2]] == ranked
+    assert trials[0][2][-1].get("complete") and not trials[1][2][-1].get("complete")
+    assert len(_rows(tmp_path / "race" / "results.csv")) == 3  # the race's laps are not trials of the study
+
+
 def _assert_asha_stopped_on_validation_loss(study: Path) -> None:
     """asha_metric=loss (the default): every report carries the lowest validation loss so far, and a
     stopped trial's loss at its last validation was above one that an earlier trial had at the same
