@@ -147,6 +147,29 @@ def test_a_run_continues_by_run_name_from_the_bucket(s3, local, ray_cluster):
     assert _local_files_outside_cache(local) == []
 
 
+def test_a_damaged_latest_checkpoint_in_the_bucket_falls_back_to_the_one_before(s3, local, ray_cluster):
+    """The newest registered checkpoint truncated in the bucket (an upload cut off): the resume skips
+    it, downloads the previous one and continues from there, as it does for a local run."""
+    from mttl.train.loop import pretrain
+
+    run_uri = f"{RUNS}/pre"
+    assert _registered_steps(run_uri)[-2:] == [12, 16]
+    snapshot = json.loads(storage.read_bytes(f"{run_uri}/checkpoint_manager_snapshot.json"))
+    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    state_file = sorted(f for f in storage.list_files(f"{run_uri}/{latest}") if f.endswith(".pt"))[0]
+    whole = storage.read_bytes(f"{run_uri}/{latest}/{state_file}")
+    storage.write_bytes(f"{run_uri}/{latest}/{state_file}", whole[:200])
+
+    pretrain(_pretrain_config(local, total_steps=20))
+    rows = _rows(f"{run_uri}/metrics.jsonl")
+    fallback = [r for r in rows if "resumed_from_step" in r][-1]
+    assert fallback["resumed_from_step"] == 12
+    skipped = fallback["skipped_damaged_checkpoints"]
+    assert len(skipped) == 1 and latest in skipped[0] and Path(state_file).name in skipped[0]
+    assert max(r["step"] for r in rows if "loss" in r) == 20 and _registered_steps(run_uri)[-1] == 20
+    assert _local_files_outside_cache(local) == []
+
+
 def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     manifest = json.loads(storage.read_bytes(f"{DATA}/manifest.json"))
     task = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[0]

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,15 +178,23 @@ def save_backbone_shards(model: torch.nn.Module, tokenizer, folder: Path, group_
         tokenizer.save_pretrained(folder)
 
 
+def _registered(snapshot: str | bytes | None) -> list[tuple[int, str]]:
+    """(step, folder name) of the checkpoints a Ray Train snapshot registers, newest first."""
+    try:
+        results = json.loads(snapshot).get("checkpoint_results", [])
+        found = [(int(r["metrics"]["step"]), str(r["checkpoint_dir_name"])) for r in results]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []  # no snapshot yet, or one Ray Train will rewrite
+    return sorted(found, key=lambda item: item[0], reverse=True)
+
+
 def registered_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the checkpoints Ray Train has registered in `run_dir`, newest first."""
     try:
-        snapshot = json.loads((Path(run_dir) / CHECKPOINT_SNAPSHOT).read_text())
-        results = snapshot.get("checkpoint_results", [])
-        found = [(int(r["metrics"]["step"]), Path(run_dir) / r["checkpoint_dir_name"]) for r in results]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []  # no snapshot yet, or one Ray Train will rewrite
-    return sorted(found, key=lambda item: item[0], reverse=True)
+        snapshot = (Path(run_dir) / CHECKPOINT_SNAPSHOT).read_text()
+    except OSError:
+        return []
+    return [(step, Path(run_dir) / name) for step, name in _registered(snapshot)]
 
 
 def older_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
@@ -193,8 +202,21 @@ def older_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
     return [folder for _, folder in registered_checkpoints(run_dir) if folder.name != Path(latest).name]
 
 
-def usable_checkpoint(candidates: list[Path], rank: int) -> tuple[Path, TrainerState, list[str]]:
-    """The first candidate whose files all read back, and why each damaged one before it was skipped.
+def older_bucket_checkpoints(run_uri: str, latest: str, into: Path, fs=None) -> Iterator[Path]:
+    """The same fallbacks for a run in a bucket, each downloaded into `into` only when the one before it
+    was damaged (a healthy resume downloads nothing more than the latest checkpoint)."""
+    from mttl import storage
+
+    snapshot = storage.read_bytes(storage.join(run_uri, CHECKPOINT_SNAPSHOT), fs)
+    for _, name in _registered(snapshot):
+        if name != latest:
+            yield storage.download_folder(storage.join(run_uri, name), Path(into) / name, fs=fs)
+
+
+def usable_checkpoint(candidates: Iterable[Path], rank: int,
+                      where=lambda folder: str(folder)) -> tuple[Path, TrainerState, list[str]]:
+    """The first candidate whose files all read back, and why each damaged one before it was skipped
+    (each named by `where`: for a run in a bucket, its URI rather than the local copy's temp path).
 
     Every rank checks the same files and so reaches the same choice.
     """
@@ -203,6 +225,7 @@ def usable_checkpoint(candidates: list[Path], rank: int) -> tuple[Path, TrainerS
         try:
             return folder, verify_checkpoint(folder), skipped
         except CheckpointError as err:
+            err = CheckpointError(str(err).replace(str(folder), where(folder)))
             skipped.append(str(err))
             if rank == 0:
                 print(f"[mttl] warning: {err}; trying the previous checkpoint", file=sys.__stderr__, flush=True)
