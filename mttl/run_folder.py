@@ -61,6 +61,7 @@ FINAL_DIR = "final"  # the finished run's adapters (and trained backbone)
 BACKBONE_DIR = "backbone"  # in final/: a backbone trained by the run, in save_pretrained layout
 ADAPTERS_FILE = "adapters.safetensors"  # in final/: adapter and routing tensors
 ADAPTERS_DESCRIPTION = "adapters.json"  # in final/: the adapter config those tensors were made with
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (mttl.tracking)
 LOGS_DIR = "logs"  # Ray's and DeepSpeed's own logs (mttl.console)
 
 RESULT_FIELDS = ["task", "seed", "finetune_type", "evaluation", "metric", "value", "step", "epoch"]
@@ -114,9 +115,14 @@ def pull_run(run_dir: Path, uri: str | None, names: list[str] | None = None) -> 
 
 
 def push_run(run_dir: Path, uri: str | None, names: list[str] | None = None, fs=None) -> None:
-    """For a run folder at `uri`: the files `names` (default RUN_FILES) of `run_dir` uploaded, each whole."""
+    """For a run folder at `uri`: the files `names` (default RUN_FILES) of `run_dir` uploaded, each whole,
+    and its TensorBoard events (added to those already there: a resumed run writes a new events file
+    beside the earlier attempt's, and TensorBoard pointed at the bucket reads them together)."""
     if uri is not None:
         storage.push(run_dir, uri, RUN_FILES if names is None else names, fs)
+        if (run_dir / TENSORBOARD_DIR).is_dir():
+            storage.upload_folder(run_dir / TENSORBOARD_DIR, storage.join(uri, TENSORBOARD_DIR), marker=None,
+                                  replace=False, fs=fs)
 
 
 # ---------------------------------------------------------------------------------- reading

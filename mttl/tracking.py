@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from mttl.errors import ConfigError
-from mttl.run_folder import METRICS_FILE, TRACKING_FILE
+from mttl.run_folder import METRICS_FILE, TENSORBOARD_DIR, TRACKING_FILE
 
 if TYPE_CHECKING:
     from mttl.config import Config
@@ -72,7 +72,7 @@ class MetricsLogger:
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+                self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
             if cfg.mlflow_tracking_uri:
                 self._mlflow = _MlflowRun(cfg, self.name, self.run_dir, ids.get("mlflow_run_id"))
                 ids["mlflow_run_id"] = self._mlflow.run_id

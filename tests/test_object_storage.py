@@ -149,7 +149,8 @@ def test_a_run_continues_by_run_name_from_the_bucket(s3, local, ray_cluster):
 
 def test_a_damaged_latest_checkpoint_in_the_bucket_falls_back_to_the_one_before(s3, local, ray_cluster):
     """The newest registered checkpoint truncated in the bucket (an upload cut off): the resume skips
-    it, downloads the previous one and continues from there, as it does for a local run."""
+    it, downloads the previous one and continues from there, as it does for a local run; with
+    tensorboard=True its events reach the bucket."""
     from mttl.train.loop import pretrain
 
     run_uri = f"{RUNS}/pre"
@@ -160,13 +161,16 @@ def test_a_damaged_latest_checkpoint_in_the_bucket_falls_back_to_the_one_before(
     whole = storage.read_bytes(f"{run_uri}/{latest}/{state_file}")
     storage.write_bytes(f"{run_uri}/{latest}/{state_file}", whole[:200])
 
-    pretrain(_pretrain_config(local, total_steps=20))
+    pretrain(_pretrain_config(local, total_steps=20, tensorboard=True))
     rows = _rows(f"{run_uri}/metrics.jsonl")
     fallback = [r for r in rows if "resumed_from_step" in r][-1]
     assert fallback["resumed_from_step"] == 12
     skipped = fallback["skipped_damaged_checkpoints"]
     assert len(skipped) == 1 and latest in skipped[0] and Path(state_file).name in skipped[0]
     assert max(r["step"] for r in rows if "loss" in r) == 20 and _registered_steps(run_uri)[-1] == 20
+    # the TensorBoard events are in the bucket too, not only in the worker's local copy
+    events = [f for f in storage.list_files(f"{run_uri}/tensorboard") if "tfevents" in f]
+    assert events and all(storage.read_bytes(f"{run_uri}/tensorboard/{f}") for f in events)
     assert _local_files_outside_cache(local) == []
 
 
