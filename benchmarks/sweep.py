@@ -242,7 +242,13 @@ def main() -> None:
             cfg.update({"tune_space": str(reversed_space)}, source="benchmark")
             _, _, space_name = sweep_base_config(cfg)
         starts = start_points(cfg, space_name)
-        pairs = [compare(cfg, tmp, task, seed, starts) for task in tasks for seed in seeds]
+        pairs = []
+        args.out.mkdir(parents=True, exist_ok=True)
+        for task in tasks:
+            for seed in seeds:
+                pairs.append(compare(cfg, tmp, task, seed, starts))
+                # each pair as it ends: a run cut short still leaves what it measured
+                atomic_write_text(args.out / "sweep.partial.json", json.dumps(pairs, indent=2) + "\n")
     ratios = sorted(r["ratio"] if r["ratio"] is not None else float("inf") for r in pairs)
     summary = {"met": sum(r["ratio"] is not None and r["ratio"] <= TARGET_RATIO for r in pairs),
                "met_by_tpe": sum(r["ratio_by_tpe"] is not None and r["ratio_by_tpe"] <= TARGET_RATIO for r in pairs),
