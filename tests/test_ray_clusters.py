@@ -197,7 +197,7 @@ def test_sweep_from_a_plain_shell(tmp_path):
     # issue 16 §2: the console has the sweep's own lines only; Tune's experiment box and paths (printed
     # whatever its verbosity) are in the log file, Optuna's study lines nowhere
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    assert all(re.match(r"\[\d+/2\] |\||results: ", line) for line in lines), lines
+    assert all(re.match(r"\[\d+/2\] |\[sweep\] |\||results: ", line) for line in lines), lines
     assert not done.stderr.strip(), done.stderr[-2000:]
     assert "Configuration for experiment" in internal and "View detailed results here" in internal
 
