@@ -37,8 +37,8 @@ from mttl.run_folder import (BACKBONE_DIR, CONFIG_FILE, FINAL_DIR, LOGS_DIR, MET
                              TRACKING_FILE, atomic_write_text, pull_run, push_run, remote_run_for, run_dir_for)
 from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resume, load_checkpoint,
                                    save_backbone_shards,
-                                   older_bucket_checkpoints, older_checkpoints, registered_checkpoints, save_adapter_tensors, save_checkpoint,
-                                   usable_checkpoint)
+                                   older_bucket_checkpoints, older_checkpoints, registered_checkpoints,
+                                   save_adapter_tensors, save_checkpoint, usable_checkpoint)
 from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
                                      uniform_alpha)
 from mttl.train.ds_ops import prepare_comm_op
@@ -314,14 +314,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             latest = Path(stack.enter_context(checkpoint.as_directory()))
             # in a bucket an older checkpoint is downloaded only once every newer one was found damaged
             # (a bucket's latest checkpoint is a local copy under another name: its own name is in its path)
+            latest_name = Path(checkpoint.path).name
             older = (older_checkpoints(run_dir, latest) if run_uri is None else older_bucket_checkpoints(
-                run_uri, Path(checkpoint.path).name,
-                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mttl-fallback-"))), storage_fs))
-            in_bucket = {latest: storage.join(run_uri, Path(checkpoint.path).name)} if run_uri else {}
-            resume_from, state, damaged = usable_checkpoint(
-                itertools.chain([latest], older), rank,
-                where=lambda folder: in_bucket.get(folder) or (storage.join(run_uri, folder.name) if run_uri
-                                                               else str(folder)))
+                run_uri, latest_name, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mttl-fallback-"))),
+                storage_fs))
+            where = str if run_uri is None else (  # damaged ones named by their URI, not the local copy
+                lambda folder: storage.join(run_uri, latest_name if folder == latest else folder.name))
+            resume_from, state, damaged = usable_checkpoint(itertools.chain([latest], older), rank, where=where)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
