@@ -177,8 +177,10 @@ def model_states(c: ParamCounts, *, stage: int, world: int, precision: str, offl
     trained parameter a 16-bit gradient, an fp32 gradient, an fp32 master copy and the optimizer's fp32
     states, as DeepSpeed's estimators count them (ZeRO-3 reduces straight into its fp32 partition, so
     no persistent 16-bit gradient there). fp32: 4 bytes weight, 4 gradient, and under ZeRO-1/2/3 a
-    partitioned fp32 master copy all the same (DeepSpeed's ZeRO optimizers clone the partition they
-    step; ZeRO-0's torch optimizer steps the weights themselves).
+    partitioned fp32 master copy all the same under ZeRO-1/2 and ZeRO-3 with an offloaded optimizer
+    (DeepSpeed's ZeRO optimizers clone the partition they step); ZeRO-0's torch optimizer steps the
+    weights themselves, and so does ZeRO-3's once mttl points it at the fp32 partition
+    (`mttl.train.zero_memory.share_fp32_partition`).
     Stage 1 partitions optimizer states (and master, fp32 gradients), 2 adds the gradients, 3 the
     weights plus a gather buffer of `live_parameters` (`zero3_live_parameters`; default twice the
     largest layer), the most DeepSpeed holds gathered at once. Offloading moves the partitioned optimizer
@@ -189,7 +191,8 @@ def model_states(c: ParamCounts, *, stage: int, world: int, precision: str, offl
     t = c.trained
     grad16 = (2 * t if half else 0) if stage < 3 else 0
     grad32 = 4 * t
-    optim = (4 * t if half or stage >= 1 else 0) + 4 * c.optimizer_state_elems
+    fp32_master = half or stage in (1, 2) or (stage >= 3 and offload_optimizer)
+    optim = (4 * t if fp32_master else 0) + 4 * c.optimizer_state_elems
     backbone, weights = w * c.frozen, w * t
     if stage >= 3:
         backbone, weights = _div(backbone, n), _div(weights, n)

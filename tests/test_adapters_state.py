@@ -112,3 +112,46 @@ def test_saving_again_replaces_the_previous_save(tmp_path):
     load_adapters(reloaded, tmp_path)
     assert torch.equal(logits(reloaded), logits(second))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json", "adapters.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_streamed_file_is_what_safetensors_itself_reads_and_writes(tmp_path, dtype):
+    """The adapters file is written tensor by tensor (so a partitioned model can hand over one gathered
+    group at a time); safetensors' own reader must read back every tensor bit for bit, and its own
+    writer, given the same tensors, must give a file that loads to the same dict."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mttl.adapters.inject import adapter_tensors
+
+    acfg = AdapterConfig(modifier="poly", rank=2, n_skills=3, n_splits=2, n_tasks=3, **ADAPTED)
+    model = routed(acfg, seed=0).to(dtype)
+    save_adapters(model, tmp_path / "ours")
+    ours = load_file(str(tmp_path / "ours" / "adapters.safetensors"))
+    expected = {name: t.detach().contiguous() for name, t in adapter_tensors(model).items()}
+    save_file(expected, str(tmp_path / "theirs.safetensors"))
+    theirs = load_file(str(tmp_path / "theirs.safetensors"))
+    assert list(ours) and set(ours) == set(expected) == set(theirs)
+    for name, tensor in expected.items():
+        assert ours[name].dtype == dtype and torch.equal(ours[name], tensor) and torch.equal(ours[name], theirs[name])
+    with safe_open(str(tmp_path / "ours" / "adapters.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "mttl-adapters"}
+
+
+def test_a_writer_handed_the_wrong_tensor_leaves_the_saved_adapters_as_they_were(tmp_path):
+    from mttl.adapters.state import AdapterWriter
+
+    acfg = AdapterConfig(modifier="poly", rank=2, n_skills=3, n_splits=2, n_tasks=3, **ADAPTED)
+    model = routed(acfg, seed=0)
+    save_adapters(model, tmp_path)
+    before = (tmp_path / "adapters.safetensors").read_bytes()
+    writer = AdapterWriter(routed(acfg, seed=1), tmp_path)
+    first, second = writer.names[:2]
+    with pytest.raises(CheckpointError, match=f"{second}.*where {first}"):
+        writer.write(second, torch.zeros(1))
+    writer.abort()
+    unfinished = AdapterWriter(model, tmp_path)
+    with pytest.raises(CheckpointError, match="never written"):
+        unfinished.commit()
+    assert (tmp_path / "adapters.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json", "adapters.safetensors"]

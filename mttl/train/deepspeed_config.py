@@ -65,6 +65,12 @@ def largest_layer_params(model) -> int:
                default=0)
 
 
+def save_group_numel(cfg: Config, model) -> int:
+    """The most elements gathered at once to save a ZeRO-3 model (its adapters, a trained backbone):
+    the same bound as the training steps' live parameters, so a save never peaks above a step."""
+    return zero3_gather_limits(cfg, largest_layer_params(model))["stage3_max_live_parameters"]
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """A DeepSpeed config dict for `deepspeed.initialize` with a client optimizer and scheduler."""
     if cfg.precision == "16" and not uses_gpu(cfg):

@@ -43,8 +43,9 @@ from mttl.train.continuation import (check_checkpoint_tasks, continuation_config
                                      uniform_alpha)
 from mttl.train.ds_ops import prepare_comm_op
 from mttl.train.deepspeed_config import (deepspeed_config, largest_layer_params, micro_batch_size, offload_sections,
-                                         zero3_gather_limits)
+                                         save_group_numel, zero3_gather_limits)
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
+from mttl.train.zero_memory import release_optimizer_states, share_fp32_partition
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -324,6 +325,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
+        share_fp32_partition(engine)  # before a step or a load: the optimizer then steps the partition itself
         if resume_from is not None:
             state = load_checkpoint(engine, resume_from)
             if rank == 0:
@@ -454,6 +456,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val = {"step": state.step, **evaluate()}
         if rank == 0:
             logger.log(val)
+    release_optimizer_states(engine)  # the last checkpoint holds them; writing final/ gathers
     write_final(engine, cfg, tokenizer, run_dir, meta, rank)
     # the high-water mark again, now with writing final/ (ZeRO-3 gathers the adapters, and a trained
     # backbone group by group): the training rows were logged before it
@@ -646,12 +649,12 @@ def write_final(engine, cfg: Config, tokenizer, run_dir: Path, meta: dict, rank:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     torch.distributed.barrier()
+    group_numel = save_group_numel(cfg, model) if cfg.zero_stage == 3 else None  # partitioned: a group at a time
     if cfg.model_modifier:
-        save_adapter_tensors(model, staging, meta, cfg.zero_stage, rank)
+        save_adapter_tensors(model, staging, meta, cfg.zero_stage, rank, group_numel)
     backbone_trained = cfg.model_modifier is None or cfg.model in CONFIG_BUILT_MODELS
-    if backbone_trained and cfg.zero_stage == 3:  # partitioned: gathered and written a group at a time
-        save_backbone_shards(model, tokenizer, staging / BACKBONE_DIR,
-                             zero3_gather_limits(cfg, largest_layer_params(model))["stage3_max_live_parameters"], rank)
+    if backbone_trained and cfg.zero_stage == 3:
+        save_backbone_shards(model, tokenizer, staging / BACKBONE_DIR, group_numel, rank)
     elif backbone_trained and rank == 0:
         model.hf_model.save_pretrained(staging / BACKBONE_DIR)
         tokenizer.save_pretrained(staging / BACKBONE_DIR)
