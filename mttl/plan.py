@@ -67,6 +67,12 @@ def backbone_config(cfg: Config):
             raise ConfigError(f"model={name} is not a known shape; use one of "
                               f"{', '.join('t5-v1_1-' + s for s in T5_V1_1_SHAPES)}, a local folder or a hub name")
         return named_t5_config(named["size"])
+    from mttl import storage
+
+    if storage.is_uri(name):
+        from mttl.models.backbone import remote_backbone_config
+
+        return remote_backbone_config(name, cfg.trust_remote_code)
     try:
         return transformers.AutoConfig.from_pretrained(os.path.expanduser(name),
                                                        trust_remote_code=cfg.trust_remote_code)

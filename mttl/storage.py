@@ -136,6 +136,11 @@ def write_bytes(uri: str, data: bytes, fs=None) -> None:
 
 def list_files(uri: str, fs=None) -> list[str]:
     """Paths (relative to `uri`, '/'-separated) of every object under `uri`; [] when there is none."""
+    return sorted(file_sizes(uri, fs))
+
+
+def file_sizes(uri: str, fs=None) -> dict[str, int]:
+    """Size in bytes of every object under `uri`, by its path relative to `uri`; {} when there is none."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri, fs)
@@ -144,7 +149,7 @@ def list_files(uri: str, fs=None) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as err:
         raise storage_error(uri, err, "list") from None
-    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+    return {i.path[len(path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def delete(uri: str, files: list[str] | None = None, fs=None) -> None:
@@ -245,6 +250,20 @@ def push(local: str | os.PathLike, uri: str, names: list[str], fs=None) -> None:
             upload_file(Path(local) / name, join(uri, name), fs)
 
 
+def pull_folder(uri: str, local: str | os.PathLike, fs=None) -> Path:
+    """`local` made a copy of everything under `uri` (an empty folder when nothing is there yet), built
+    beside it and swapped in whole: a folder a command works in locally and pushes back with
+    `upload_folder` (a sweep's studies, whose Ray Tune state is many small files)."""
+    check_reachable(uri)
+    local = Path(local)
+    staging = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    download_folder(uri, staging, files=list_files(uri, fs), fs=fs)
+    _swap_into_place(staging, local)
+    return local
+
+
 _COPIED: dict[tuple[str, str], Path] = {}  # (uri, cache_dir) -> the copy this process made of a run
 
 
@@ -269,6 +288,26 @@ def local_run_copy(uri: str, cache_dir: str | os.PathLike, *, folders: tuple[str
         download_complete_folder(join(uri, folder), staging / folder)
     _swap_into_place(staging, local)
     _COPIED[key] = local
+    return local
+
+
+def local_folder_copy(uri: str, cache_dir: str | os.PathLike) -> Path:
+    """A folder at `uri` (a backbone written by `save_pretrained`, e.g. a run's `final/backbone`) as a
+    local folder under `cache_dir` that transformers loads like any other. Downloaded once per machine:
+    a copy already there with the same files and sizes is used as it is (every worker of a node asks
+    for it); else it is built beside the mirror and swapped in whole. ConfigError when `uri` holds nothing."""
+    check_reachable(uri)
+    sizes = file_sizes(uri)
+    if not sizes:
+        raise ConfigError(f"{uri} holds no files; give the URI of a folder written by save_pretrained "
+                          "(e.g. <output_dir>/<run_name>/final/backbone)")
+    local = local_mirror(uri, cache_dir)
+    if all((local / rel).is_file() and (local / rel).stat().st_size == size for rel, size in sizes.items()):
+        return local
+    staging = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    download_folder(uri, staging, files=list(sizes))
+    _swap_into_place(staging, local)
     return local
 
 

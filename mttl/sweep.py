@@ -11,7 +11,10 @@ One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or
 tasks with `study_per_task=False`); running the same `run_name` again restores it (finished
 trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep_state` has
 found every pickled state file signed by this user's mttl. Results: `results.csv` (one row
-per trial), `best.json` (per task), `summary.md` and a printed table. A trial computes on a GPU
+per trial), `best.json` (per task), `summary.md` and a printed table. With an output_dir URI the sweep
+folder is a local mirror under cache_dir, pulled from the bucket first and pushed back after each
+study and when the sweep stops (trial folders of trials that ran on other nodes stay on those
+nodes, as with a local output_dir; their rows reach results.csv through Tune). A trial computes on a GPU
 when Ray assigns it one (`trial_resources`; by default one GPU per trial when `use_gpu` finds GPUs
 in the cluster), under `precision` (`mttl.device`). `max_concurrent_trials` defaults to the trials
 the cluster's resources hold at once; one line per finished trial (`mttl.progress`).
@@ -28,7 +31,7 @@ from types import ModuleType
 
 from dataclasses import fields
 
-from mttl import console
+from mttl import console, storage
 from mttl.config import Config
 from mttl.errors import ConfigError, MttlError
 from mttl.finetune.type_table import finetune_type
@@ -436,7 +439,7 @@ def _trial_rows(study: str, results, base: Config) -> list[dict]:
                "test_mean": metrics.get("test_mean"), "error": error}
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))})
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: str(r["trial_id"]))  # a restored study lists its trials in another order
 
 
 def trial_resources(cfg: Config) -> dict:
@@ -457,25 +460,42 @@ def trial_resources(cfg: Config) -> dict:
 
 
 def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
-    """Run (or resume) every study; returns the sweep folder and one row per trial."""
-    import json
-
-    from ray import tune
-
-    from mttl.evaluation.zeroshot import held_out_tasks
+    """Run (or resume) every study; returns the sweep folder (a local mirror for an output_dir URI) and
+    one row per trial."""
     from mttl.data.locate import resolve_data_dir
-    from mttl.run_folder import RESULTS_CSV, atomic_write_text, local_output_only, safe_name, write_csv
-    from mttl.errors import set_interrupt_hint
     from mttl.device import check_before_ray
-    from mttl.ray_utils import init_ray, run_in_background
+    from mttl.evaluation.zeroshot import held_out_tasks
 
-    local_output_only(cfg, "mttl sweep")
     check_before_ray(cfg)  # use_gpu=True on a machine without GPUs: one line, before anything else
     base, module, space_name = sweep_base_config(cfg)
     tasks = list(cfg.tasks) if cfg.tasks else held_out_tasks(resolve_data_dir(base))
     if not tasks:
         raise ConfigError("no held-out tasks to sweep: name them with -k tasks=['task_a']")
-    sweep_dir = (Path(cfg.output_dir) / (cfg.run_name or f"sweep_{Path(space_name).stem}")).resolve()
+    sweep_name = cfg.run_name or f"sweep_{Path(space_name).stem}"
+    # a sweep in a bucket runs in a local mirror of its folder: pulled whole first (a resumed sweep's
+    # Tune state), pushed back after every study and when the sweep stops, also on an error or Ctrl-C
+    sweep_uri = storage.join(str(cfg.output_dir), sweep_name) if storage.is_uri(str(cfg.output_dir)) else None
+    if sweep_uri is None:
+        sweep_dir = (Path(cfg.output_dir) / sweep_name).resolve()
+    else:
+        sweep_dir = storage.pull_folder(sweep_uri, storage.local_mirror(sweep_uri, cfg.cache_dir))
+    try:
+        return _run_studies(cfg, base, module, space_name, tasks, sweep_dir, sweep_uri)
+    finally:
+        if sweep_uri is not None:
+            storage.upload_folder(sweep_dir, sweep_uri, marker=None)
+
+
+def _run_studies(cfg: Config, base: Config, module: ModuleType, space_name: str, tasks: list[str], sweep_dir: Path,
+                 sweep_uri: str | None) -> tuple[Path, list[dict]]:
+    import json
+
+    from ray import tune
+
+    from mttl.errors import set_interrupt_hint
+    from mttl.ray_utils import init_ray, run_in_background
+    from mttl.run_folder import RESULTS_CSV, atomic_write_text, safe_name, write_csv
+
     studies = {task: [task] for task in tasks} if cfg.study_per_task else {"all_tasks": tasks}
     for study in studies:
         check_saved_study(sweep_dir / safe_name(study), cfg, space_name)
@@ -486,8 +506,8 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
     for study, study_tasks in studies.items():
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)
         study_dir = sweep_dir / safe_name(study)
-        set_interrupt_hint(f"finished trials and the search state are kept in {sweep_dir}; run the same command "
-                           "again to resume the sweep")
+        set_interrupt_hint(f"finished trials and the search state are kept in {sweep_uri or sweep_dir}; run the "
+                           "same command again to resume the sweep")
         with console.library_prints_to_log(), _optuna_quiet(cfg):
             race = lambda points, study_dir=study_dir, study_tasks=study_tasks: race_start_points(  # noqa: E731
                 study_dir, cfg, base, study_tasks, resources, points)
@@ -507,6 +527,8 @@ def run_sweep(cfg: Config) -> tuple[Path, list[dict]]:
             raise MttlError(f"every trial of study '{study}' failed, e.g.: {rows[0]['error']} "
                             f"(tracebacks: the trial folders under {study_dir})")
         write_csv(sweep_dir / RESULTS_CSV, all_rows)
+        if sweep_uri is not None:  # each finished study reaches the bucket before the next starts
+            storage.upload_folder(sweep_dir, sweep_uri, marker=None)
     summary = summary_table(all_rows)
     atomic_write_text(sweep_dir / "summary.md", summary + "\n")
     print(summary)

@@ -238,6 +238,87 @@ def test_several_tasks_fan_out_from_and_into_the_bucket(s3, local, tmp_path):
     assert _local_files_outside_cache(local) == []
 
 
+def test_a_sweep_runs_in_and_resumes_from_the_bucket(s3, local, tmp_path):
+    """output_dir=s3://...: the sweep folder (results, best.json, summary, each study's Tune state and
+    trial folders) ends in the bucket; run again on another machine (no local mirror), the study is
+    restored from the bucket's Tune state and no finished trial runs again. Its own process and Ray
+    cluster, for the credentials (see the fan-out test above)."""
+    import shutil
+    import subprocess
+    import sys
+
+    manifest = json.loads(storage.read_bytes(f"{DATA}/manifest.json"))
+    task = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[0]
+    argv = [sys.executable, "-m", "mttl.cli", "sweep", "-k", f"checkpoint={RUNS}/pre", f"tasks=['{task}']",
+            "search=grid", f"output_dir={RUNS}", "run_name=sw", f"cache_dir={local / 'cache'}", "seeds=[13]",
+            "total_steps=2", "train_batch_size=4", "eval_every_epochs=1", "num_shots=8", "num_beams=1",
+            "predict_batch_size=16", "tensorboard=False", "max_concurrent_trials=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def run() -> str:
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    out = run()
+    assert f"results: {RUNS}/sw/results.csv" in out
+    from mttl.run_folder import safe_name
+
+    files = set(storage.list_files(f"{RUNS}/sw"))
+    study = safe_name(task)  # the study's folder
+    assert {"config.json", "results.csv", "summary.md", f"{study}/best.json"} <= files
+    assert any(f.startswith(f"{study}/experiment_state") for f in files)
+    trial_results = sorted(f for f in files if f.endswith("/result.json"))
+    rows = storage.read_bytes(f"{RUNS}/sw/results.csv").decode().splitlines()
+    assert len(trial_results) == len(rows) - 1 >= 2  # one trial per grid point, each with its folder
+    reported = {f: storage.read_bytes(f"{RUNS}/sw/{f}") for f in trial_results}
+
+    shutil.rmtree(local / "cache" / "storage" / "s3" / BUCKET / "runs" / "sw")  # another machine
+    run()
+    after = set(storage.list_files(f"{RUNS}/sw"))
+    assert sorted(f for f in after if f.endswith("/result.json")) == trial_results  # no trial ran again
+    assert {f: storage.read_bytes(f"{RUNS}/sw/{f}") for f in trial_results} == reported
+    assert storage.read_bytes(f"{RUNS}/sw/results.csv").decode().splitlines() == rows
+    assert _local_files_outside_cache(local) == []
+
+
+def test_the_two_phase_default_runs_in_the_bucket(s3, local, tmp_path):
+    """No -k model: phase one trains the tiny backbone into the bucket, phase two names that backbone by
+    its URI (no local path in its config.json), and a reader on another machine (no local copies)
+    fine-tunes from phase two, copying the backbone down itself."""
+    import shutil
+    import subprocess
+    import sys
+
+    tiny = ["num_workers=1", "tiny_d_model=32", "tiny_num_layers=1", "train_batch_size=8", "max_input_length=16",
+            "max_output_length=16", "total_steps=2", "save_every=2", "eval_every=None", "log_every=1",
+            "tensorboard=False"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def run(*argv):
+        done = subprocess.run([sys.executable, "-m", "mttl.cli", *argv], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    run("pretrain", "-k", f"data_dir={DATA}", f"output_dir={RUNS}", "run_name=two", f"cache_dir={local / 'cache'}",
+        *tiny)
+    backbone = f"{RUNS}/two-backbone/final/backbone"
+    assert "config.json" in storage.list_files(backbone)
+    assert "_COMPLETE" in storage.list_files(f"{RUNS}/two/final")
+    assert json.loads(storage.read_bytes(f"{RUNS}/two/config.json"))["model"] == backbone
+
+    shutil.rmtree(local / "cache" / "storage")  # another machine
+    manifest = json.loads(storage.read_bytes(f"{DATA}/manifest.json"))
+    task = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[0]
+    run("finetune", "-k", f"checkpoint={RUNS}/two", f"finetune_task_name={task}", f"output_dir={RUNS}",
+        "run_name=two_ft", f"cache_dir={local / 'cache'}", "seeds=[13]", "total_steps=2", "train_batch_size=4",
+        "eval_every_epochs=1", "num_shots=8", "num_beams=1", "predict_batch_size=16", "tensorboard=False")
+    assert [r["evaluation"] for r in _rows(f"{RUNS}/two_ft/results.jsonl")] == ["zero_shot", "best_val", "test"]
+    assert (local / "cache" / "storage" / "s3" / BUCKET / "runs" / "two-backbone" / "final" / "backbone"
+            / "config.json").is_file()
+    assert _local_files_outside_cache(local) == []
+
+
 def test_half_uploaded_folders_are_not_taken_for_whole_ones(s3, local):
     from mttl.config import Config
     from mttl.data.locate import resolve_data_dir
@@ -332,10 +413,14 @@ def test_bad_buckets_and_endpoints_are_one_line_errors(s3, local, capsys, monkey
                  "tokenizer=byte", "total_steps=2", f"data_dir={DATA}", f"cache_dir={local / 'cache'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "s3://no-such-bucket/runs" in err and len(err.splitlines()) == 1
-    # commands that cannot write their run folder to a bucket yet say so before doing anything
-    assert main(["sweep", "-k", f"output_dir={RUNS}", f"checkpoint={RUNS}/pre"]) == 2
+    assert main(["sweep", "-k", "output_dir=s3://no-such-bucket/runs", f"checkpoint={RUNS}/pre",
+                 f"cache_dir={local / 'cache'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "mttl sweep writes its run folder to a local output_dir only" in err and len(err.splitlines()) == 1
+    assert "no-such-bucket" in err and "does not exist" in err and len(err.splitlines()) == 1
+    # the quick start (a local demo) cannot write to a bucket and says so before doing anything
+    assert main(["quickstart", "-k", f"output_dir={RUNS}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mttl quickstart writes its run folder to a local output_dir only" in err and len(err.splitlines()) == 1
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     assert main(["finetune", "-k", f"checkpoint={RUNS}/pre", "finetune_task_name=t",
                  f"cache_dir={local / 'cache' / 'other'}"]) == 2

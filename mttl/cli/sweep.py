@@ -24,8 +24,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from mttl import storage
     from mttl.sweep import run_sweep
 
-    sweep_dir, _ = run_sweep(load_config(args.config_files, flat_kwargs(args)))
-    print(f"results: {sweep_dir / 'results.csv'}")
+    cfg = load_config(args.config_files, flat_kwargs(args))
+    sweep_dir, _ = run_sweep(cfg)
+    if storage.is_uri(str(cfg.output_dir)):  # sweep_dir is the local mirror; the sweep is in the bucket
+        print(f"results: {storage.join(str(cfg.output_dir), cfg.run_name or sweep_dir.name, 'results.csv')}")
+    else:
+        print(f"results: {sweep_dir / 'results.csv'}")
     return 0

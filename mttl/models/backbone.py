@@ -5,6 +5,7 @@ partitioned across the process group, so that no process ever holds the whole ba
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -50,6 +51,31 @@ def _partitioned_init(zero3_config: dict):
             yield
     finally:
         transformers.PreTrainedModel.initialize_weights = original
+
+
+def local_backbone(name_or_path: str, cache_dir: str | os.PathLike) -> str:
+    """A backbone (or tokenizer) folder given as a URI (`s3://…/final/backbone`), as this machine's copy
+    under `cache_dir`; a name or local path as it is."""
+    from mttl import storage
+
+    if name_or_path and storage.is_uri(name_or_path):
+        return str(storage.local_folder_copy(name_or_path.rstrip("/"), cache_dir))
+    return name_or_path
+
+
+def remote_backbone_config(uri: str, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """The transformers config of a backbone folder in a bucket, from its config.json alone (no weights)."""
+    import tempfile
+
+    from mttl import storage
+
+    raw = storage.read_bytes(storage.join(uri.rstrip("/"), "config.json"))
+    if raw is None:
+        raise ConfigError(f"model={uri} holds no config.json; give the URI of a folder written by save_pretrained "
+                          "(e.g. <output_dir>/<run_name>/final/backbone)")
+    with tempfile.TemporaryDirectory(prefix="mttl-config-") as folder:
+        (Path(folder) / "config.json").write_bytes(raw)
+        return transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def load_backbone(name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None,

@@ -49,13 +49,14 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None,
     """
     from mttl.device import cast_frozen_backbone
 
-    from mttl.models.backbone import load_backbone
+    from mttl.models.backbone import load_backbone, local_backbone
     from mttl.models.routed import RoutedModel
 
     from mttl.adapters import AdapterConfig, modify_model
     from mttl.adapters.inject import freeze_embeddings
 
-    hf_model = load_backbone(backbone or cfg.model, trust_remote_code=cfg.trust_remote_code,
+    source = local_backbone(backbone or cfg.model, cfg.cache_dir)  # a URI: this machine's copy of that folder
+    hf_model = load_backbone(source, trust_remote_code=cfg.trust_remote_code,
                              vocab_size=len(tokenizer), tiny_d_model=cfg.tiny_d_model,
                              tiny_num_layers=cfg.tiny_num_layers, seed=cfg.seed, zero3_config=zero3_config)
     # without a modifier this only freezes by the regexes (all parameters train by default)
@@ -89,9 +90,13 @@ def check_model_config(cfg: Config, tokenizer) -> None:
         with torch.device("meta"):
             build_routed_model(cfg, tokenizer)
         return
+    from mttl import storage
+    from mttl.models.backbone import remote_backbone_config
+
     try:
-        config = transformers.AutoConfig.from_pretrained(os.path.expanduser(cfg.model),
-                                                         trust_remote_code=cfg.trust_remote_code)
+        config = (remote_backbone_config(cfg.model, cfg.trust_remote_code) if storage.is_uri(cfg.model) else
+                  transformers.AutoConfig.from_pretrained(os.path.expanduser(cfg.model),
+                                                          trust_remote_code=cfg.trust_remote_code))
     except (OSError, ValueError):
         return
     with torch.device("meta"):

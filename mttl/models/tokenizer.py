@@ -81,6 +81,13 @@ def load_tokenizer(spec: str | None, *, model: str | None = None, cache_dir: str
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer()
+    from mttl import storage
+
+    if storage.is_uri(spec):  # a saved backbone's folder in a bucket: its tokenizer files, copied down
+        from mttl.config import Config
+        from mttl.models.backbone import local_backbone
+
+        spec = local_backbone(spec, cache_dir if cache_dir is not None else Config().cache_dir)
     if _looks_like_path(spec):
         return _from_folder(Path(os.path.expanduser(spec)), key=key)
     return _from_hub(spec, key=key, cache_dir=cache_dir)

@@ -313,6 +313,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         resume_from, state, damaged = None, TrainerState(warmup_steps=warmup_steps(cfg, cfg.total_steps)), []
         if checkpoint is not None:
             latest = Path(stack.enter_context(checkpoint.as_directory()))
+            # a bucket's checkpoint is downloaded into one folder per node, under a lock that a rank
+            # arriving after the first download takes again and downloads anew, overwriting files that
+            # rank is reading (Ray 2.60's `Checkpoint.to_directory`): a resumed run read a truncated
+            # model_states.pt. Nobody reads until every rank's download is done.
+            torch.distributed.barrier()
             # in a bucket an older checkpoint is downloaded only once every newer one was found damaged
             # (a bucket's latest checkpoint is a local copy under another name: its own name is in its path)
             latest_name = Path(checkpoint.path).name

@@ -92,11 +92,10 @@ def backbone_phase_config(cfg: Config) -> Config:
 
 def pretrain_default(cfg: Config) -> Path:
     """Both phases of the default; phase one's saved backbone is phase two's `model`."""
-    from mttl.run_folder import BACKBONE_DIR, FINAL_DIR, local_output_only
+    from mttl import storage
+    from mttl.run_folder import BACKBONE_DIR, FINAL_DIR, remote_run_for
     from mttl.train.loop import pretrain
 
-    # phase two's `model` is phase one's final/backbone, a local folder
-    local_output_only(cfg, "the two-phase default pre-training (no -k model=...)")
     if cfg.dataset != "synthetic":
         raise ConfigError(f"dataset={cfg.dataset} needs a backbone: pass -k model=NAME_OR_PATH "
                           "(only the synthetic suite trains its own tiny backbone first)")
@@ -104,6 +103,11 @@ def pretrain_default(cfg: Config) -> Path:
         raise ConfigError("the default run trains adapters on a frozen backbone; set model_modifier, "
                           "or -k model=tiny-t5 model_modifier=None to train a backbone alone")
     cfg.run_name = cfg.run_name or DEFAULT_RUN_NAME
-    backbone_dir = pretrain(backbone_phase_config(cfg), roles=("warmup",))
-    phase_two = cfg.copy(model=str(backbone_dir / FINAL_DIR / BACKBONE_DIR))
-    return pretrain(phase_two)
+    phase_one = backbone_phase_config(cfg)
+    backbone_dir = pretrain(phase_one, roles=("warmup",))
+    # phase two's `model` is phase one's final/backbone: in a bucket its URI, which every worker (and
+    # every later reader of the run) copies down to its own cache_dir
+    phase_one_uri = remote_run_for(phase_one, "pretrain")
+    model = (storage.join(phase_one_uri.rstrip("/"), FINAL_DIR, BACKBONE_DIR) if phase_one_uri
+             else str(backbone_dir / FINAL_DIR / BACKBONE_DIR))
+    return pretrain(cfg.copy(model=model))
