@@ -45,7 +45,7 @@ from mttl.train.ds_ops import prepare_comm_op
 from mttl.train.deepspeed_config import (deepspeed_config, largest_layer_params, micro_batch_size, offload_sections,
                                          save_group_numel, zero3_gather_limits)
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
-from mttl.train.zero_memory import release_optimizer_states, share_fp32_partition
+from mttl.train.zero_memory import release_optimizer_states, return_freed_heap, share_fp32_partition
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -331,6 +331,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg, cfg.total_steps, state.warmup_steps))
         share_fp32_partition(engine)  # before a step or a load: the optimizer then steps the partition itself
+        return_freed_heap()
         if resume_from is not None:
             state = load_checkpoint(engine, resume_from)
             if rank == 0:
@@ -412,6 +413,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if at_boundary:
                 state.step += 1
                 if state.step == start_step + 1:
+                    return_freed_heap()  # the first step's setup (Adam's states, gradient buckets) freed some
                     # all of `mttl plan`'s model states exist now; activations are freed after backward
                     window.first_step_memory = {f"{kind}_after_first_step_gb": _max_over_ranks(value) / 1e9
                                                 for kind, value in _memory_now().items()}

@@ -1,5 +1,6 @@
 """Memory a DeepSpeed engine holds that a run does not need: the fp32 "master" clone of a ZeRO-3
-partition that is already fp32, and the optimizer states once the last step is taken.
+partition that is already fp32, the optimizer states once the last step is taken, and heap pages
+freed while the engine was set up.
 
 Both reach into DeepSpeed's stage-3 optimizer by attribute; where the attributes are not there (another
 DeepSpeed version, an offload or NVMe path) nothing is changed and the run holds what DeepSpeed made.
@@ -44,3 +45,23 @@ def release_optimizer_states(engine) -> None:
     state = getattr(inner, "state", None)
     if state is not None:
         state.clear()
+
+
+def return_freed_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's `malloc_trim`; nothing elsewhere).
+
+    Tensors under `MALLOC_MMAP_THRESHOLD_` (1 MB for training workers, `mttl.ray_utils.worker_env`) come
+    from the heap; setting up a ZeRO-3 engine frees many of them (each adapter tensor built whole, then
+    partitioned and copied into DeepSpeed's flat buffers) between live ones, and glibc only trims the
+    heap's top, so those pages stayed resident for the whole run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
