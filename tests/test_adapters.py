@@ -369,3 +369,27 @@ def test_bfloat16_model_runs_both_paths():
     single = model(task_ids=torch.tensor([1, 1, 1]), input_ids=x, decoder_input_ids=dec).logits
     assert mixed.dtype == single.dtype == torch.bfloat16
     torch.testing.assert_close(mixed[1], single[1], rtol=0.05, atol=0.05)
+
+
+def test_mixing_skills_keeps_the_parameter_not_a_view_and_matches_autograd():
+    """The routed layer's mixing product gives autograd's own values and gradients, and saves the skills
+    parameter itself for the backward: a saved view would keep a ZeRO-3 gathered parameter whole until
+    the backward."""
+    from mttl.adapters.skilled import MixSkills
+
+    torch.manual_seed(0)
+    weights = torch.rand(4, 3, 8, requires_grad=True)
+    skills = torch.nn.Parameter(torch.randn(4, 8, 5, 2))
+    grad = torch.randn(4, 3, 10)
+    expected = torch.bmm(weights, skills.reshape(4, 8, -1))
+    expected_grads = torch.autograd.grad(expected, (weights, skills), grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mixed = MixSkills.apply(weights, skills)
+    assert torch.equal(mixed, expected)
+    for got, want in zip(torch.autograd.grad(mixed, (weights, skills), grad), expected_grads):
+        assert torch.allclose(got, want, atol=1e-6)
+    saved_skills = [t for t in saved if t.shape == skills.shape]
+    assert saved_skills and all(t is skills for t in saved_skills)  # the parameter, no reshaped view
+    assert not any(t.untyped_storage().data_ptr() == skills.untyped_storage().data_ptr() and t is not skills
+                   for t in saved)
