@@ -279,6 +279,14 @@ def test_a_sweep_runs_in_and_resumes_from_the_bucket(s3, local, tmp_path):
     assert sorted(f for f in after if f.endswith("/result.json")) == trial_results  # no trial ran again
     assert {f: storage.read_bytes(f"{RUNS}/sw/{f}") for f in trial_results} == reported
     assert storage.read_bytes(f"{RUNS}/sw/results.csv").decode().splitlines() == rows
+    # the report of the bucket's runs has the sweep's best trial
+    os.environ["CACHE_DIR"] = str(local / "cache")  # report's cache: it takes no -k keys
+    try:
+        assert main(["report", f"{RUNS}/sw", "--out", str(tmp_path / "report")]) == 0
+    finally:
+        os.environ.pop("CACHE_DIR")
+    best = (tmp_path / "report" / "sweep_best.csv").read_text()
+    assert "sw" in best and task in best
     assert _local_files_outside_cache(local) == []
 
 
