@@ -393,3 +393,21 @@ def test_mixing_skills_keeps_the_parameter_not_a_view_and_matches_autograd():
     assert saved_skills and all(t is skills for t in saved_skills)  # the parameter, no reshaped view
     assert not any(t.untyped_storage().data_ptr() == skills.untyped_storage().data_ptr() and t is not skills
                    for t in saved)
+
+
+def test_mixing_skills_under_bf16_autocast_matches_autograd():
+    """Under autocast (bf16 fine-tuning) the product runs in bf16 and the gradients come back in the
+    inputs' fp32, as autograd's own graph of casts gives them."""
+    from mttl.adapters.skilled import MixSkills
+
+    torch.manual_seed(0)
+    weights = torch.rand(4, 3, 8, requires_grad=True)
+    skills = torch.nn.Parameter(torch.randn(4, 8, 5, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.bmm(weights, skills.reshape(4, 8, -1))
+        mixed = MixSkills.apply(weights, skills)
+    assert mixed.dtype == expected.dtype == torch.bfloat16 and torch.equal(mixed, expected)
+    grad = torch.randn(4, 3, 10, dtype=torch.bfloat16)
+    for got, want in zip(torch.autograd.grad(mixed, (weights, skills), grad),
+                         torch.autograd.grad(expected, (weights, skills), grad)):
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)

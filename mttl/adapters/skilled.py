@@ -43,11 +43,14 @@ class MixSkills(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weights, skills = ctx.saved_tensors
+        # under autocast the forward's bmm ran in its dtype (grad's); autograd's own graph would cast
+        # the inputs there and the gradients back, and so does this
+        flat = skills.reshape(skills.shape[0], skills.shape[1], -1).to(grad.dtype)
         grad_weights = grad_skills = None
         if ctx.needs_input_grad[0]:
-            grad_weights = torch.bmm(grad, skills.reshape(skills.shape[0], skills.shape[1], -1).transpose(1, 2))
+            grad_weights = torch.bmm(grad, flat.transpose(1, 2)).to(weights.dtype)
         if ctx.needs_input_grad[1]:
-            grad_skills = torch.bmm(weights.transpose(1, 2), grad).reshape(skills.shape)
+            grad_skills = torch.bmm(weights.to(grad.dtype).transpose(1, 2), grad).reshape(skills.shape).to(skills.dtype)
         return grad_weights, grad_skills
 
 
