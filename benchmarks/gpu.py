@@ -30,6 +30,7 @@ measurements. Writes `benchmarks/out/gpu.json` and `benchmarks/out/gpu.md` and p
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -256,8 +257,22 @@ def args_rows_test(rows_per_task: int) -> int:
     return max(64, min(rows_per_task, 512))
 
 
-def section_pretrain(args, device: torch.device, shape: dict, work: Path, data: Path) -> dict:
-    """`mttl pretrain` (Ray Train + DeepSpeed, 1 worker, ZeRO-2, bf16) on the saved random backbone."""
+def parse_keys(text: str) -> dict:
+    """'zero_stage=3,gradient_checkpointing=True' -> {'zero_stage': 3, 'gradient_checkpointing': True}"""
+    keys = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            keys[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            keys[name.strip()] = value.strip()
+    return keys
+
+
+def section_pretrain(args, device: torch.device, shape: dict, work: Path, data: Path, keys: dict | None = None,
+                     run_name: str = "pretrain") -> dict:
+    """`mttl pretrain` (Ray Train + DeepSpeed, 1 worker, ZeRO-2, bf16) on the saved random backbone; `keys`
+    override the run's configuration (another ZeRO stage, gradient checkpointing)."""
     from mttl.config import load_config
     from mttl.train.loop import pretrain
 
@@ -265,12 +280,12 @@ def section_pretrain(args, device: torch.device, shape: dict, work: Path, data: 
     cfg = load_config(None, {
         "model": str(backbone), "tokenizer": "byte", "model_modifier": "poly", **MHR,
         "modify_modules": MODULES, "modify_layers": LAYERS, "trainable_param_names": TRAINABLE,
-        "data_dir": str(data), "output_dir": str(work / "runs"), "run_name": "pretrain",
+        "data_dir": str(data), "output_dir": str(work / "runs"), "run_name": run_name,
         "cache_dir": str(work / "cache"),
         "max_input_length": args.len_in, "max_output_length": args.len_out, "train_batch_size": args.batch,
         "total_steps": args.pretrain_steps, "log_every": max(args.pretrain_steps // 4, 1), "warmup_steps": 0,
         "precision": "bf16", "zero_stage": 2, "num_workers": 1, "use_gpu": not args.dry, "tensorboard": False,
-        "optimizer": "adamw"})
+        "optimizer": "adamw", **(keys or {})})
     start = time.perf_counter()
     run_dir = pretrain(cfg)
     wall = time.perf_counter() - start
@@ -461,6 +476,9 @@ def main() -> int:
     parser.add_argument("--dry", action="store_true",
                         help="toy shapes on the CPU: checks the plumbing, measures nothing")
     parser.add_argument("--only", default="step,pretrain,finetune,sweep", help="comma-separated sections to run")
+    parser.add_argument("--pretrain-variants", nargs="*", default=[],
+                        help="further pretrain runs, each a comma-separated set of keys. "
+                             "Example: --pretrain-variants zero_stage=3,gradient_checkpointing=True")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the card's dense bf16 peak, if not in the table")
     args = parser.parse_args()
@@ -512,6 +530,20 @@ def main() -> int:
                     out = section_step(args, device, shape)
                 elif name == "pretrain":
                     out = section_pretrain(args, device, shape, work, data)
+                    for i, variant in enumerate(args.pretrain_variants, 1):
+                        begun = time.perf_counter()
+                        try:
+                            extra = section_pretrain(args, device, shape, work, data, parse_keys(variant),
+                                                     run_name=f"pretrain-{i}")
+                            extra["section_s"] = time.perf_counter() - begun
+                            result["sections"][f"pretrain {variant}"] = extra
+                        except Exception as exc:
+                            traceback.print_exc()
+                            result["skipped"].append(f"pretrain {variant}: failed: {type(exc).__name__}: "
+                                                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                        finally:
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
                 elif name == "finetune":
                     run = make_run_folder(work, ft_shape, data, device, args.dry)
                     out = section_finetune(args, device, run, work, data)
@@ -543,15 +575,17 @@ def main() -> int:
         for name, value in s["step"]["ratios"].items():
             table[name] = (value, ".2f")
         table["MFU, MHR plain-torch step"] = (s["step"]["model_tflops_per_s"] / peak if peak else None, ".1%")
-    if "pretrain" in s:
-        table["pre-training tokens/s (Ray Train + DeepSpeed)"] = (s["pretrain"]["tokens_per_s"], ",.0f")
-        table["MFU, MHR pre-training step"] = (s["pretrain"]["model_tflops_per_s"] / peak if peak else None, ".1%")
+    for section in sorted((name for name in s if name.split(" ")[0] == "pretrain"), key=lambda name: name != "pretrain"):
+        variant = f" [{section.split(' ', 1)[1]}]" if " " in section else ""
+        table[f"pre-training tokens/s (Ray Train + DeepSpeed){variant}"] = (s[section]["tokens_per_s"], ",.0f")
+        table[f"MFU, MHR pre-training step{variant}"] = (s[section]["model_tflops_per_s"] / peak if peak else None,
+                                                         ".1%")
         for key, label in (("measured_after_initialize_gb", "pre-training GPU memory after initialize (GB)"),
                            ("measured_model_states_gb", "pre-training GPU memory after the first step (GB)"),
                            ("plan_over_measured_model_states", "mttl plan ÷ measured, model states"),
                            ("measured_peak_gb", "pre-training GPU peak, max_memory_allocated (GB)"),
                            ("plan_over_measured_peak", "mttl plan ÷ measured, total at peak")):
-            table[label] = (s["pretrain"].get(key), ".2f")
+            table[label + variant] = (s[section].get(key), ".2f")
     if "finetune" in s:
         table["finetune steps/s (estimate)"] = (s["finetune"]["train_steps_per_s_estimate"], ".2f")
         table["rank classification examples/s"] = (s["finetune"]["eval_examples_per_s"], ".1f")

@@ -68,8 +68,11 @@ def build_routed_model(cfg: Config, tokenizer, backbone: str | None = None,
     if cfg.gradient_checkpointing:
         from mttl.adapters.routing import checkpoint_contexts
 
-        hf_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
+        kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+        if hasattr(hf_model, "activation_checkpointing_enable"):
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers before the rename (the GPU images' 4.x / early 5.x) has only the old name
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return RoutedModel(hf_model, label_smoothing=cfg.resolved_label_smoothing())
 
 
