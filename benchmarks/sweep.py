@@ -4,7 +4,8 @@ Both searches run through `mttl.sweep.run_sweep` (what `mttl sweep` runs) on the
 synthetic task(s), seeds and step budget, one trial at a time (so the order of trials is exact and
 TPE has seen every finished trial before suggesting the next). Cost is counted in trial-steps:
 the optimizer steps each trial actually ran (ASHA stops some early), summed in the order the
-trials ran, after every step of the start race that orders the grid's points. The grid's best
+trials ran, after every step of the start race that orders the grid's points (a raced point's trial
+continues from its lap, `start_race_continue`, so only its steps after the lap count again). The grid's best
 score is the best seed mean of best validation scores among its trials (mttl's scores run 0–100); the search "reaches" it at the end of the first trial whose
 final seed mean is within 1 point of it, and its cost is every trial-step run until then. Target:
 at most 0.4 of the grid's total trial-steps.
@@ -36,7 +37,7 @@ from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environme
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
 from mttl.config import Config, load_config  # noqa: E402
 from mttl.run_folder import atomic_write_text, safe_name  # noqa: E402
-from mttl.sweep import OBJECTIVE, RACE_ORDER, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
+from mttl.sweep import OBJECTIVE, RACE_ORDER, RACE_STEPS, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
 
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100
 TARGET_RATIO = 0.4
@@ -90,7 +91,10 @@ def search_rows(study_dir: Path) -> list[dict]:
                            "ended": reports[-1]["timestamp"], "reports": reports})
     trials.sort(key=lambda t: (t["started"], t["trial_id"]))
     return [{"trial_id": t["trial_id"], "params": t["params"], "ended": t["ended"],
-             "trial_steps": t["reports"][-1][TRIAL_STEPS], "validations": t["reports"][-1][TIME_ATTR],
+             # a trial that continued its start race lap ran only the steps after it (the race's are counted
+             # there); one stopped while its lap's validations were reported again ran none
+             "trial_steps": max(t["reports"][-1][TRIAL_STEPS] - t["reports"][-1].get(RACE_STEPS, 0), 0),
+             "validations": t["reports"][-1][TIME_ATTR],
              "complete": bool(t["reports"][-1].get("complete")),
              "score": t["reports"][-1][OBJECTIVE] if t["reports"][-1].get("complete") else None}
             for t in trials]

@@ -251,10 +251,15 @@ class SearchSection:
     search_starts_from_grid: bool = _f(True, "optuna search: the first trials are the space's preset grid points in "
                                        "order (full steps; ASHA stops the poor ones early), then TPE explores from "
                                        "what they scored. Example: -k search_starts_from_grid=False")
-    start_race_validations: int = _f(1, "optuna search from the grid: the grid's points first run side by side for "
+    start_race_validations: int = _f(2, "optuna search from the grid: the grid's points first run side by side for "
                                      "this many validations (each task and seed), and the search starts from them "
                                      "best first (asha_metric), so ASHA measures later trials against the best "
-                                     "point; 0 keeps the grid's order. Example: -k start_race_validations=2")
+                                     "point; their trials then continue from these laps (start_race_continue); "
+                                     "0 keeps the grid's order. Example: -k start_race_validations=1")
+    start_race_continue: bool = _f(True, "A raced grid point's trial continues from its lap (its weights, optimizer "
+                                   "and data order, kept as the race trial's checkpoint: the trainable weights "
+                                   "and optimizer states of every task and seed) instead of running it again; "
+                                   "False keeps no lap state. Example: -k start_race_continue=False")
     max_concurrent_trials: int | None = _f(None, "Trials running at once. Default: as many as the Ray cluster's "
                                            "resources hold (trial_resources each). Example: -k max_concurrent_trials=2")
     trial_resources: dict | None = _f(None, "Ray resources per trial. Example: -k trial_resources=\"{'CPU': 1}\"")

@@ -5,8 +5,9 @@ trial fine-tunes one held-out task with every configured seed, reporting after e
 so ASHA can stop poor trials early (on the validation loss, which moves from the first steps,
 by default), and ends with the seed mean of the best validation scores, which TPE models. TPE
 starts from the space's preset grid (`search_starts_from_grid`), whose points first race side by
-side for `start_race_validations` and then run best first (`race_start_points`); a space's
-`steps_fraction` is turned into total_steps here (`config_overrides`).
+side for `start_race_validations` and then run best first (`race_start_points`), each continuing
+from its lap (`start_race_continue`: the lap's state is the race trial's checkpoint), so the race
+costs no step twice; a space's `steps_fraction` is turned into total_steps here (`config_overrides`).
 One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or one for all
 tasks with `study_per_task=False`); running the same `run_name` again restores it (finished
 trials kept, searcher state kept, unfinished trials run again), once `mttl.sweep_state` has
@@ -101,11 +102,14 @@ def config_overrides(config: dict, base: Config) -> dict:
     return overrides
 
 
-def _trial(config: dict, base: Config, tasks: list[str], race_validations: int = 0) -> None:
+def _trial(config: dict, base: Config, tasks: list[str], race_validations: int = 0,
+           study_dir: str | None = None) -> None:
     """One trial: fine-tune `tasks` × seeds with the trial's hyper-parameters, reporting each validation.
 
     With `race_validations` (a start race's lap, `race_start_points`) each task × seed stops after that
-    many validations and nothing is tested."""
+    many validations, nothing is tested, and the laps' states are the trial's checkpoint. A trial of
+    a point that raced in `study_dir` continues from its lap (`start_race_continue`) where this node
+    can read the race's checkpoint, else it starts over."""
     from statistics import fmean
 
     from ray import tune
@@ -113,32 +117,72 @@ def _trial(config: dict, base: Config, tasks: list[str], race_validations: int =
     from mttl.tracking import MetricsLogger
 
     cfg = base.copy(**config_overrides(config, base))
+    resume = {} if race_validations or not study_dir else lap_states(Path(study_dir), base, cfg)
     cfg.do_zs = False  # the reference's search skips zero-shot scoring too
     best_val: dict[str, float] = {}
     best_loss: dict[str, float] = {}
     test: dict[str, float] = {}
-    clock = {"validation": 0, "steps_before_seed": 0, "steps": 0}
+    clock = {"validation": 0, "steps_before_seed": 0, "steps": 0, "race_steps": 0}
+    laps: dict[str, dict] = {}
     context = tune.get_context()
     # the trial's own curves (metrics.jsonl, TensorBoard, MLflow / W&B when configured) in its folder
     logger = MetricsLogger(Path(context.get_trial_dir()), cfg,
                            name=f"{base.run_name or 'sweep'}/{context.get_trial_name()}")
     with logger:
-        _run_trial_seeds(cfg, tasks, best_val, best_loss, test, clock, logger.log, stop_after=race_validations)
-    tune.report({OBJECTIVE: fmean(best_val.values()), VAL_LOSS: fmean(best_loss.values()),
-                 TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"],
-                 "complete": True,
-                 **({"test_mean": fmean(test.values())} if test else {}), **{f"val/{k}": v for k, v in best_val.items()},
-                 **{f"test/{k}": v for k, v in test.items()}})
+        _run_trial_seeds(cfg, tasks, best_val, best_loss, test, clock, logger.log, stop_after=race_validations,
+                         laps=laps if race_validations and cfg.start_race_continue else None, resume=resume)
+    metrics = {OBJECTIVE: fmean(best_val.values()), VAL_LOSS: fmean(best_loss.values()),
+               TIME_ATTR: clock["validation"], TRIAL_STEPS: clock["steps"], RACE_STEPS: clock["race_steps"],
+               "complete": True,
+               **({"test_mean": fmean(test.values())} if test else {}), **{f"val/{k}": v for k, v in best_val.items()},
+               **{f"test/{k}": v for k, v in test.items()}}
+    if not laps:
+        tune.report(metrics)
+        return
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="mttl-lap-") as folder:
+        for key, state in laps.items():
+            torch.save(state, Path(folder) / lap_file(key))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-class _LapDone(Exception):
-    """Raised from a start race's validation callback: this task × seed has run its lap."""
+RACE_STEPS = "race_steps"  # of TRIAL_STEPS, those a trial took over from its start race lap (not run again)
+
+
+def lap_file(key: str) -> str:
+    from mttl.run_folder import safe_name
+
+    return safe_name(key.replace("/", "__")) + ".pt"
+
+
+def lap_states(study_dir: Path, base: Config, cfg: Config) -> dict[str, dict]:
+    """The start race's lap states of the point whose configuration is `cfg`, by task/seed: {} when no
+    raced point gives the same configuration, or its checkpoint is not on this node (the trial then
+    starts over, as without the race)."""
+    import json
+
+    import torch
+
+    if not cfg.start_race_continue or not (study_dir / RACE_ORDER).is_file():
+        return {}
+    for lap in json.loads((study_dir / RACE_ORDER).read_text()).get("ranked", []):
+        folder = study_dir / lap["checkpoint"] if lap.get("checkpoint") else None
+        # the same configuration, not the same dict: a space's constants or a key left at its default
+        if folder is not None and folder.is_dir() and not cfg.diff(base.copy(**config_overrides(lap["point"], base))):
+            # tensors and plain values only (`finetune_seed`'s lap state): nothing pickled is run
+            return {file.stem: torch.load(file, map_location="cpu", weights_only=True)
+                    for file in sorted(folder.glob("*.pt"))}
+    return {}
 
 
 def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: dict, test: dict, clock: dict,
-                     log, stop_after: int = 0) -> None:
+                     log, stop_after: int = 0, laps: dict | None = None, resume: dict | None = None) -> None:
     """Every task × seed of one trial, each validation reported to Tune (ASHA decides on it); with
-    `stop_after`, each task × seed ends after that many validations (its best so far kept)."""
+    `stop_after`, each task × seed ends after that many validations (its best so far kept, its state
+    put in `laps`); a task × seed with a state in `resume` continues from it."""
     from statistics import fmean
 
     from ray import tune
@@ -149,6 +193,9 @@ def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: d
         for seed in default_seeds(cfg):
             key = f"{task}/{seed}"
             running = {"best": float("-inf"), "loss": float("inf")}
+            state = (resume or {}).get(lap_file(key)[:-3])
+            if state is not None:
+                clock["race_steps"] += state["step"]
 
             def report(row: dict) -> None:
                 clock["validation"] += 1
@@ -158,16 +205,15 @@ def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: d
                 best_loss[key] = running["loss"]
                 tune.report({OBJECTIVE: fmean([*best_val.values(), running["best"]]),
                              VAL_LOSS: fmean(best_loss.values()), TIME_ATTR: clock["validation"],
-                             TRIAL_STEPS: clock["steps"], "task": task, "seed": seed, "val_value": row["value"],
-                             "val_loss_now": row["loss"]})
-                if stop_after and row["validation"] >= stop_after:
-                    raise _LapDone
+                             TRIAL_STEPS: clock["steps"], RACE_STEPS: clock["race_steps"], "task": task,
+                             "seed": seed, "val_value": row["value"], "val_loss_now": row["loss"]})
 
-            try:
-                rows = finetune_seed(cfg, task, seed, on_validation=report, log=log)
-            except _LapDone:
-                rows = []
-                best_val[key] = running["best"]
+            def keep_lap(lap: dict) -> None:
+                if laps is not None:
+                    laps[key] = lap
+
+            rows = finetune_seed(cfg, task, seed, on_validation=report, log=log, stop_after_validations=stop_after,
+                                 on_lap=keep_lap, resume=state)
             for row in rows:
                 if row["evaluation"] == "best_val":
                     best_val[key] = row["value"]
@@ -281,8 +327,9 @@ def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[st
     Why: ASHA cannot stop a study's first trial (nothing to compare it with) and compares each later
     one with those before it, so a preset whose best point comes late pays full runs for the points
     before it. Raced, the best point runs first and the rest are stopped at their first rung. The
-    race is a probe: its trials are not in results.csv; `start_race.json` keeps the ranking, and a
-    race cut short runs again whole."""
+    race is a probe: its trials are not in results.csv; `start_race.json` keeps the ranking and each
+    lap's checkpoint (relative to the study), from which the point's trial continues (`_trial`), and
+    a race cut short runs again whole."""
     import json
     import shutil
 
@@ -309,8 +356,12 @@ def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[st
     for result in results:
         metrics = result.metrics or {}
         value = metrics.get(metric) if metrics.get("complete") and not result.error else None
-        laps_run.append({"point": trial_overrides(result.config), metric: value,
-                         TRIAL_STEPS: metrics.get(TRIAL_STEPS, 0)})
+        lap = {"point": trial_overrides(result.config), metric: value, TRIAL_STEPS: metrics.get(TRIAL_STEPS, 0)}
+        saved = Path(result.checkpoint.path).resolve() if value is not None and result.checkpoint else None
+        if saved is not None and saved.is_dir() and saved.is_relative_to(study_dir.resolve()):
+            # relative: a sweep folder moved, or pulled from a bucket into another mirror, still finds it
+            lap["checkpoint"] = saved.relative_to(study_dir.resolve()).as_posix()
+        laps_run.append(lap)
     position = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
     # best first; a failed point last; ties keep the preset's order
     laps_run.sort(key=lambda lap: (lap[metric] is None, sign * (lap[metric] or 0.0),
@@ -435,6 +486,8 @@ def _trial_rows(study: str, results, base: Config) -> list[dict]:
                "status": "complete" if metrics.get("complete") else ("error" if result.error else "stopped"),
                **{f"hp/{k}": v for k, v in sorted(config_overrides(result.config, base).items())},
                "validations": metrics.get(TIME_ATTR, 0), "trial_steps": metrics.get(TRIAL_STEPS, 0),
+               # of which its start race lap had run (start_race_continue), not run again
+               "race_steps": metrics.get(RACE_STEPS, 0),
                "mean": metrics.get(OBJECTIVE),
                "test_mean": metrics.get("test_mean"), "error": error}
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))})
@@ -504,8 +557,9 @@ def _run_studies(cfg: Config, base: Config, module: ModuleType, space_name: str,
     resources = trial_resources(cfg)
     all_rows = []
     for study, study_tasks in studies.items():
-        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks), resources)
         study_dir = sweep_dir / safe_name(study)
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=study_tasks,
+                                                             study_dir=str(study_dir)), resources)
         set_interrupt_hint(f"finished trials and the search state are kept in {sweep_uri or sweep_dir}; run the "
                            "same command again to resume the sweep")
         with console.library_prints_to_log(), _optuna_quiet(cfg):

@@ -256,3 +256,37 @@ def test_ni_generation_task_scored_with_rouge(tmp_path):
     rows = _results(tmp_path / "ni")
     assert [r["evaluation"] for r in rows] == ["zero_shot", "best_val", "test"]
     assert all(r["metric"] == "rougeL" and r["value"] == r["rougeL"] and "exact_match" in r for r in rows)
+
+
+def test_a_run_stopped_after_a_lap_continues_exactly_as_one_that_never_stopped(tmp_path, synthetic, checkpoints):
+    """What a sweep's start race relies on (`mttl.sweep.race_start_points`): stop after 2 validations,
+    save the state to a file, continue in a fresh model: the same validations, best validation and
+    test score, to the last digit, as the run that never stopped; a state continues only its own run."""
+    import random
+
+    from mttl.finetune.loop import finetune_seed
+
+    data_dir, task = synthetic
+    cfg = _cfg(checkpoints["poly"], finetune_task_name=task, total_steps=10, train_batch_size=4, num_shots=8,
+               eval_every_epochs=1, do_zs=True, learning_rate=3e-2, tensorboard=False)
+    whole_seen: list[dict] = []
+    whole = finetune_seed(cfg, task, 13, on_validation=whole_seen.append)
+    assert len(whole_seen) == 5  # 8 shots at batch 4: 2 steps an epoch, a validation each
+
+    laps: list[dict] = []
+    lap_seen: list[dict] = []
+    lap = finetune_seed(cfg, task, 13, on_validation=lap_seen.append, stop_after_validations=2, on_lap=laps.append)
+    assert [r["evaluation"] for r in lap] == ["zero_shot", "best_val"] and lap[1]["trained_steps"] == 4
+    assert lap_seen == whole_seen[:2] and len(laps) == 1
+    torch.save(laps[0], tmp_path / "lap.pt")
+    torch.manual_seed(1234), random.seed(99)  # whatever ran in between draws other numbers
+    state = torch.load(tmp_path / "lap.pt", weights_only=True)  # no pickled objects in a lap's state
+
+    seen: list[dict] = []
+    continued = finetune_seed(cfg, task, 13, on_validation=seen.append, resume=state)
+    assert seen == whole_seen  # the lap's validations are reported again, then the rest
+    assert continued == whole
+    assert len({r["value"] for r in whole_seen}) > 1 or len({r["loss"] for r in whole_seen}) == 5  # it trained
+
+    with pytest.raises(ConfigError, match="cannot continue task .* seed 42"):
+        finetune_seed(cfg, task, 42, resume=state)

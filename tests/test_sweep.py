@@ -80,7 +80,7 @@ def test_the_grid_race_puts_the_best_point_first(ray_cluster, tmp_path, cb_run):
     space.write_text(WIDE_SPACE.replace('[{"learning_rate": 1e-4}, {"learning_rate": 0.3}]',
                                         '[{"learning_rate": 0.3}, {"learning_rate": 1e-4}]'))
     assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}", "num_samples=3",
-                 f"output_dir={tmp_path}", "run_name=race", *FAST]) == 0
+                 f"output_dir={tmp_path}", "run_name=race", "start_race_validations=1", *FAST]) == 0
     study = tmp_path / "race" / "cb"
     race = json.loads((study / "start_race.json").read_text())
     assert race["metric"] == "val_loss" and race["validations"] == 1
@@ -109,6 +109,25 @@ def test_the_grid_race_puts_the_best_point_first(ray_cluster, tmp_path, cb_run):
     assert [t[1] for t in trials[:2]] == ranked
     assert trials[0][2][-1].get("complete") and not trials[1][2][-1].get("complete")
     assert len(_rows(tmp_path / "race" / "results.csv")) == 3  # the race's laps are not trials of the study
+    # both raced points continued from their laps: the lap's validation reported again as it was, its 2
+    # steps taken over (race_steps), not run again; the loser was stopped there, before a step of its own
+    for (_, lr, reports), lap in zip(trials[:2], race["ranked"]):
+        assert lap["checkpoint"].startswith("start_race/")
+        assert (reports[0]["validation"], reports[0]["trial_steps"], reports[0]["race_steps"]) == (1, 2, 2)
+        assert reports[0]["val_loss_now"] == laps[lr][0]["val_loss_now"]
+    assert trials[0][2][-1]["trial_steps"] == 4 and trials[0][2][-1]["validation"] == 2
+    assert trials[1][2][-1]["race_steps"] == 2
+    # the winner's scores are those its point gets in a sweep without a race
+    alone = tmp_path / "winner.py"
+    alone.write_text(WIDE_SPACE.replace('[{"learning_rate": 1e-4}, {"learning_rate": 0.3}]',
+                                        f'[{{"learning_rate": {ranked[0]!r}}}]'))
+    assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={alone}", "num_samples=1",
+                 f"output_dir={tmp_path}", "run_name=alone", *FAST]) == 0
+    [plain] = [json.loads(line) for line in next((tmp_path / "alone" / "cb").glob("*/result.json")).read_text()
+               .splitlines()][-1:]
+    assert not (tmp_path / "alone" / "cb" / "start_race.json").exists() and plain["race_steps"] == 0
+    for key in ("objective", "val_loss", "test_mean", "trial_steps"):
+        assert trials[0][2][-1][key] == plain[key], key
 
 
 def _assert_asha_stopped_on_validation_loss(study: Path) -> None:

@@ -6,7 +6,9 @@ optimizer steps (else `num_train_epochs`) validating every `eval_every_epochs` e
 best validation weights in memory and score the test rows with them. The model and batches live on
 the device `use_gpu` gives this process, losses are computed under `precision`'s autocast (fp16
 with a gradient scaler), the trained weights are fp32 (`mttl.device`). Every validation is passed
-to `on_validation` (sweeps report it to Ray Tune).
+to `on_validation` (sweeps report it to Ray Tune). A run can stop after some validations and hand
+over its whole state (`stop_after_validations`, `on_lap`), and a later run continue from that state
+exactly as if it had never stopped (`resume`): a sweep's start race keeps its laps this way.
 
 As the reference: an epoch is the k training instances, each rendered with one of its templates
 drawn afresh every epoch (T0; other tasks have one row per instance), in batches of
@@ -116,6 +118,34 @@ def validation_loss(model, tokenizer, rows: list[dict], cfg: Config, policy: Pre
     return total / max(len(rows), 1)
 
 
+def get_rng_state() -> dict:
+    """Every generator training draws from (dropout, batch templates), to continue a run exactly."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    # plain lists and tensors only: a saved lap state loads with torch.load(weights_only=True), no pickle
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_lap_state(state: dict, task: str, seed: int, total_steps: int) -> None:
+    """A lap's state continues only the run it came from: same task, seed and length."""
+    theirs = (state.get("task"), state.get("seed"), state.get("total_steps"))
+    if theirs != (task, seed, total_steps):
+        raise ConfigError(f"cannot continue task '{task}' seed {seed} ({total_steps} steps) from the state of "
+                          f"task '{theirs[0]}' seed {theirs[1]} ({theirs[2]} steps)")
+
+
 def _trainable_state(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -154,10 +184,16 @@ def prepare_seed(cfg: Config, task: str, seed: int, merged: Config | None = None
 
 
 def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[[dict], None] | None = None,
-                  log: Callable[[dict], None] | None = None, setup: SeedSetup | None = None) -> list[dict]:
+                  log: Callable[[dict], None] | None = None, setup: SeedSetup | None = None,
+                  stop_after_validations: int = 0, on_lap: Callable[[dict], None] | None = None,
+                  resume: dict | None = None) -> list[dict]:
     """Fine-tune `task` with one seed; returns its result rows (zero_shot if do_zs, best_val, test).
 
-    `setup` is this seed's `prepare_seed`, when the caller made it earlier."""
+    `setup` is this seed's `prepare_seed`, when the caller made it earlier. With
+    `stop_after_validations` the run stops after that many validations: no test row, and `on_lap`
+    gets its state (`lap_state`). `resume` is such a state of the same task, seed and configuration:
+    its validations are passed to `on_validation` again, then training goes on from where it stopped,
+    with the same batches, random numbers, optimizer and schedule as a run that never stopped."""
     from mttl.data.fewshot import group_instances
 
     setup = setup or prepare_seed(cfg, task, seed)
@@ -183,7 +219,7 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
                  **({f"{evaluation}/loss": row["loss"]} if "loss" in row else {})})
         return row
 
-    results = [evaluate(test_rows, "zero_shot", 0, 0)] if run_cfg.do_zs else []
+    results = [evaluate(test_rows, "zero_shot", 0, 0)] if run_cfg.do_zs and resume is None else []
 
     accumulation = max(run_cfg.gradient_accumulation_steps, 1)
     micro_batch = max(run_cfg.train_batch_size // accumulation, 1)
@@ -205,6 +241,24 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
     rng = random.Random(seed)
     step = epoch = micro = validations = 0
     best, best_state = None, None
+    reported: list[dict] = []  # the validations passed to on_validation: a lap's state replays them
+    if resume is not None:
+        check_lap_state(resume, task, seed, total_steps)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in resume["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        rng.setstate(resume["batch_rng"])
+        step, epoch, micro, validations = resume["step"], resume["epoch"], resume["micro"], resume["validations"]
+        best, best_state, results = resume["best"], resume["best_state"], list(resume["results"])
+        for row in resume["reported"]:
+            reported.append(row)
+            if on_validation:
+                on_validation(row)
+        set_rng_state(resume["rng"])  # last: replayed reports must not move training's random numbers
     model.train()
     while step < total_steps:
         epoch += 1
@@ -231,12 +285,22 @@ def finetune_seed(cfg: Config, task: str, seed: int, *, on_validation: Callable[
         if epoch % every == 0 or at_end:
             row = evaluate(val_rows, "val", step, epoch)
             validations += 1
+            reported.append({**row, "validation": validations})
             if on_validation:
-                on_validation({**row, "validation": validations})
+                on_validation(reported[-1])
             if best is None or row["value"] > best["value"]:
                 best = row
                 if not run_cfg.finetune_skip_es:
                     best_state = _trainable_state(model)
+            # a lap that reaches the end is kept too: continuing it only tests the best validation weights
+            if stop_after_validations and validations >= stop_after_validations:
+                if on_lap:
+                    on_lap({"task": task, "seed": seed, "total_steps": total_steps, "step": step, "epoch": epoch,
+                            "micro": micro, "validations": validations, "best": best, "best_state": best_state,
+                            "results": results, "reported": reported, "trainable": _trainable_state(model),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(), "batch_rng": rng.getstate(), "rng": get_rng_state()})
+                return [*results, {**best, "evaluation": "best_val", "trained_steps": step}]
     results.append({**best, "evaluation": "best_val", "trained_steps": step})
     tested_step, tested_epoch = step, epoch
     if best_state is not None:
