@@ -66,7 +66,7 @@ def measure(cfg: Config) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     peak = max(r.get("peak_rss_final_gb", r.get("peak_rss_gb", 0.0)) for r in rows)  # with writing final/
     # resident memory by stage (the worker's first rows): where the peak comes from
-    stages = {k: v for r in rows for k, v in r.items() if k.startswith("rss_after_")}
+    stages = {k: v for r in rows for k, v in r.items() if k.startswith(("rss_after_", "peak_rss_after_"))}
     p = plan(cfg.copy(n_tasks=cfg.n_tasks or 8))
     return {"run": cfg.run_name, "zero_stage": cfg.zero_stage, "gradient_checkpointing": cfg.gradient_checkpointing,
             "micro_batch": cfg.train_batch_size // cfg.num_workers, "input_len": cfg.max_input_length,

@@ -145,6 +145,14 @@ def test_partitioned_zero3_with_checkpointing_matches_zero0(ray_cluster, default
     assert len(losses) == RAY_STEPS["total_steps"]
     assert losses == pytest.approx(reference, rel=0, abs=LOSS_TOLERANCE), (losses, reference)
     assert losses[0] != losses[-1]  # the adapters moved
+    # the first step's high-water mark by phase, logged once per run: it only grows through the step
+    import json
+
+    for run_dir in (zero0, zero3):
+        marks = {k: v for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                 for k, v in r.items() if k.startswith("peak_rss_after_")}
+        phases = [marks[f"peak_rss_after_{p}_gb"] for p in ("initialize", "forward", "backward", "optimizer_step")]
+        assert phases == sorted(phases) and phases[0] > 0.1, phases
     # final/backbone: ZeRO-0 writes it whole, ZeRO-3 a gathered group at a time in transformers' shards;
     # the frozen backbone loads back with the same weights from both
     import torch

@@ -405,9 +405,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             torch.manual_seed(step_seed(cfg.seed, rank, state.epoch, state.batches_in_epoch))
             # Hugging Face T5 shifts `labels` right into the decoder inputs; -100 labels are ignored
             loss = engine(**_on_device(batch, engine.device)).loss
+            first_step = state.step == start_step  # its high-water mark by phase: where a worker's peak comes from
+            if first_step:
+                phase_peaks = {"forward": _peak_rss_bytes()}
             engine.backward(loss)
+            if first_step:
+                phase_peaks["backward"] = _peak_rss_bytes()
             at_boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
+            if first_step:
+                phase_peaks["optimizer_step"] = _peak_rss_bytes()
             state.batches_in_epoch += 1
             window.add(loss.detach(), _token_count(batch))
             if at_boundary:
@@ -417,6 +424,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     # all of `mttl plan`'s model states exist now; activations are freed after backward
                     window.first_step_memory = {f"{kind}_after_first_step_gb": _max_over_ranks(value) / 1e9
                                                 for kind, value in _memory_now().items()}
+                    window.first_step_memory.update({f"peak_rss_after_{phase}_gb": _max_over_ranks(value) / 1e9
+                                                     for phase, value in phase_peaks.items()})
                     if on_gpu:
                         window.first_step_memory["gpu_states_after_first_step_gb"] = (
                             _max_over_ranks(torch.cuda.memory_allocated()) / 1e9)
