@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import importlib.util
 import pkgutil
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -145,17 +146,18 @@ def _trial(config: dict, base: Config, tasks: list[str], race_validations: int =
 
     with tempfile.TemporaryDirectory(prefix="mttl-lap-") as folder:
         for key, state in laps.items():
-            torch.save(state, Path(folder) / lap_file(key))
+            torch.save(state, Path(folder) / f"{lap_name(key)}.pt")
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 RACE_STEPS = "race_steps"  # of TRIAL_STEPS, those a trial took over from its start race lap (not run again)
 
 
-def lap_file(key: str) -> str:
+def lap_name(key: str) -> str:
+    """The file stem of a task/seed's lap state in a race checkpoint (`lap_states` keys them by it)."""
     from mttl.run_folder import safe_name
 
-    return safe_name(key.replace("/", "__")) + ".pt"
+    return safe_name(key.replace("/", "__"))
 
 
 def lap_states(study_dir: Path, base: Config, cfg: Config) -> dict[str, dict]:
@@ -193,7 +195,7 @@ def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: d
         for seed in default_seeds(cfg):
             key = f"{task}/{seed}"
             running = {"best": float("-inf"), "loss": float("inf")}
-            state = (resume or {}).get(lap_file(key)[:-3])
+            state = (resume or {}).get(lap_name(key))
             if state is not None:
                 clock["race_steps"] += state["step"]
 
@@ -208,12 +210,8 @@ def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: d
                              TRIAL_STEPS: clock["steps"], RACE_STEPS: clock["race_steps"], "task": task,
                              "seed": seed, "val_value": row["value"], "val_loss_now": row["loss"]})
 
-            def keep_lap(lap: dict) -> None:
-                if laps is not None:
-                    laps[key] = lap
-
             rows = finetune_seed(cfg, task, seed, on_validation=report, log=log, stop_after_validations=stop_after,
-                                 on_lap=keep_lap, resume=state)
+                                 on_lap=None if laps is None else partial(laps.__setitem__, key), resume=state)
             for row in rows:
                 if row["evaluation"] == "best_val":
                     best_val[key] = row["value"]
