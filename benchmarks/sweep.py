@@ -37,7 +37,7 @@ from _env import OUT  # first: the repo on sys.path, the Ray/DeepSpeed environme
 from mttl.cli import add_config_arguments, flat_kwargs  # noqa: E402
 from mttl.config import Config, load_config  # noqa: E402
 from mttl.run_folder import atomic_write_text, safe_name  # noqa: E402
-from mttl.sweep import OBJECTIVE, RACE_ORDER, RACE_STEPS, TIME_ATTR, TRIAL_STEPS, trial_overrides  # noqa: E402
+from mttl.sweep import OBJECTIVE, RACE_ORDER, RACE_STEPS, TIME_ATTR, TRIAL_STEPS, VAL_LOSS, trial_overrides  # noqa: E402
 
 WITHIN = 1.0  # "within 1 point": mttl scores run 0–100
 TARGET_RATIO = 0.4
@@ -96,6 +96,9 @@ def search_rows(study_dir: Path) -> list[dict]:
              "trial_steps": max(t["reports"][-1][TRIAL_STEPS] - t["reports"][-1].get(RACE_STEPS, 0), 0),
              "validations": t["reports"][-1][TIME_ATTR],
              "complete": bool(t["reports"][-1].get("complete")),
+             # (validations, validation loss, score) at each report, running best as ASHA sees them: what a
+             # start-race rule would have seen at its lap (`--grid-only` then compares rules on them)
+             "curve": [[r.get(TIME_ATTR), r.get(VAL_LOSS), r.get(OBJECTIVE)] for r in t["reports"]],
              "score": t["reports"][-1][OBJECTIVE] if t["reports"][-1].get("complete") else None}
             for t in trials]
 
@@ -151,6 +154,51 @@ def compare(cfg: Config, root: Path, task: str, seed: int, start_points: list[di
             "steps_to_target_by_tpe": by_tpe,
             "ratio_by_tpe": None if by_tpe is None else by_tpe / grid["total_steps"],
             "degenerate": grid["best_score"] <= WITHIN}
+
+
+# What a start race could rank its laps on, each from a point's curve at its lap (running best loss and
+# score as ASHA sees them): the lowest loss (asha_metric=loss), the highest score, and the sum of the two
+# ranks. Ties go to the lower loss.
+RACE_RULES = {
+    "loss": lambda laps: sorted(laps, key=lambda p: p["loss"]),
+    "score": lambda laps: sorted(laps, key=lambda p: (-p["score"], p["loss"])),
+    "rank sum": lambda laps: sorted(laps, key=lambda p: (_rank(laps, p, "loss") + _rank(laps, p, "score", -1),
+                                                         p["loss"])),
+}
+
+
+def _rank(laps: list[dict], point: dict, key: str, sign: int = 1) -> int:
+    return sum(sign * other[key] < sign * point[key] for other in laps)
+
+
+def race_rule_picks(pairs: list[dict], lap: int) -> dict[str, list[bool]]:
+    """Per rule, per task and seed: does the point it ranks first after `lap` validations of the grid's
+    trials end within 1 point of the grid's best? (The grid's trial of a point is what its race lap
+    would run: the same configuration and seed, `tests/test_sweep.py`.)"""
+    picks = {name: [] for name in RACE_RULES}
+    for pair in pairs:
+        trials = pair["grid"]["trials"]
+        laps = [{"loss": t["curve"][lap - 1][1], "score": t["curve"][lap - 1][2], "final": t["score"]}
+                for t in trials if len(t["curve"]) >= lap and t["complete"]]
+        for name, rule in RACE_RULES.items():
+            picks[name].append(rule(laps)[0]["final"] >= pair["grid"]["best_score"] - WITHIN)
+    return picks
+
+
+def grid_curves_markdown(pairs: list[dict]) -> str:
+    lines = ["| task | seed | point | loss / score after each validation (running best) | final best |",
+             "|---|---|---|---|---|"]
+    for pair in pairs:
+        for t in pair["grid"]["trials"]:
+            curve = " → ".join(f"{loss:.3f}/{score:.0f}" for _, loss, score in t["curve"][:4])
+            lines.append(f"| `{pair['task']}` | {pair['seed']} | {describe(t['params'])} | {curve} … | "
+                         f"{t['score']:.0f} |")
+    lines += ["", "| race rule | lap (validations) | its first point ends within 1 point of the grid's best |",
+              "|---|---|---|"]
+    for lap in (1, 2, 3):
+        for name, hits in race_rule_picks(pairs, lap).items():
+            lines.append(f"| {name} | {lap} | {sum(hits)} of {len(hits)} |")
+    return "\n".join(lines)
 
 
 def describe(params: dict) -> str:
@@ -216,6 +264,9 @@ def main() -> None:
     parser.add_argument("--reverse-grid", action="store_true",
                         help="the space's grid in the opposite order, in both searches: what starting the search "
                              "from the grid costs when its best point is not first")
+    parser.add_argument("--grid-only", action="store_true",
+                        help="only the grid, and how start-race rules (loss, score, rank sum) would have ranked its "
+                             "points after 1-3 validations: sweep-grid.json and .md")
     parser.add_argument("--out", type=Path, default=OUT, help=f"folder for sweep.json and sweep.md (default {OUT})")
     add_config_arguments(parser)
     args = parser.parse_args()
@@ -250,9 +301,21 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for task in tasks:
             for seed in seeds:
+                if args.grid_only:
+                    pair = cfg.copy(tasks=[task], seeds=[seed], seed=seed)
+                    pairs.append({"task": task, "seed": seed,
+                                  "grid": run_search(pair, tmp / f"{safe_name(task)}-{seed}", "grid")})
+                    atomic_write_text(args.out / "sweep-grid.json", json.dumps(pairs, indent=2) + "\n")
+                    continue
                 pairs.append(compare(cfg, tmp, task, seed, starts))
                 # each pair as it ends: a run cut short still leaves what it measured
                 atomic_write_text(args.out / "sweep.partial.json", json.dumps(pairs, indent=2) + "\n")
+    if args.grid_only:
+        table = grid_curves_markdown(pairs)
+        atomic_write_text(args.out / "sweep-grid.md", f"`{' '.join(['python', 'benchmarks/sweep.py', *sys.argv[1:]])}`"
+                                                      f"\n\n{table}\n")
+        print(table)
+        return
     ratios = sorted(r["ratio"] if r["ratio"] is not None else float("inf") for r in pairs)
     summary = {"met": sum(r["ratio"] is not None and r["ratio"] <= TARGET_RATIO for r in pairs),
                "met_by_tpe": sum(r["ratio_by_tpe"] is not None and r["ratio_by_tpe"] <= TARGET_RATIO for r in pairs),
