@@ -109,8 +109,9 @@ def race_laps(study_dir: Path) -> list[dict]:
     if not order.exists():
         return []
     ranked = json.loads(order.read_text())["ranked"]
-    return [{"params": lap["point"], "trial_steps": lap[TRIAL_STEPS], "value": lap.get("val_loss", lap.get(OBJECTIVE))}
-            for lap in ranked]
+    # a lap's trial_steps are every step its point ran in the race (its earlier phases' included)
+    return [{"params": lap["point"], "trial_steps": lap[TRIAL_STEPS], "validations": lap.get("validations"),
+             "loss": lap.get(VAL_LOSS), "score": lap.get(OBJECTIVE)} for lap in ranked]
 
 
 def steps_to_reach(trials: list[dict], target: float, eligible=lambda trial: True, spent: int = 0) -> int | None:
@@ -156,36 +157,36 @@ def compare(cfg: Config, root: Path, task: str, seed: int, start_points: list[di
             "degenerate": grid["best_score"] <= WITHIN}
 
 
-# What a start race could rank its laps on, each from a point's curve at its lap (running best loss and
-# score as ASHA sees them): the lowest loss (asha_metric=loss), the highest score, and the sum of the two
-# ranks. Ties go to the lower loss.
-RACE_RULES = {
-    "loss": lambda laps: sorted(laps, key=lambda p: p["loss"]),
-    "score": lambda laps: sorted(laps, key=lambda p: (-p["score"], p["loss"])),
-    "rank sum": lambda laps: sorted(laps, key=lambda p: (_rank(laps, p, "loss") + _rank(laps, p, "score", -1),
-                                                         p["loss"])),
-}
+# Start races replayed on the grid's curves (a point's race lap runs exactly what its grid trial runs up to
+# that validation: the same configuration and seed, `tests/test_sweep.py`). Each design: a list of
+# (validations, points kept, ranked on) phases; "loss" = the lowest validation loss so far, "score" = the
+# best score so far (ties on the loss). "successive rejects" is mttl's race (`mttl.sweep.race_phases`).
+def race_designs(n_points: int) -> dict[str, list[tuple[int, int, str]]]:
+    from mttl.sweep import race_phases
+
+    rejects = race_phases(n_points, 1)
+    return {"one lap of 1, on the loss": [(1, 1, "loss")],
+            "one lap of 2, on the loss": [(2, 1, "loss")],
+            "one lap of 2, on the score": [(2, 1, "score")],
+            "successive rejects, all on the loss": [(lap, keep, "loss") for lap, keep in rejects],
+            "successive rejects, the last two on the score (mttl)": [
+                (lap, keep, "score" if keep == 1 else "loss") for lap, keep in rejects]}
 
 
-def _rank(laps: list[dict], point: dict, key: str, sign: int = 1) -> int:
-    return sum(sign * other[key] < sign * point[key] for other in laps)
+def replay_race(trials: list[dict], design: list[tuple[int, int, str]], validation_steps: int,
+                trial_steps: int) -> tuple[dict, int]:
+    """The point `design` puts first among the grid's `trials`, and the trial-steps until it ends (the
+    race, then the winner's steps after its lap)."""
+    alive, done, spent = [t for t in trials if t["complete"]], 0, 0
+    for lap, keep, on in design:
+        spent += len(alive) * validation_steps * (lap - done)
+        done = lap
+        at = lambda t: t["curve"][min(lap, len(t["curve"])) - 1]  # noqa: E731
+        alive = sorted(alive, key=(lambda t: at(t)[1]) if on == "loss" else (lambda t: (-at(t)[2], at(t)[1])))[:keep]
+    return alive[0], spent + trial_steps - validation_steps * done
 
 
-def race_rule_picks(pairs: list[dict], lap: int) -> dict[str, list[bool]]:
-    """Per rule, per task and seed: does the point it ranks first after `lap` validations of the grid's
-    trials end within 1 point of the grid's best? (The grid's trial of a point is what its race lap
-    would run: the same configuration and seed, `tests/test_sweep.py`.)"""
-    picks = {name: [] for name in RACE_RULES}
-    for pair in pairs:
-        trials = pair["grid"]["trials"]
-        laps = [{"loss": t["curve"][lap - 1][1], "score": t["curve"][lap - 1][2], "final": t["score"]}
-                for t in trials if len(t["curve"]) >= lap and t["complete"]]
-        for name, rule in RACE_RULES.items():
-            picks[name].append(rule(laps)[0]["final"] >= pair["grid"]["best_score"] - WITHIN)
-    return picks
-
-
-def grid_curves_markdown(pairs: list[dict]) -> str:
+def grid_curves_markdown(pairs: list[dict], validation_steps: int, trial_steps: int) -> str:
     lines = ["| task | seed | point | loss / score after each validation (running best) | final best |",
              "|---|---|---|---|---|"]
     for pair in pairs:
@@ -193,11 +194,16 @@ def grid_curves_markdown(pairs: list[dict]) -> str:
             curve = " → ".join(f"{loss:.3f}/{score:.0f}" for _, loss, score in t["curve"][:4])
             lines.append(f"| `{pair['task']}` | {pair['seed']} | {describe(t['params'])} | {curve} … | "
                          f"{t['score']:.0f} |")
-    lines += ["", "| race rule | lap (validations) | its first point ends within 1 point of the grid's best |",
-              "|---|---|---|"]
-    for lap in (1, 2, 3):
-        for name, hits in race_rule_picks(pairs, lap).items():
-            lines.append(f"| {name} | {lap} | {sum(hits)} of {len(hits)} |")
+    lines += ["", "| start race | its first point ends within 1 point of the grid's best | trial-steps until that "
+              "point's trial ends ÷ the grid's |", "|---|---|---|"]
+    for name in race_designs(len(pairs[0]["grid"]["trials"])):
+        hits, ratios = [], []
+        for pair in pairs:
+            design = race_designs(len(pair["grid"]["trials"]))[name]
+            first, spent = replay_race(pair["grid"]["trials"], design, validation_steps, trial_steps)
+            hits.append(first["score"] >= pair["grid"]["best_score"] - WITHIN)
+            ratios.append(spent / pair["grid"]["total_steps"])
+        lines.append(f"| {name} | {sum(hits)} of {len(hits)} | {max(ratios):.2f} |")
     return "\n".join(lines)
 
 
@@ -215,8 +221,8 @@ def markdown(report: dict) -> str:
              f"Checkpoint: {report['checkpoint']}. {report['machine']}.",
              f"Per trial: {report['num_shots']} shots, {report['total_steps']} steps, validation every "
              f"{report['eval_every_epochs']} epochs; TPE + ASHA: {report['num_samples']} trials, starting from "
-             f"{report['start_points'] or 'no preset points'} (raced over {report['start_race_validations']} "
-             f"validation(s) first; their steps count), ASHA on validation {report['asha_metric']} "
+             f"{report['start_points'] or 'no preset points'} (raced first in laps from {report['start_race_validations']} "
+             f"validation(s), the worst dropped after each; their steps count), ASHA on validation {report['asha_metric']} "
              f"(grace {report['asha_grace_period']}, reduction {report['asha_reduction_factor']}).",
              f"Score: best validation exact match (0–100); \"within 1 point\" = at least the grid's best − "
              f"{WITHIN:g}, counted at the end of the first trial that gets there.", "",
@@ -245,8 +251,9 @@ def markdown(report: dict) -> str:
                       "trials in the order they ran:", "",
                       "| # | hyper-parameters | validations | trial-steps | status | score |", "|---|---|---|---|---|---|"]
             for lap in r[name].get("race", []):
-                lines.append(f"| race | {describe(lap['params'])} | {report['start_race_validations']} | "
-                             f"{lap['trial_steps']} | lap | {report['asha_metric']} {'–' if lap['value'] is None else format(lap['value'], '.3g')} |")
+                value = "–" if lap["loss"] is None else f"loss {lap['loss']:.3g}, score {lap['score']:.1f}"
+                lines.append(f"| race | {describe(lap['params'])} | {lap['validations']} | {lap['trial_steps']} | lap | "
+                             f"{value} |")
             for i, t in enumerate(r[name]["trials"], 1):
                 score = f"{t['score']:.1f}" if t["score"] is not None else "–"
                 lines.append(f"| {i} | {describe(t['params'])} | {t['validations']} | {t['trial_steps']} | "
@@ -311,7 +318,9 @@ def main() -> None:
                 # each pair as it ends: a run cut short still leaves what it measured
                 atomic_write_text(args.out / "sweep.partial.json", json.dumps(pairs, indent=2) + "\n")
     if args.grid_only:
-        table = grid_curves_markdown(pairs)
+        # the benchmark's few-shot setting: 32 shots in batches of 8 = 4 steps an epoch
+        validation_steps = cfg.eval_every_epochs * cfg.num_shots // cfg.train_batch_size
+        table = grid_curves_markdown(pairs, validation_steps, cfg.total_steps)
         atomic_write_text(args.out / "sweep-grid.md", f"`{' '.join(['python', 'benchmarks/sweep.py', *sys.argv[1:]])}`"
                                                       f"\n\n{table}\n")
         print(table)

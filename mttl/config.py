@@ -251,11 +251,13 @@ class SearchSection:
     search_starts_from_grid: bool = _f(True, "optuna search: the first trials are the space's preset grid points in "
                                        "order (full steps; ASHA stops the poor ones early), then TPE explores from "
                                        "what they scored. Example: -k search_starts_from_grid=False")
-    start_race_validations: int = _f(2, "optuna search from the grid: the grid's points first run side by side for "
-                                     "this many validations (each task and seed), and the search starts from them "
-                                     "best first (asha_metric), so ASHA measures later trials against the best "
-                                     "point; their trials then continue from these laps (start_race_continue); "
-                                     "0 keeps the grid's order. Example: -k start_race_validations=1")
+    start_race_validations: int = _f(1, "optuna search from the grid: the grid's points first race side by side "
+                                     "(each task and seed), this many validations in the first lap; after each lap "
+                                     "the worst third drop out on asha_metric and the rest run twice as long, the "
+                                     "last two ranked on the score (4 points: laps of 1, 2, 4). The search starts "
+                                     "from them best first, so ASHA measures later trials against the best point; "
+                                     "their trials continue from these laps (start_race_continue); 0 keeps the "
+                                     "grid's order. Example: -k start_race_validations=2")
     start_race_continue: bool = _f(True, "A raced grid point's trial continues from its lap (its weights, optimizer "
                                    "and data order, kept as the race trial's checkpoint: the trainable weights "
                                    "and optimizer states of every task and seed) instead of running it again; "

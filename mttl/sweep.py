@@ -5,7 +5,8 @@ trial fine-tunes one held-out task with every configured seed, reporting after e
 so ASHA can stop poor trials early (on the validation loss, which moves from the first steps,
 by default), and ends with the seed mean of the best validation scores, which TPE models. TPE
 starts from the space's preset grid (`search_starts_from_grid`), whose points first race side by
-side for `start_race_validations` and then run best first (`race_start_points`), each continuing
+side in laps from `start_race_validations`, the worst dropped after each (`race_start_points`), and
+then run best first, each continuing
 from its lap (`start_race_continue`: the lap's state is the race trial's checkpoint), so the race
 costs no step twice; a space's `steps_fraction` is turned into total_steps here (`config_overrides`).
 One Tune experiment (= study) per task under `$output_dir/$run_name/<task>/` (or one for all
@@ -104,13 +105,14 @@ def config_overrides(config: dict, base: Config) -> dict:
 
 
 def _trial(config: dict, base: Config, tasks: list[str], race_validations: int = 0,
-           study_dir: str | None = None) -> None:
+           study_dir: str | None = None, race_laps: dict[str, str] | None = None) -> None:
     """One trial: fine-tune `tasks` × seeds with the trial's hyper-parameters, reporting each validation.
 
     With `race_validations` (a start race's lap, `race_start_points`) each task × seed stops after that
     many validations, nothing is tested, and the laps' states are the trial's checkpoint. A trial of
     a point that raced in `study_dir` continues from its lap (`start_race_continue`) where this node
-    can read the race's checkpoint, else it starts over."""
+    can read the race's checkpoint, else it starts over; so does a race trial of a later phase from the
+    point's lap in the phase before (`race_laps`: point → its checkpoint folder)."""
     from statistics import fmean
 
     from ray import tune
@@ -118,7 +120,11 @@ def _trial(config: dict, base: Config, tasks: list[str], race_validations: int =
     from mttl.tracking import MetricsLogger
 
     cfg = base.copy(**config_overrides(config, base))
-    resume = {} if race_validations or not study_dir else lap_states(Path(study_dir), base, cfg)
+    if race_validations:
+        folder = (race_laps or {}).get(_point_key(trial_overrides(config)))
+        resume = load_lap_folder(Path(folder)) if folder and base.start_race_continue else {}
+    else:
+        resume = lap_states(Path(study_dir), base, cfg) if study_dir else {}
     cfg.do_zs = False  # the reference's search skips zero-shot scoring too
     best_val: dict[str, float] = {}
     best_loss: dict[str, float] = {}
@@ -174,10 +180,24 @@ def lap_states(study_dir: Path, base: Config, cfg: Config) -> dict[str, dict]:
         folder = study_dir / lap["checkpoint"] if lap.get("checkpoint") else None
         # the same configuration, not the same dict: a space's constants or a key left at its default
         if folder is not None and folder.is_dir() and not cfg.diff(base.copy(**config_overrides(lap["point"], base))):
-            # tensors and plain values only (`finetune_seed`'s lap state): nothing pickled is run
-            return {file.stem: torch.load(file, map_location="cpu", weights_only=True)
-                    for file in sorted(folder.glob("*.pt"))}
+            return load_lap_folder(folder)
     return {}
+
+
+def load_lap_folder(folder: Path) -> dict[str, dict]:
+    """A race checkpoint's lap states by task/seed file stem ({} when the folder is not on this node)."""
+    import torch
+
+    if not folder.is_dir():
+        return {}
+    # tensors and plain values only (`finetune_seed`'s lap state): nothing pickled is run
+    return {file.stem: torch.load(file, map_location="cpu", weights_only=True) for file in sorted(folder.glob("*.pt"))}
+
+
+def _point_key(point: dict) -> str:
+    import json
+
+    return json.dumps(point, sort_keys=True)
 
 
 def _run_trial_seeds(cfg: Config, tasks: list[str], best_val: dict, best_loss: dict, test: dict, clock: dict,
@@ -317,17 +337,36 @@ RACE_DIR = "start_race"  # in a study's folder: the Tune experiment of its start
 RACE_ORDER = "start_race.json"  # in a study's folder: the start points best first, with what they reached
 
 
+def race_phases(n_points: int, first_lap: int) -> list[tuple[int, int]]:
+    """(validations at the end of the phase, points still racing after it) for each phase of a start race
+    of `n_points`: laps double from `first_lap`; after each phase the worst third of the points (at least
+    one) drop out, and the phase that leaves one point is decided on the score (`race_start_points`)."""
+    phases, alive, lap = [], n_points, first_lap
+    while alive > 1:
+        alive = 1 if alive == 2 else alive - max(1, round(alive / 3))
+        phases.append((lap, alive))
+        lap *= 2
+    return phases
+
+
 def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[str], resources: dict,
                       points: list[dict]) -> list[dict]:
-    """`points` best first after a race: each runs `start_race_validations` validations of every task ×
-    seed, side by side, and they are ranked as ASHA ranks (`asha_metric`; a failed one last).
+    """`points` best first after a start race of successive rejects (`race_phases`): every point runs
+    `start_race_validations` validations of every task × seed side by side, the worst drop out on
+    `asha_metric` (the validation loss moves from the first steps), the rest run on to twice the
+    validations from where they stopped, and so on; the last two are ranked on the score (the search's
+    objective; ties on the loss), which has moved by then. The order: the winner, the runner-up, then
+    the others, the later dropped first.
 
     Why: ASHA cannot stop a study's first trial (nothing to compare it with) and compares each later
     one with those before it, so a preset whose best point comes late pays full runs for the points
-    before it. Raced, the best point runs first and the rest are stopped at their first rung. The
-    race is a probe: its trials are not in results.csv; `start_race.json` keeps the ranking and each
-    lap's checkpoint (relative to the study), from which the point's trial continues (`_trial`), and
-    a race cut short runs again whole."""
+    before it. Raced, the best point runs first and the rest are stopped at their first rungs. Why
+    phases: after a lap or two a smaller learning rate often ties the best point on the loss and ends
+    several points below it; the score separates them a few validations later, and by then only two
+    points are still running (`benchmarks/README.md`). The race is a probe: its trials are not in
+    results.csv; `start_race.json` keeps the ranking and each point's last lap checkpoint (relative
+    to the study), from which the point's trial continues (`_trial`), and a race cut short runs again
+    whole."""
     import json
     import shutil
 
@@ -336,41 +375,61 @@ def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[st
     from mttl.ray_utils import run_in_background
     from mttl.run_folder import atomic_write_text
 
-    laps = cfg.start_race_validations
-    if laps <= 0 or len(points) < 2:
+    first_lap = cfg.start_race_validations
+    if first_lap <= 0 or len(points) < 2:
         return points
     shutil.rmtree(study_dir / RACE_DIR, ignore_errors=True)
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=tasks, race_validations=laps),
-                                    resources)
-    tuner = tune.Tuner(trainable, param_space={GRID_KEY: tune.grid_search(points)},
-                       tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=(
-                           cfg.max_concurrent_trials or fits_at_once(resources))),
-                       run_config=tune.RunConfig(name=RACE_DIR, storage_path=str(study_dir), verbose=0))
-    print(f"[sweep] {study_dir.name}: racing the {len(points)} grid points over {laps} validation(s) each",
-          file=console.ours(), flush=True)
-    results = run_in_background(tuner.fit)
+    phases = race_phases(len(points), first_lap)
     metric, sign = (VAL_LOSS, 1.0) if cfg.asha_metric == "loss" else (OBJECTIVE, -1.0)
-    laps_run = []
-    for result in results:
-        metrics = result.metrics or {}
-        value = metrics.get(metric) if metrics.get("complete") and not result.error else None
-        lap = {"point": trial_overrides(result.config), metric: value, TRIAL_STEPS: metrics.get(TRIAL_STEPS, 0)}
-        saved = Path(result.checkpoint.path).resolve() if value is not None and result.checkpoint else None
-        if saved is not None and saved.is_dir() and saved.is_relative_to(study_dir.resolve()):
-            # relative: a sweep folder moved, or pulled from a bucket into another mirror, still finds it
-            lap["checkpoint"] = saved.relative_to(study_dir.resolve()).as_posix()
-        laps_run.append(lap)
-    position = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
-    # best first; a failed point last; ties keep the preset's order
-    laps_run.sort(key=lambda lap: (lap[metric] is None, sign * (lap[metric] or 0.0),
-                                   position.get(json.dumps(lap["point"], sort_keys=True), len(points))))
+    position = {_point_key(p): i for i, p in enumerate(points)}
+    print(f"[sweep] {study_dir.name}: racing the {len(points)} grid points over laps of "
+          f"{', '.join(str(lap) for lap, _ in phases)} validation(s), the worst dropped after each",
+          file=console.ours(), flush=True)
+    alive, dropped, race_laps = list(points), [], {}
+    for number, (lap, keep) in enumerate(phases, 1):
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tasks=tasks, race_validations=lap,
+                                                             race_laps=dict(race_laps)), resources)
+        tuner = tune.Tuner(trainable, param_space={GRID_KEY: tune.grid_search(alive)},
+                           tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=(
+                               cfg.max_concurrent_trials or fits_at_once(resources))),
+                           run_config=tune.RunConfig(name=f"phase{number}", storage_path=str(study_dir / RACE_DIR),
+                                                     verbose=0))
+        laps_run = []
+        for result in run_in_background(tuner.fit):
+            metrics = result.metrics or {}
+            ok = bool(metrics.get("complete")) and not result.error
+            lap_row = {"point": trial_overrides(result.config), "validations": lap,
+                       VAL_LOSS: metrics.get(VAL_LOSS) if ok else None, OBJECTIVE: metrics.get(OBJECTIVE) if ok else None,
+                       # every step the point has run in the race so far (its earlier phases' included)
+                       TRIAL_STEPS: metrics.get(TRIAL_STEPS, 0)}
+            saved = Path(result.checkpoint.path).resolve() if ok and result.checkpoint else None
+            if saved is not None and saved.is_dir() and saved.is_relative_to(study_dir.resolve()):
+                # relative: a sweep folder moved, or pulled from a bucket into another mirror, still finds it
+                lap_row["checkpoint"] = saved.relative_to(study_dir.resolve()).as_posix()
+                race_laps[_point_key(lap_row["point"])] = str(saved)
+            laps_run.append(lap_row)
+        final = keep == 1 and len(laps_run) == 2
+        # best first; a failed point last; ties keep the preset's order. The final pair on the score, ties
+        # on the loss
+        def order(r: dict, final: bool = final) -> tuple:
+            value = (-(r[OBJECTIVE] or 0.0), r[VAL_LOSS] or 0.0) if final else (sign * (r[metric] or 0.0),)
+            return (r[metric] is None, *value, position.get(_point_key(r["point"]), len(points)))
+
+        laps_run.sort(key=order)
+        dropped = laps_run[keep:] + dropped  # the later dropped ranks above the earlier
+        alive = [r["point"] for r in laps_run[:keep]]
+        winners = laps_run[:keep]
+    ranked_laps = winners + dropped
     atomic_write_text(study_dir / RACE_ORDER, json.dumps(
-        {"metric": metric, "validations": laps, "ranked": laps_run}, indent=2) + "\n")
-    ranked = [lap["point"] for lap in laps_run]
-    best = laps_run[0]
+        {"metric": metric, "final_metric": OBJECTIVE if metric == VAL_LOSS else metric, "validations": first_lap,
+         "phases": [lap for lap, _ in phases], "ranked": ranked_laps}, indent=2) + "\n")
+    ranked = [r["point"] for r in ranked_laps]
+    best = ranked_laps[0]
     print(f"[sweep] {study_dir.name}: the search starts from "
           + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["point"].items()))
-          + (f" ({metric} {best[metric]:.4g})" if best[metric] is not None else ""), file=console.ours(), flush=True)
+          + (f" (score {best[OBJECTIVE]:.4g}, loss {best[VAL_LOSS]:.4g} after {best['validations']} validation(s))"
+             if best[VAL_LOSS] is not None and best[OBJECTIVE] is not None else ""),
+          file=console.ours(), flush=True)
     return ranked + [p for p in points if p not in ranked]
 
 

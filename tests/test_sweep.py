@@ -71,56 +71,68 @@ def test_optuna_asha_sweep_stops_poor_trials(ray_cluster, tmp_path, cb_run):
     _assert_asha_stopped_on_validation_loss(sweep / "cb")
 
 
+def test_race_phases_drop_the_worst_third_and_double_the_laps():
+    from mttl.sweep import race_phases
+
+    assert race_phases(2, 1) == [(1, 1)]
+    assert race_phases(4, 1) == [(1, 3), (2, 2), (4, 1)]  # the reference's 2 x 2 grids
+    assert race_phases(3, 2) == [(2, 2), (4, 1)]
+    assert race_phases(8, 1) == [(1, 5), (2, 3), (4, 2), (8, 1)]
+
+
 def test_the_grid_race_puts_the_best_point_first(ray_cluster, tmp_path, cb_run):
-    """The preset's points race for one validation; the search's first trial is the race's winner
-    (the lower validation loss after the lap, whatever the preset's order), and ASHA then stops the
-    loser at its first rung."""
+    """Three preset points race: all run one validation, the one with the highest validation loss drops
+    out, the other two continue from their laps to a second validation and are ranked on the score (ties
+    on the loss). The search's first trial is the race's winner, whatever the preset's order, and it
+    continues from its lap to exactly the scores its point gets alone."""
     checkpoint, _ = cb_run
-    space = tmp_path / "reversed.py"  # the wide space with its grid reversed
-    space.write_text(WIDE_SPACE.replace('[{"learning_rate": 1e-4}, {"learning_rate": 0.3}]',
-                                        '[{"learning_rate": 0.3}, {"learning_rate": 1e-4}]'))
-    assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}", "num_samples=3",
+    grid = '[{"learning_rate": 1e-4}, {"learning_rate": 0.3}]'
+    space = tmp_path / "raced.py"  # the wide space with three points, the wrecking one first
+    space.write_text(WIDE_SPACE.replace(grid, '[{"learning_rate": 0.3}, {"learning_rate": 1e-4}, '
+                                              '{"learning_rate": 0.003}]'))
+    assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}", "num_samples=4",
                  f"output_dir={tmp_path}", "run_name=race", "start_race_validations=1", *FAST]) == 0
     study = tmp_path / "race" / "cb"
     race = json.loads((study / "start_race.json").read_text())
-    assert race["metric"] == "val_loss" and race["validations"] == 1
-    # each lap ran one validation (one epoch of 8 rows in batches of 4 = 2 steps); its loss is the one it reported
-    laps = {}
-    for result in (study / "start_race").glob("*/result.json"):
-        reports = [json.loads(line) for line in result.read_text().splitlines()]
-        params = json.loads((result.parent / "params.json").read_text())["grid_point"]
-        laps[params["learning_rate"]] = reports
-    assert sorted(laps) == [1e-4, 0.3]
-    for lap in race["ranked"]:
-        reports = laps[lap["point"]["learning_rate"]]
-        assert [r["validation"] for r in reports if not r.get("complete")] == [1] and reports[-1]["trial_steps"] == 2
-        assert lap["val_loss"] == pytest.approx(reports[0]["val_loss_now"])
-    # ranked on the loss each lap itself reported, lowest first
-    own = {lr: reports[0]["val_loss_now"] for lr, reports in laps.items()}
+    assert race["metric"] == "val_loss" and race["validations"] == 1 and race["phases"] == [1, 2]
+    # each phase's laps, by learning rate: one validation is one epoch of 8 rows in batches of 4 = 2 steps
+    phases = {}
+    for number in (1, 2):
+        for result in (study / "start_race" / f"phase{number}").glob("*/result.json"):
+            reports = [json.loads(line) for line in result.read_text().splitlines()]
+            lr = json.loads((result.parent / "params.json").read_text())["grid_point"]["learning_rate"]
+            phases.setdefault(number, {})[lr] = reports
+    assert sorted(phases[1]) == [1e-4, 0.003, 0.3] and len(phases[2]) == 2
+    first = {lr: reports[0]["val_loss_now"] for lr, reports in phases[1].items()}
+    # the highest loss after the first lap dropped out
+    assert set(phases[2]) == set(sorted(first, key=first.get)[:2])
+    for lr, reports in phases[2].items():
+        # continued from its phase-1 lap: that validation reported again as it was, its 2 steps taken over
+        assert (reports[0]["validation"], reports[0]["trial_steps"], reports[0]["race_steps"]) == (1, 2, 2)
+        assert reports[0]["val_loss_now"] == phases[1][lr][0]["val_loss_now"]
+        assert reports[-1]["trial_steps"] == 4 and reports[-1]["validation"] == 2
+    # the final pair on the score after the second lap, ties on the loss; the dropped point last
+    final = {lr: (-reports[-1]["objective"], reports[-1]["val_loss"]) for lr, reports in phases[2].items()}
     ranked = [lap["point"]["learning_rate"] for lap in race["ranked"]]
-    assert ranked == sorted(own, key=own.get) and own[ranked[0]] < own[ranked[1]]
-    # the study itself: the race's winner first, then the loser, stopped at ASHA's first rung
+    assert ranked[:2] == sorted(final, key=final.get) and ranked[2] not in phases[2]
+    assert [lap["validations"] for lap in race["ranked"]] == [2, 2, 1]
+    assert [lap["trial_steps"] for lap in race["ranked"]] == [4, 4, 2]
+    for lap in race["ranked"]:
+        assert lap["checkpoint"].startswith("start_race/phase")
+    # the study itself: the raced points first, best first, each continuing from its last lap
     trials = []
     for result in study.glob("*/result.json"):
         reports = [json.loads(line) for line in result.read_text().splitlines()]
         trials.append((reports[0]["timestamp"] - reports[0]["time_total_s"],
                        json.loads((result.parent / "params.json").read_text())["learning_rate"], reports))
     trials.sort(key=lambda t: t[0])
-    assert [t[1] for t in trials[:2]] == ranked
-    assert trials[0][2][-1].get("complete") and not trials[1][2][-1].get("complete")
-    assert len(_rows(tmp_path / "race" / "results.csv")) == 3  # the race's laps are not trials of the study
-    # both raced points continued from their laps: the lap's validation reported again as it was, its 2
-    # steps taken over (race_steps), not run again; the loser was stopped there, before a step of its own
-    for (_, lr, reports), lap in zip(trials[:2], race["ranked"]):
-        assert lap["checkpoint"].startswith("start_race/")
-        assert (reports[0]["validation"], reports[0]["trial_steps"], reports[0]["race_steps"]) == (1, 2, 2)
-        assert reports[0]["val_loss_now"] == laps[lr][0]["val_loss_now"]
-    assert trials[0][2][-1]["trial_steps"] == 4 and trials[0][2][-1]["validation"] == 2
-    assert trials[1][2][-1]["race_steps"] == 2
+    assert [t[1] for t in trials[:3]] == ranked
+    assert len(_rows(tmp_path / "race" / "results.csv")) == 4  # the race's laps are not trials of the study
+    assert trials[0][2][-1].get("complete") and trials[0][2][-1]["race_steps"] == 4
+    assert trials[0][2][0]["val_loss_now"] == phases[1][ranked[0]][0]["val_loss_now"]
     # the winner's scores are those its point gets in a sweep without a race
     alone = tmp_path / "winner.py"
-    alone.write_text(WIDE_SPACE.replace('[{"learning_rate": 1e-4}, {"learning_rate": 0.3}]',
-                                        f'[{{"learning_rate": {ranked[0]!r}}}]'))
+    alone.write_text(WIDE_SPACE.replace(grid, f'[{{"learning_rate": {ranked[0]!r}}}]'))
     assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={alone}", "num_samples=1",
                  f"output_dir={tmp_path}", "run_name=alone", *FAST]) == 0
     [plain] = [json.loads(line) for line in next((tmp_path / "alone" / "cb").glob("*/result.json")).read_text()
