@@ -394,7 +394,7 @@ def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[st
                                cfg.max_concurrent_trials or fits_at_once(resources))),
                            run_config=tune.RunConfig(name=f"phase{number}", storage_path=str(study_dir / RACE_DIR),
                                                      verbose=0))
-        laps_run = []
+        laps_run, superseded = [], []
         for result in run_in_background(tuner.fit):
             metrics = result.metrics or {}
             ok = bool(metrics.get("complete")) and not result.error
@@ -406,8 +406,11 @@ def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[st
             if saved is not None and saved.is_dir() and saved.is_relative_to(study_dir.resolve()):
                 # relative: a sweep folder moved, or pulled from a bucket into another mirror, still finds it
                 lap_row["checkpoint"] = saved.relative_to(study_dir.resolve()).as_posix()
+                superseded.append(race_laps.get(_point_key(lap_row["point"])))
                 race_laps[_point_key(lap_row["point"])] = str(saved)
             laps_run.append(lap_row)
+        for folder in filter(None, superseded):  # a point's earlier lap: its new one continued from it
+            shutil.rmtree(folder, ignore_errors=True)
         final = keep == 1 and len(laps_run) == 2
         # best first; a failed point last; ties keep the preset's order. The final pair on the score, ties
         # on the loss

@@ -117,8 +117,10 @@ def test_the_grid_race_puts_the_best_point_first(ray_cluster, tmp_path, cb_run):
     assert ranked[:2] == sorted(final, key=final.get) and ranked[2] not in phases[2]
     assert [lap["validations"] for lap in race["ranked"]] == [2, 2, 1]
     assert [lap["trial_steps"] for lap in race["ranked"]] == [4, 4, 2]
-    for lap in race["ranked"]:
-        assert lap["checkpoint"].startswith("start_race/phase")
+    for lap in race["ranked"]:  # each point's last lap kept, the one before it removed
+        assert lap["checkpoint"].startswith(f"start_race/phase{1 if lap['validations'] == 1 else 2}/")
+        assert (study / lap["checkpoint"]).is_dir()
+    assert len(list((study / "start_race" / "phase1").glob("*/checkpoint_*"))) == 1
     # the study itself: the raced points first, best first, each continuing from its last lap
     trials = []
     for result in study.glob("*/result.json"):
