@@ -421,8 +421,7 @@ def race_start_points(study_dir: Path, cfg: Config, base: Config, tasks: list[st
         laps_run.sort(key=order)
         dropped = laps_run[keep:] + dropped  # the later dropped ranks above the earlier
         alive = [r["point"] for r in laps_run[:keep]]
-        winners = laps_run[:keep]
-    ranked_laps = winners + dropped
+    ranked_laps = laps_run[:1] + dropped  # the last phase keeps one point: the winner
     atomic_write_text(study_dir / RACE_ORDER, json.dumps(
         {"metric": metric, "final_metric": OBJECTIVE if metric == VAL_LOSS else metric, "validations": first_lap,
          "phases": [lap for lap, _ in phases], "ranked": ranked_laps}, indent=2) + "\n")
