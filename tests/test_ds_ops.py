@@ -1,4 +1,5 @@
-"""A build lock left by a killed DeepSpeed op build must not hang the next training worker."""
+"""How a training worker loads DeepSpeed: without its autotuner's MLflow import, and never hung by a
+build lock that a killed DeepSpeed op build left behind."""
 
 from __future__ import annotations
 
@@ -35,3 +36,24 @@ def test_a_dead_builders_lock_is_cleared_before_the_comm_op_is_loaded():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "lock left: False" in done.stdout or "no shm op" in done.stdout, done.stdout
+
+
+def test_deepspeed_loads_without_mlflow_and_mlflow_still_imports_after():
+    script = textwrap.dedent("""
+        import sys
+
+        from mttl.train.ds_ops import import_deepspeed
+
+        deepspeed = import_deepspeed()
+        from deepspeed.autotuning import autotuner
+
+        print("deepspeed engine:", hasattr(deepspeed, "initialize"), "mlflow loaded:", "mlflow" in sys.modules,
+              "autotuner saw mlflow:", autotuner.has_mlflow)
+        import mlflow
+
+        print("mlflow importable after:", hasattr(mlflow, "start_run"))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "deepspeed engine: True mlflow loaded: False autotuner saw mlflow: False" in done.stdout, done.stdout
+    assert "mlflow importable after: True" in done.stdout, done.stdout

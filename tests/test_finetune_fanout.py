@@ -49,7 +49,7 @@ def test_killed_driver_reruns_only_the_unfinished_pairs(tmp_path, synthetic, ray
     run_dir = tmp_path / "ft"
 
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 480  # a bound, under a loaded CI machine
+    deadline = time.monotonic() + 900  # a bound, under a loaded CI machine
     while not _test_rows(run_dir) and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)

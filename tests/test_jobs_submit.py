@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _submit_when_ready(command: list[str], env: dict) -> subprocess.CompletedProcess:
     """`ray job submit`, retried while the head's dashboard agent is still starting."""
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=560)
         if "No available agent" not in done.stderr + done.stdout or time.time() > deadline:

@@ -89,7 +89,7 @@ def test_two_runs_at_once_one_with_auth_disabled_both_on_loopback_only(suite):
                                     stdout=logs["default"], stderr=subprocess.STDOUT, env=plain_env()),
     }
     seen: set = set()
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 900  # a hang guard, not a goal: CI shares its cores with a second test process
     try:
         while any(proc.poll() is None for proc in runs.values()) and time.monotonic() < deadline:
             for proc in runs.values():
@@ -125,7 +125,7 @@ def test_joins_a_ray_start_head_without_auth(suite, ray_cluster):
     port, _ = start_head(temp_dir, env)
     try:
         done = subprocess.run(pretrain_command(suite, "joined", f"ray_address=127.0.0.1:{port}"), cwd=suite,
-                              env=plain_env(), capture_output=True, text=True, timeout=400)
+                              env=plain_env(), capture_output=True, text=True, timeout=900)
     finally:
         stop_cluster(temp_dir)
     _finished(done, done.stdout + done.stderr, suite / "runs" / "joined")
@@ -163,9 +163,9 @@ def test_interrupt_stops_pretrain_and_says_how_to_resume(suite, sig, code):
                             cwd=suite, env=plain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
-        wait_for_registered_checkpoint(run_dir, timeout=300)
+        wait_for_registered_checkpoint(run_dir, timeout=600)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=90)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -188,7 +188,7 @@ def test_sweep_from_a_plain_shell(tmp_path):
     checkpoint = make_checkpoint(tmp_path, data, "poly", dataset="t0")
     done = subprocess.run([mttl_cli(), "sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}",
                            "num_samples=2", f"output_dir={tmp_path}", "run_name=plain", *FAST],
-                          cwd=tmp_path, env=plain_env(), capture_output=True, text=True, timeout=400)
+                          cwd=tmp_path, env=plain_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "plain" / "results.csv").is_file()
     internal = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("internal-*.log"))

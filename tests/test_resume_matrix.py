@@ -137,7 +137,7 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
 
 
-def wait_for(predicate, what: str, timeout: float = 400) -> None:
+def wait_for(predicate, what: str, timeout: float = 900) -> None:
     import time
 
     deadline = time.time() + timeout

@@ -26,9 +26,11 @@ GRID = [{"learning_rate": 1e-4}, {"learning_rate": 0.3}]
 def space(trial):
     return {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1.0, log=True)}
 '''
+# no start race where a test's subject is not the race (each race phase is one more Tune experiment);
+# the race and the killed-driver resume turn it back on
 FAST = ["tasks=['cb']", "seeds=[42]", "total_steps=4", "train_batch_size=4", "eval_every_epochs=1",
         "predict_batch_size=8", "tensorboard=False", "max_input_length=96", "mc_loss=1", "unlikely_loss=1",
-        "length_norm=1", "max_concurrent_trials=1"]
+        "length_norm=1", "max_concurrent_trials=1", "start_race_validations=0"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def test_the_grid_race_puts_the_best_point_first(ray_cluster, tmp_path, cb_run):
     space.write_text(WIDE_SPACE.replace(grid, '[{"learning_rate": 0.3}, {"learning_rate": 1e-4}, '
                                               '{"learning_rate": 0.003}]'))
     assert main(["sweep", "-k", f"checkpoint={checkpoint}", f"tune_space={space}", "num_samples=4",
-                 f"output_dir={tmp_path}", "run_name=race", "start_race_validations=1", *FAST]) == 0
+                 f"output_dir={tmp_path}", "run_name=race", *FAST, "start_race_validations=1"]) == 0
     study = tmp_path / "race" / "cb"
     race = json.loads((study / "start_race.json").read_text())
     assert race["metric"] == "val_loss" and race["validations"] == 1 and race["phases"] == [1, 2]
@@ -204,14 +206,14 @@ def test_killed_sweep_driver_resumes_keeping_finished_trials(tmp_path, cb_run):
     checkpoint, space = cb_run
     command = [sys.executable, str(REPO / "jobs" / "sweep.py"), "-k", f"checkpoint={checkpoint}",
                f"tune_space={space}", "num_samples=2", f"output_dir={tmp_path}", "run_name=resume",
-               "asha_grace_period=100", *FAST]
+               "asha_grace_period=100", *FAST, "start_race_validations=1"]
     # checkpoint the experiment state after every step so the kill lands after a saved finished trial
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     study = tmp_path / "resume" / "cb"
     driver = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 600  # a hang guard: two test processes share the 2 cores
         # Tune writes the experiment state before the searcher's, so wait for the searcher's file to
         # know the finished trial too, not only for the state to say TERMINATED
         while not (_complete_trial_reports(study) and _state_has_terminated_trial(study)

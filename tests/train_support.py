@@ -73,7 +73,7 @@ def registered_checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(r["metrics"]["step"] for r in snapshot.get("checkpoint_results", []))
 
 
-def wait_for_registered_checkpoint(run_dir: Path, timeout: float = 300) -> int:
+def wait_for_registered_checkpoint(run_dir: Path, timeout: float = 600) -> int:
     import time
 
     deadline = time.time() + timeout
@@ -85,7 +85,7 @@ def wait_for_registered_checkpoint(run_dir: Path, timeout: float = 300) -> int:
     raise AssertionError(f"Ray Train registered no checkpoint in {run_dir} within {timeout} s")
 
 
-def kill_a_worker_after_a_checkpoint(cfg, registered_steps, timeout: float = 400) -> int:
+def kill_a_worker_after_a_checkpoint(cfg, registered_steps, timeout: float = 900) -> int:
     """Pre-train `cfg` on a thread, SIGKILL one of its Ray Train workers once `registered_steps()`
     lists a checkpoint, and wait for the run to end by itself; returns the last registered step
     before the kill. The run must recover (no exception) and a worker must still be alive to kill."""

@@ -41,7 +41,7 @@ from mttl.train.checkpoint import (CHECKPOINT_SNAPSHOT, TrainerState, check_resu
                                    save_adapter_tensors, save_checkpoint, usable_checkpoint)
 from mttl.train.continuation import (check_checkpoint_tasks, continuation_config, start_from_checkpoint,
                                      uniform_alpha)
-from mttl.train.ds_ops import prepare_comm_op
+from mttl.train.ds_ops import import_deepspeed, prepare_comm_op
 from mttl.train.deepspeed_config import (deepspeed_config, largest_layer_params, micro_batch_size, offload_sections,
                                          save_group_numel, zero3_gather_limits)
 from mttl.train.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_steps
@@ -274,8 +274,9 @@ def _tokenizer_spec(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------------------- worker
 def train_loop_per_worker(loop_config: dict) -> None:
-    import deepspeed
     import ray.train
+
+    deepspeed = import_deepspeed()
 
     from mttl.data.stream import bounded_waits, iter_epoch
     from mttl.device import backbone_dtype
