@@ -41,9 +41,14 @@ def worker_env(cfg: Config) -> dict[str, str]:
     # glibc raises its mmap threshold to 32 MB after the first large free, so the many 1-32 MB
     # weight and buffer allocations of building and gathering a backbone then come from arenas
     # it never gives back: measured on a T5-large-shaped ZeRO-3 worker, 8.8 GB resident and
-    # growing (killed) against a 6.4 GB peak with the threshold fixed at 1 MB
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        env[name] = os.environ.get(name, str(1 << 20))
+    # growing (killed) against a 6.4 GB peak with the threshold fixed at 1 MB.
+    # ZeRO-3 also gathers and frees every layer's parameters in each forward and backward; the
+    # gathered skill inventories (0.5 MB each there) then came from the heap and, freed between
+    # the activations kept for the backward, left it fragmented: that forward grew 0.96 GB at 1 MB
+    # against 0.46 at glibc's own starting threshold, 128 KB, which ZeRO-3 workers keep instead.
+    mmap_threshold = 128 << 10 if cfg.zero_stage == 3 else 1 << 20
+    env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(mmap_threshold))
+    env["MALLOC_TRIM_THRESHOLD_"] = os.environ.get("MALLOC_TRIM_THRESHOLD_", str(1 << 20))
     if os.environ.get("HF_HUB_OFFLINE"):
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     if os.environ.get("RAY_API_SERVER_ADDRESS"):

@@ -50,10 +50,11 @@ def release_optimizer_states(engine) -> None:
 def return_freed_heap() -> None:
     """Give the heap's free pages back to the OS (glibc's `malloc_trim`; nothing elsewhere).
 
-    Tensors under `MALLOC_MMAP_THRESHOLD_` (1 MB for training workers, `mttl.ray_utils.worker_env`) come
-    from the heap; setting up a ZeRO-3 engine frees many of them (each adapter tensor built whole, then
-    partitioned and copied into DeepSpeed's flat buffers) between live ones, and glibc only trims the
-    heap's top, so those pages stayed resident for the whole run."""
+    Tensors under `MALLOC_MMAP_THRESHOLD_` (1 MB for training workers, 128 KB under ZeRO-3:
+    `mttl.ray_utils.worker_env`) come from the heap; setting up a ZeRO-3 engine frees many of them
+    (each adapter tensor built whole, then partitioned and copied into DeepSpeed's flat buffers)
+    between live ones, and glibc only trims the heap's top, so those pages stayed resident for the
+    whole run."""
     import ctypes
     import ctypes.util
 
