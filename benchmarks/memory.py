@@ -12,6 +12,8 @@ the comparison with the plan.
     python benchmarks/memory.py --quick       # the small backbone only (a few minutes on 2 cores)
     python benchmarks/memory.py               # + the T5-large-shaped runs (~8 GB RAM, run alone)
     python benchmarks/memory.py --activations # + checkpointing at batch 8 x 512 tokens (slow on CPU)
+    python benchmarks/memory.py --quick --activations --activations-workers 1 --activations-layers 6
+                                              # batch 8 x 512 at T5-large width on a 24 GB machine
 Writes benchmarks/out/memory.json and .md.
 """
 
@@ -67,12 +69,15 @@ def measure(cfg: Config) -> dict:
     peak = max(r.get("peak_rss_final_gb", r.get("peak_rss_gb", 0.0)) for r in rows)  # with writing final/
     # resident memory by stage (the worker's first rows): where the peak comes from
     stages = {k: v for r in rows for k, v in r.items() if k.startswith(("rss_after_", "peak_rss_after_"))}
+    steps = [r for r in rows if "loss" in r]
     p = plan(cfg.copy(n_tasks=cfg.n_tasks or 8))
     return {"run": cfg.run_name, "zero_stage": cfg.zero_stage, "gradient_checkpointing": cfg.gradient_checkpointing,
             "micro_batch": cfg.train_batch_size // cfg.num_workers, "input_len": cfg.max_input_length,
             "peak_rss_gb": peak, "peak_rss_steps_gb": max(r.get("peak_rss_gb", 0.0) for r in rows), **stages, "plan_model_states_gb": p["per_worker_bytes"]["model_states"] / 1e9,
             "plan_activations_gb": p["per_worker_bytes"]["activations"] / 1e9,
-            "params_m": p["params"]["total"] / 1e6}
+            "params_m": p["params"]["total"] / 1e6,
+            "first_loss": steps[0]["loss"] if steps else None,
+            "step_time_s": steps[-1]["step_time_s"] if steps else None}
 
 
 def main() -> None:
@@ -82,6 +87,9 @@ def main() -> None:
     parser.add_argument("--activations-batch", type=int, default=8, help="micro batch of the --activations runs")
     parser.add_argument("--activations-workers", type=int, default=2,
                         help="workers of the --activations runs (1: ZeRO-0 in one process, for small machines)")
+    parser.add_argument("--activations-layers", type=int, default=LARGE["tiny_num_layers"],
+                        help="encoder (= decoder) layers of the --activations runs: fewer measure batch 8 x 512 "
+                             "per layer where the whole depth does not fit without checkpointing")
     parser.add_argument("--stages", default="0,3",
                         help="ZeRO stages of the main runs, e.g. --stages 3 to re-measure ZeRO-3 alone")
     args = parser.parse_args()
@@ -108,11 +116,14 @@ def measure_all(args, work: Path) -> list[dict]:
         long_rows = long_row_data(work / "long-rows", 512)
         workers = args.activations_workers
         for ckpt in (True, False):  # the smaller first: a run that does not fit still leaves a figure
-            cfg = config(work, f"act-ckpt{int(ckpt)}", LARGE, zero_stage=0 if workers == 1 else 3,
+            cfg = config(work, f"act-ckpt{int(ckpt)}", {**LARGE, "tiny_num_layers": args.activations_layers},
+                         zero_stage=0 if workers == 1 else 3,
                          num_workers=workers, gradient_checkpointing=ckpt, data_dir=str(long_rows),
                          train_batch_size=args.activations_batch * workers, max_input_length=512,
                          max_output_length=512, total_steps=1)
-            results.append({"shape": "t5-large-shaped", **measure(cfg)})
+            shape_name = "t5-large-shaped" if args.activations_layers == LARGE["tiny_num_layers"] else (
+                f"t5-large-wide, {args.activations_layers}+{args.activations_layers} layers")
+            results.append({"shape": shape_name, **measure(cfg)})
             print(json.dumps(results[-1]), flush=True)
     return results
 
