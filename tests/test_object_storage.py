@@ -6,6 +6,8 @@ bucket. Then: `mttl prepare` into the bucket, pre-training of 2 workers with out
 in the bucket, a worker killed after a checkpoint and the run resumed from the bucket, the run
 continued by run_name from the bucket, fine-tuning and export reading the run from the bucket.
 Nothing may be written to a local path but caches, and the secret key never lands in a file.
+The tests run as that story, in order; a test selected alone gets the prepared data and the run
+`pre` from module fixtures (`bucket_data`, `bucket_run`) instead of from the tests before it.
 """
 
 from __future__ import annotations
@@ -84,20 +86,41 @@ def _pretrain_config(local: Path, **overrides):
     return cfg.update({"data_dir": DATA, "output_dir": RUNS, "cache_dir": str(local / "cache")}, source="test")
 
 
+PREPARE = ["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
+           "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8", "--heldout-test", "8"]
+
+
+@pytest.fixture(scope="module")
+def bucket_data(s3):
+    """The prepared suite in the bucket. The tests below are one story in order (prepare, pre-train with
+    a killed worker, continue, ...) and this is normally the first test's work; run alone, a later
+    test gets it here."""
+    if storage.read_bytes(f"{DATA}/manifest.json") is None:
+        assert main(PREPARE) == 0
+    return DATA
+
+
+@pytest.fixture(scope="module")
+def bucket_run(bucket_data, local, ray_cluster):
+    """The pre-trained run `pre` in the bucket (the killed-worker test's, when it ran first)."""
+    run_uri = f"{RUNS}/pre"
+    if storage.read_bytes(f"{run_uri}/final/{storage.COMPLETE}") is None:
+        from mttl.train.loop import pretrain
+
+        pretrain(_pretrain_config(local))
+    return run_uri
+
+
 def test_prepare_into_the_bucket(s3, local, capsys):
     started = time.perf_counter()
-    assert main(["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
-                 "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8",
-                 "--heldout-test", "8"]) == 0
+    assert main(PREPARE) == 0
     files = storage.list_files(DATA)
     assert "manifest.json" in files and any(f.endswith(".parquet") for f in files)
     manifest = json.loads(storage.read_bytes(storage.join(DATA, "manifest.json")))
     assert sorted(f["path"] for f in manifest["files"]) == sorted(f for f in files if f.endswith(".parquet"))
     assert set(TASKS) <= set(manifest["tasks"])
     # the same command again finds the bucket's manifest unchanged and writes nothing
-    assert main(["prepare", "synthetic", "--out", DATA, "--rows-per-task", "16", "--warmup-rows-per-task", "8",
-                 "--validation-rows", "4", "--heldout-pool", "32", "--heldout-validation", "8",
-                 "--heldout-test", "8"]) == 0
+    assert main(PREPARE) == 0
     assert main(["prepare", "check", DATA]) == 0
     assert f"ok: {DATA}:" in capsys.readouterr().out
     shard = f"{DATA}/{manifest['files'][0]['path']}"
@@ -112,7 +135,7 @@ def test_prepare_into_the_bucket(s3, local, capsys):
     print(f"prepare into the bucket: {time.perf_counter() - started:.1f} s")
 
 
-def test_pretrain_in_the_bucket_survives_a_killed_worker(s3, local, ray_cluster):
+def test_pretrain_in_the_bucket_survives_a_killed_worker(bucket_data, local, ray_cluster):
     run_uri = f"{RUNS}/pre"
     cfg = _pretrain_config(local)
     killed_after = kill_a_worker_after_a_checkpoint(cfg, lambda: _registered_steps(run_uri), timeout=300)
@@ -130,7 +153,7 @@ def test_pretrain_in_the_bucket_survives_a_killed_worker(s3, local, ray_cluster)
     assert _local_files_outside_cache(local) == []
 
 
-def test_a_run_continues_by_run_name_from_the_bucket(s3, local, ray_cluster):
+def test_a_run_continues_by_run_name_from_the_bucket(bucket_run, local, ray_cluster):
     from mttl.train.loop import pretrain
 
     run_uri = f"{RUNS}/pre"
@@ -147,13 +170,15 @@ def test_a_run_continues_by_run_name_from_the_bucket(s3, local, ray_cluster):
     assert _local_files_outside_cache(local) == []
 
 
-def test_a_damaged_latest_checkpoint_in_the_bucket_falls_back_to_the_one_before(s3, local, ray_cluster):
+def test_a_damaged_latest_checkpoint_in_the_bucket_falls_back_to_the_one_before(bucket_run, local, ray_cluster):
     """The newest registered checkpoint truncated in the bucket (an upload cut off): the resume skips
     it, downloads the previous one and continues from there, as it does for a local run; with
     tensorboard=True its events reach the bucket."""
     from mttl.train.loop import pretrain
 
     run_uri = f"{RUNS}/pre"
+    if _registered_steps(run_uri)[-1] == 12:  # run without the continuation test before it: its 4 steps
+        pretrain(_pretrain_config(local, total_steps=16))
     assert _registered_steps(run_uri)[-2:] == [12, 16]
     snapshot = json.loads(storage.read_bytes(f"{run_uri}/checkpoint_manager_snapshot.json"))
     latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
@@ -174,7 +199,7 @@ def test_a_damaged_latest_checkpoint_in_the_bucket_falls_back_to_the_one_before(
     assert _local_files_outside_cache(local) == []
 
 
-def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
+def test_finetune_and_export_read_the_run_from_the_bucket(bucket_run, local):
     manifest = json.loads(storage.read_bytes(f"{DATA}/manifest.json"))
     task = sorted(t for t, m in manifest["tasks"].items() if m["role"] == "test")[0]
     assert main(["finetune", "-k", f"checkpoint={RUNS}/pre", f"finetune_task_name={task}", f"output_dir={RUNS}",
@@ -202,7 +227,7 @@ def test_finetune_and_export_read_the_run_from_the_bucket(s3, local):
     assert _local_files_outside_cache(local) == []
 
 
-def test_several_tasks_fan_out_from_and_into_the_bucket(s3, local, tmp_path):
+def test_several_tasks_fan_out_from_and_into_the_bucket(bucket_run, local, tmp_path):
     """tasks=[...]: every task x seed a Ray task reading checkpoint and data from the bucket; the run
     folder is in the bucket, its results uploaded after each pair, and a rerun skips finished pairs.
 
@@ -238,7 +263,7 @@ def test_several_tasks_fan_out_from_and_into_the_bucket(s3, local, tmp_path):
     assert _local_files_outside_cache(local) == []
 
 
-def test_a_sweep_runs_in_and_resumes_from_the_bucket(s3, local, tmp_path):
+def test_a_sweep_runs_in_and_resumes_from_the_bucket(bucket_run, local, tmp_path):
     """output_dir=s3://...: the sweep folder (results, best.json, summary, each study's Tune state and
     trial folders) ends in the bucket; run again on another machine (no local mirror), the study is
     restored from the bucket's Tune state and no finished trial runs again. Its own process and Ray
@@ -290,7 +315,7 @@ def test_a_sweep_runs_in_and_resumes_from_the_bucket(s3, local, tmp_path):
     assert _local_files_outside_cache(local) == []
 
 
-def test_the_two_phase_default_runs_in_the_bucket(s3, local, tmp_path):
+def test_the_two_phase_default_runs_in_the_bucket(bucket_data, local, tmp_path):
     """No -k model: phase one trains the tiny backbone into the bucket, phase two names that backbone by
     its URI (no local path in its config.json), and a reader on another machine (no local copies)
     fine-tunes from phase two, copying the backbone down itself."""
@@ -327,7 +352,7 @@ def test_the_two_phase_default_runs_in_the_bucket(s3, local, tmp_path):
     assert _local_files_outside_cache(local) == []
 
 
-def test_half_uploaded_folders_are_not_taken_for_whole_ones(s3, local):
+def test_half_uploaded_folders_are_not_taken_for_whole_ones(bucket_run, local):
     from mttl.config import Config
     from mttl.data.locate import resolve_data_dir
     from mttl.errors import CheckpointError, DataError
@@ -401,7 +426,7 @@ def test_large_files_stream_through_without_being_held_whole(s3, tmp_path):
     assert not list((tmp_path / "down").glob(".*tmp*"))  # the temp file was renamed into place
 
 
-def test_the_secret_key_is_in_no_file(s3, local, ray_cluster):
+def test_the_secret_key_is_in_no_file(bucket_run, local, ray_cluster):
     secret = SECRET.encode()
     objects = storage.list_files(f"s3://{BUCKET}")
     assert len(objects) > 20
@@ -413,7 +438,7 @@ def test_the_secret_key_is_in_no_file(s3, local, ray_cluster):
     assert leaked == []
 
 
-def test_bad_buckets_and_endpoints_are_one_line_errors(s3, local, capsys, monkeypatch):
+def test_bad_buckets_and_endpoints_are_one_line_errors(bucket_run, local, capsys, monkeypatch):
     assert main(["prepare", "synthetic", "--out", "s3://no-such-bucket/data"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no-such-bucket" in err and "does not exist" in err and len(err.splitlines()) == 1
