@@ -4,6 +4,7 @@ of the whole build; under Ray, the losses of ZeRO-0)."""
 
 from __future__ import annotations
 
+import platform
 import socket
 
 import pytest
@@ -14,6 +15,9 @@ from mttl.models.run import build_routed_model
 from mttl.models.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# the heap tests below measure glibc's malloc (its trim and its mmap threshold)
+needs_glibc = pytest.mark.skipif("glibc" not in " ".join(platform.libc_ver()), reason="measures glibc's malloc")
 
 
 def _cfg(**overrides) -> Config:
@@ -181,19 +185,17 @@ def test_partitioned_zero3_with_checkpointing_matches_zero0(ray_cluster, default
     # point (tests/test_resume_matrix.py), which builds through the same partitioned path.
 
 
+@needs_glibc
 def test_freed_heap_pages_go_back_to_the_system():
     """Small tensors freed between live ones leave pages glibc keeps (it trims only the heap's top); a
     ZeRO-3 engine's setup frees many such (adapter tensors built whole, then partitioned).
     `return_freed_heap` must hand them back: resident memory falls by most of what was freed."""
-    import ctypes.util
     import gc
 
     import psutil
 
     from mttl.train.zero_memory import return_freed_heap
 
-    if not ctypes.util.find_library("c") or "glibc" not in " ".join(__import__("platform").libc_ver()):
-        pytest.skip("malloc_trim is glibc's")
     rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
     chunks = [torch.ones(16 * 1024) for _ in range(4096)]  # 64 KB each, 256 MB, from the heap
     before = rss()
@@ -222,6 +224,7 @@ print(before - rss())
 """
 
 
+@needs_glibc
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_zero3_workers_return_released_gathers_at_once(zero_stage, monkeypatch):
     """ZeRO-3 gathers and frees each layer's parameters in every forward and backward, between the
@@ -235,8 +238,6 @@ def test_zero3_workers_return_released_gathers_at_once(zero_stage, monkeypatch):
 
     from mttl.ray_utils import worker_env
 
-    if "glibc" not in " ".join(__import__("platform").libc_ver()):
-        pytest.skip("the thresholds are glibc's")
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
     env = {**os.environ, **worker_env(_cfg(zero_stage=zero_stage))}
